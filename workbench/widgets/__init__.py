@@ -1,0 +1,1 @@
+"""ipywidgets panels: controls + a plotly FigureWidget + a status line. They hold no science."""
