@@ -1,0 +1,428 @@
+"""nnsight backends that turn one trace into one tracked NDIF job.
+
+`backend_for(model)` is what `WorkbenchModel.trace` uses for remote models. It builds:
+
+- `NDIFJobBackend` for ``remote=True`` (or a host URL): nnsight's blocking `RemoteBackend` protocol —
+  open the ``/subscribe`` websocket, POST the serialised trace to ``/request``, read status updates
+  (RECEIVED -> QUEUED -> ... -> RUNNING -> COMPLETED or ERROR) until the result arrives, inline or as a
+  download URL. On top of nnsight it reports every update to the active `RemoteRunner`'s callback, wakes up
+  a few times a second so that Stop and a timeout take effect while a job waits, caps the result size, and
+  turns transport failures into `RemoteError`s that say what to do.
+- `LocalJobBackend` for ``remote="local"``: nnsight's serialising dry run, reported through the same updates.
+
+Both ship the workbench's own code with the request (``nnsight.register("workbench")``): trace bodies call
+workbench objects (``model.site(...)``), and NDIF's servers do not have the workbench installed. nnsight
+registers only packages that are not pip-installed, and its ``remote="local"`` dry run cannot notice the
+difference because an editable install stays importable while it hides local modules.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from nnsight.intervention.backends.local import LocalSimulationBackend
+from nnsight.intervention.backends.remote import RemoteBackend
+from nnsight.intervention.backends.remote import RemoteError as NNsightRemoteError
+from nnsight.schema.response import ResponseModel, Status
+
+from workbench.errors import Cancelled, RemoteError
+from workbench.remote.config import KEY_HELP
+
+if TYPE_CHECKING:
+    from workbench.remote.runner import RemoteRunner
+
+LIFECYCLE = ("RECEIVED", "QUEUED", "PROVISIONING", "DEPLOYING", "DISPATCHED", "RUNNING", "COMPLETED", "ERROR")
+"""NDIF's job states in order (nnsight's `Status`, without the transient LOG)."""
+
+_CONNECT_TIMEOUT = 10.0
+_READ_TIMEOUT = 600.0
+_CHUNK = 128 * 1024
+
+
+@dataclass(frozen=True)
+class JobUpdate:
+    """One status report of a remote job, as shown in a status line.
+
+    Attributes:
+        job_id: NDIF's id for the job ("" before the server has answered).
+        state: the lifecycle state (one of `LIFECYCLE`), or "CANCELLED" / "TIMEOUT" / "DISCONNECTED" when the
+            workbench stopped waiting.
+        elapsed: seconds since the job was submitted.
+        description: the server's message for this state (for ERROR: why the job failed), or a log line.
+        number: the job's position among the jobs of its `RemoteRunner` (an engine call may submit several).
+        model: the model's name.
+        where: "NDIF" (or the host when it is not the default) or "local dry run".
+        log: True when this update is a server log line rather than a change of state.
+        meta: what the server reported about the job's cost, when it did.
+    """
+
+    job_id: str
+    state: str
+    elapsed: float
+    description: str = ""
+    number: int = 1
+    model: str = ""
+    where: str = "NDIF"
+    log: bool = False
+    meta: dict | None = field(default=None, compare=False)
+
+    @property
+    def finished(self) -> bool:
+        return self.state in ("COMPLETED", "ERROR", "CANCELLED", "TIMEOUT", "DISCONNECTED")
+
+    def text(self) -> str:
+        """E.g. ``NDIF job 3f2a91c0 · RUNNING · 12.4 s (job 2)``, plus the server's message if any."""
+        short = self.job_id[:8] if self.job_id else "(submitting)"
+        line = f"{self.where} job {short} · {self.state} · {self.elapsed:.1f} s"
+        if self.number > 1:
+            line += f" (job {self.number})"
+        if self.description and (self.log or self.state in ("ERROR", "LOG")):
+            line += f" · {self.description}"
+        return line
+
+
+_SHIPPED = False
+
+
+def ship_workbench_by_value() -> None:
+    """Send the workbench's code with remote requests (NDIF does not have the package installed)."""
+    global _SHIPPED
+    if not _SHIPPED:
+        import nnsight
+
+        nnsight.register("workbench")
+        _SHIPPED = True
+
+
+def _detail(response) -> str:
+    try:
+        body = response.json()
+        detail = body.get("detail") if isinstance(body, dict) else body
+    except ValueError:
+        detail = response.text
+    return str(detail or response.reason_phrase or response.status_code)
+
+
+def unreachable(host: str, err: BaseException) -> RemoteError:
+    return RemoteError(
+        f"NDIF is unreachable at {host} ({type(err).__name__}: {err}). Check the internet connection and "
+        "NDIF_HOST; `workbench.remote.served_models()` tests the connection, and https://discuss.ndif.us "
+        "announces outages."
+    )
+
+
+def repo_id_of(model_key: str) -> str:
+    """The hub id inside an nnsight model key (``"...TransformersModel:{json}"``)."""
+    try:
+        return json.loads(model_key.split(":", 1)[1]).get("repo_id", model_key)
+    except (IndexError, ValueError, AttributeError):
+        return model_key
+
+
+def _served_hint(host: str, model_key: str) -> str:
+    """A sentence naming what NDIF serves when the job's model is not among it ("" when unknown)."""
+    from workbench.remote.service import served_models
+
+    try:
+        served = served_models(host=host)
+    except RemoteError:
+        return ""
+    names = sorted({m.repo_id for m in served})
+    repo_id = repo_id_of(model_key)
+    if repo_id in names:
+        return ""
+    listing = ", ".join(names[:12]) + (", ..." if len(names) > 12 else "") if names else "nothing right now"
+    return (
+        f" NDIF does not serve {repo_id} at the moment; it serves: {listing}. Pick one of those "
+        "(workbench.remote.served_models() lists them) or run the model locally."
+    )
+
+
+class _Tracked:
+    """What both backends share: numbering, timing, and reporting to the runner."""
+
+    runner: RemoteRunner
+    model_name: str
+    where: str
+
+    def _begin(self) -> None:
+        self.runner.raise_if_cancelled()
+        self.number = self.runner._next_number()
+        self.started = time.monotonic()
+        self.job_id = ""
+        self.state = "RECEIVED"
+        self._last_emit = 0.0
+
+    def _emit(self, state: str, description: str = "", *, log: bool = False, meta=None) -> JobUpdate:
+        if not log:
+            self.state = state
+        update = JobUpdate(
+            job_id=self.job_id or "",
+            state=self.state,
+            elapsed=time.monotonic() - self.started,
+            description=description,
+            number=self.number,
+            model=self.model_name,
+            where=self.where,
+            log=log,
+            meta=meta,
+        )
+        self._last_emit = time.monotonic()
+        self.runner._report(update)
+        return update
+
+
+class NDIFJobBackend(_Tracked, RemoteBackend):
+    """nnsight's blocking NDIF protocol, reported to a `RemoteRunner`, cancellable, with a timeout."""
+
+    def __init__(self, model_key: str, runner: RemoteRunner, *, model_name: str, host=None, env=None):
+        RemoteBackend.__init__(self, model_key, host=host, env=env, blocking=True)
+        self.runner = runner
+        self.model_name = model_name
+        self.host = self.host.rstrip("/")
+        self.where = "NDIF" if host is None else f"NDIF ({self.host})"
+        # Our status line replaces nnsight's when someone listens (a widget); else nnsight's own display shows.
+        self.display.enabled = self.display.enabled and runner.on_update is None
+
+    # -- submission ----------------------------------------------------------------------------------
+    def request(self, request, tracer) -> Any:
+        import websocket
+
+        if not self.api_key:
+            raise RemoteError(f"No NDIF API key is configured. {KEY_HELP}")
+        ship_workbench_by_value()
+        drift = self.runner._check_versions(self.host)
+        self._begin()
+        if drift:
+            self._emit("LOG", drift, log=True)
+        try:
+            blob = self._serialize(tracer)
+        except (pickle.PicklingError, TypeError, AttributeError) as err:
+            raise RemoteError(
+                f"The trace could not be packed for NDIF ({type(err).__name__}: {err}). Keep objects that "
+                "cannot be sent (open files, locks, widgets, generators) out of `with model.trace(...)` bodies."
+            ) from err
+        header = {"ndif-api-key": self.api_key}
+        try:
+            connection = websocket.create_connection(
+                f"{self.ws_host}/subscribe", header=header, timeout=_CONNECT_TIMEOUT
+            )
+        except websocket.WebSocketBadStatusException as err:
+            if err.status_code in (401, 403):
+                raise RemoteError(f"NDIF rejected the API key (HTTP {err.status_code}). {KEY_HELP}") from err
+            raise unreachable(self.host, err) from err
+        except (OSError, websocket.WebSocketException) as err:
+            raise unreachable(self.host, err) from err
+        try:
+            request.session_id = json.loads(connection.recv())["session_id"]
+            self.send(request, blob)
+            connection.settimeout(self.runner.poll_interval)
+            while True:
+                try:
+                    message = connection.recv()
+                except websocket.WebSocketTimeoutException:
+                    self._tick()
+                    continue
+                except (websocket.WebSocketConnectionClosedException, OSError) as err:
+                    raise self._disconnected(err) from err
+                if not message:  # the server closed the socket
+                    raise self._disconnected(None)
+                response = self.parse(message)
+                result = self.handle(response)
+                if response.status == Status.COMPLETED:
+                    return result
+        except NNsightRemoteError as err:  # raised by nnsight's own code paths (e.g. download errors)
+            raise RemoteError(f"NDIF job {self.job_id} failed: {err}") from err
+        finally:
+            connection.close()
+
+    def _post(self, request, blob: bytes) -> ResponseModel:
+        """nnsight's POST /request, with errors that say what to do."""
+        import httpx
+        from nnsight.intervention.backends.remote import _NNSIGHT_VERSION
+
+        headers = {
+            "ndif-timestamp": repr(time.time()),
+            "nnsight-version": _NNSIGHT_VERSION,
+            "python-version": sys.version,
+            "ndif-api-key": self.api_key,
+        }
+        timeout = httpx.Timeout(_CONNECT_TIMEOUT, read=_READ_TIMEOUT)
+        try:
+            with httpx.Client(timeout=timeout) as client:
+                response = client.post(
+                    f"{self.host}/request",
+                    data={"data": request.metadata()},
+                    files={"blob": ("request", blob, "application/octet-stream")},
+                    headers=headers,
+                )
+        except httpx.HTTPError as err:
+            raise unreachable(self.host, err) from err
+        if response.status_code in (401, 403):
+            raise RemoteError(f"NDIF rejected the API key: {_detail(response)}. {KEY_HELP}")
+        if response.status_code >= 500:
+            raise RemoteError(
+                f"NDIF at {self.host} could not take the job right now (HTTP {response.status_code}: "
+                f"{_detail(response)}). Try again later; https://discuss.ndif.us announces outages."
+            )
+        if response.status_code >= 400:
+            raise RemoteError(
+                f"NDIF refused the job (HTTP {response.status_code}): {_detail(response)}."
+                + _served_hint(self.host, self.model_key)
+            )
+        return ResponseModel.model_validate_json(response.text)
+
+    # -- status updates ------------------------------------------------------------------------------
+    def note(self, response: ResponseModel) -> bool:
+        if response.id and not self.job_id:
+            self.job_id = response.id
+        if response.meta is not None:
+            self.meta = response.meta
+        self.status = response.status
+        self.display.update(response)
+        if response.status == Status.LOG:
+            self._emit("LOG", response.description, log=True, meta=response.meta)
+            return False
+        self._emit(response.status.value, response.description, meta=response.meta)
+        if response.status == Status.ERROR:
+            message = response.description or "no reason given"
+            raise RemoteError(
+                f"NDIF job {self.job_id} failed on the server: {message}"
+                + _served_hint(self.host, self.model_key)
+            )
+        return response.status == Status.COMPLETED
+
+    def _tick(self) -> None:
+        """Between updates: honour Stop and the timeout, and refresh the elapsed time."""
+        elapsed = time.monotonic() - self.started
+        if self.runner.cancelled:
+            self._emit("CANCELLED", "stopped waiting; NDIF may still finish the job, its result is discarded")
+            raise Cancelled(
+                f"Stopped waiting for NDIF job {self.job_id} ({self.state} after {elapsed:.0f} s). NDIF has no "
+                "cancel request; the job may still run there, and its result is discarded."
+            )
+        if self.runner.timeout is not None and elapsed > self.runner.timeout:
+            last = self.state
+            self._emit("TIMEOUT", f"no result after {elapsed:.0f} s")
+            raise RemoteError(
+                f"NDIF job {self.job_id} did not finish within timeout={self.runner.timeout:g} s (last state: "
+                f"{last}). The queue may be long or the model still loading: raise the timeout, or try later."
+            )
+        self.display.refresh()
+        if time.monotonic() - self._last_emit >= self.runner.tick_interval:
+            self._emit(self.state)
+
+    def _disconnected(self, err: BaseException | None) -> RemoteError:
+        state = self.state
+        self._emit(
+            "DISCONNECTED", f"{type(err).__name__}: {err}" if err else "the server closed the connection"
+        )
+        return RemoteError(
+            f"Lost the connection to NDIF while job {self.job_id or '(not yet accepted)'} was {state}. Its "
+            "result cannot be collected; run again (results already received are cached)."
+        )
+
+    # -- results -------------------------------------------------------------------------------------
+    def _too_large(self, size: int) -> RemoteError:
+        limit = self.runner.max_result_bytes
+        return RemoteError(
+            f"The result of NDIF job {self.job_id} is {size / 2**20:,.1f} MB, above the limit of "
+            f"{limit / 2**20:,.0f} MB (max_result_mb). Save less inside the trace (only the positions, layers "
+            "or heads you need; engines: a smaller memory_budget), or raise max_result_mb."
+        )
+
+    def download_result(self, url) -> Any:
+        limit = self.runner.max_result_bytes
+        if isinstance(url, (bytes, bytearray)):
+            if len(url) > limit:
+                raise self._too_large(len(url))
+            return self.finalize(bytes(url))
+        if not url:
+            raise RemoteError(f"NDIF job {self.job_id} completed without a result.")
+        import io
+
+        import httpx
+
+        buffer = io.BytesIO()
+        try:
+            with httpx.Client(timeout=httpx.Timeout(_CONNECT_TIMEOUT, read=_READ_TIMEOUT)) as client:
+                with client.stream("GET", url) as response:
+                    response.raise_for_status()
+                    declared = int(response.headers.get("Content-Length") or 0)
+                    if declared > limit:
+                        raise self._too_large(declared)
+                    for chunk in response.iter_bytes(chunk_size=_CHUNK):
+                        buffer.write(chunk)
+                        if buffer.tell() > limit:
+                            raise self._too_large(buffer.tell())
+                        if self.runner.cancelled:
+                            self._tick()
+        except httpx.HTTPError as err:
+            raise RemoteError(
+                f"Could not download the result of NDIF job {self.job_id} ({type(err).__name__}: {err})."
+            ) from err
+        return self.finalize(buffer.getvalue())
+
+    def finalize(self, content: bytes) -> Any:
+        if self.compress:
+            import zstandard as zstd
+
+            size = zstd.frame_content_size(content)
+            if size > self.runner.max_result_bytes:
+                raise self._too_large(size)
+        return RemoteBackend.finalize(self, content)
+
+
+class LocalJobBackend(_Tracked, LocalSimulationBackend):
+    """nnsight's ``remote="local"`` dry run (serialise, deserialise with local modules hidden, run here),
+    reported through the same updates as an NDIF job."""
+
+    def __init__(self, nnsight_model, runner: RemoteRunner, *, model_name: str):
+        LocalSimulationBackend.__init__(self, nnsight_model)
+        self.runner = runner
+        self.model_name = model_name
+        self.where = "local dry run"
+
+    def __call__(self, tracer) -> None:
+        ship_workbench_by_value()
+        self._begin()
+        self.job_id = f"local-{self.number}"
+        self._emit("RECEIVED")
+        self._emit("RUNNING", "serialised as for NDIF; running on this machine")
+        try:
+            LocalSimulationBackend.__call__(self, tracer)
+        except Exception as err:
+            self._emit("ERROR", f"{type(err).__name__}: {err}")
+            raise
+        self._emit("COMPLETED")
+
+
+def backend_for(model, remote: bool | str | None = None):
+    """The backend a remote trace of `model` (a `WorkbenchModel`) runs through, tied to this thread's
+    active `RemoteRunner` (or a default one that prints nnsight's own status line)."""
+    from workbench.remote.runner import current_runner
+
+    remote = model.remote if remote is None else remote
+    runner = current_runner()
+    if remote == "local":
+        return LocalJobBackend(model.nnsight, runner, model_name=model.name)
+    if not remote:
+        raise RemoteError(f"{model.name!r} is a local model; load it with remote=True to run it on NDIF.")
+    nn = model.nnsight
+    if not hasattr(nn, "to_model_key"):
+        raise RemoteError(f"{model.name!r} is a plain torch module; NDIF runs only the hub models it hosts.")
+    try:
+        model_key = nn.to_model_key()
+    except Exception as err:  # HFValidationError for in-memory models, network errors for hub lookups
+        raise RemoteError(
+            f"Cannot name {model.name!r} for NDIF ({type(err).__name__}: {err}). NDIF runs models it hosts, "
+            "named by their hub id: load_model('openai-community/gpt2', remote=True). Models built in memory "
+            "or from a local directory can run with remote='local' (a dry run) only."
+        ) from err
+    host = remote if isinstance(remote, str) else None
+    return NDIFJobBackend(model_key, runner, model_name=model.name, host=host, env=nn._remoteable_get_env())
