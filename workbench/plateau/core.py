@@ -1,0 +1,295 @@
+"""The batched perturbed forward pass that every plateau experiment reduces to.
+
+A *base* is one prompt truncated after the perturbed position p, so the perturbed activation is at the last
+position: positions after p cannot influence the output at p (causal attention), and the model only has to
+produce logits for one position (`logits_to_keep=1`). A *row* is one base with its activation at the site
+replaced by a given vector. Rows of bases with equal token length run together as large batches, chunked to a
+memory budget. The blocks below the write layer are identical to the clean run, so they are skipped: their
+output is the cached clean residual (with the perturbed vector in place when the site is `resid_pre`).
+
+Output changes are measured against a reference row per base (the unperturbed activation through this same
+path) and computed inside the trace, in float32: KL(reference || perturbed) of the next-token distribution in
+nats, the L2 distance of the read site's activation, and the top-k tokens.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+
+import torch
+
+from workbench.errors import InputError, SiteError
+from workbench.models.sites import SITES
+from workbench.results import Provenance
+from workbench.runner import CancelToken, ProgressCallback, chunk_size, parse_budget, run_chunked
+
+WRITE_SITES = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out")
+"""Sites a plateau probe can perturb: vectors in the residual basis, [batch, pos, d_model]."""
+READ_SITES = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out", "ln_final")
+MAX_CHUNK = 256
+"""Largest batch of rows per trace: beyond a few hundred rows memory traffic outweighs larger matmuls."""
+
+
+def provenance(model_name: str, **options) -> Provenance:
+    """`Provenance.capture` with version strings as plain `str` (torch's version object does not reload with
+    ``torch.load(weights_only=True)``)."""
+    prov = Provenance.capture(model_name, **options)
+    return dataclasses.replace(prov, versions={k: str(v) for k, v in prov.versions.items()})
+
+
+@dataclasses.dataclass(frozen=True)
+class Where:
+    """Where a probe writes (site, layer) and where it reads the L2 distance (read_site, read_layer)."""
+
+    site: str
+    layer: int
+    read_site: str
+    read_layer: int | None
+
+    @classmethod
+    def resolve(cls, model, site: str, layer: int, read_site: str, read_layer: int | None) -> Where:
+        if not model.is_transformer:
+            raise SiteError("Plateau probes need a transformer language model with an architecture adapter.")
+        if site not in WRITE_SITES:
+            raise SiteError(
+                f"Cannot perturb {site!r}; plateau probes write one of: {', '.join(WRITE_SITES)}."
+            )
+        if read_site not in READ_SITES:
+            raise SiteError(f"Cannot read {read_site!r}; read sites: {', '.join(READ_SITES)}.")
+        n = model.cfg.n_layers
+        model.check_site(site, layer)
+        layer %= n
+        if read_site == "ln_final":
+            read_layer = None
+        else:
+            model.check_site(read_site, read_layer)
+            read_layer %= n
+            if (read_layer, SITES[read_site].rank) <= (layer, SITES[site].rank):
+                raise SiteError(
+                    f"The read site ({read_site}, layer {read_layer}) must come after the perturbed site "
+                    f"({site}, layer {layer}) in the forward pass."
+                )
+        return cls(site, layer, read_site, read_layer)
+
+    @property
+    def write(self) -> tuple[str, int]:
+        """The site actually written: resid_post of layer L is resid_pre of L + 1, so block L can be skipped too
+        (`_write_target` keeps resid_post for the last layer)."""
+        if self.site == "resid_post":
+            return "resid_pre", self.layer + 1
+        return self.site, self.layer
+
+    def label(self) -> str:
+        return f"{self.site} {self.layer}"
+
+    def read_label(self) -> str:
+        return self.read_site if self.read_layer is None else f"{self.read_site} {self.read_layer}"
+
+
+def _write_target(model, where: Where) -> tuple[str, int]:
+    site, layer = where.write
+    if site == "resid_pre" and layer >= model.cfg.n_layers:  # resid_post of the last layer
+        return where.site, where.layer
+    return site, layer
+
+
+@dataclasses.dataclass
+class Base:
+    """One base activation: a prompt truncated after the perturbed position, and what sits there.
+
+    tokens: [pos] token ids ending at the perturbed position.
+    prefix: [pos, d_model] clean residual entering the write layer (None when no block is skipped).
+    x0: [d_model] the (clean or synthetic) activation at the site and the last position, float32.
+    clean_logp: [d_vocab] float32 log-probs of the full clean run at that position (None for synthetic bases).
+    """
+
+    tokens: torch.Tensor
+    prefix: torch.Tensor | None
+    x0: torch.Tensor
+    clean_logp: torch.Tensor | None
+
+
+def clean_bases(
+    model, where: Where, rows: Sequence[torch.Tensor], positions: Sequence[Sequence[int]]
+) -> list[Base]:
+    """Run each prompt once and cut one `Base` per (prompt, position), in order. rows: [1, pos] token tensors."""
+    site, layer = _write_target(model, where)
+    bases: list[Base] = []
+    for row, pos_list in zip(rows, positions):
+        prefix = None  # nnsight hands back only values saved inside the trace: set the others before it
+        with torch.no_grad(), model.trace(row.to(model.device)):
+            if layer > 0:
+                prefix = model.site("resid_pre", layer).value.save()
+            if site == "resid_pre" and layer > 0:
+                x = prefix
+            else:
+                x = model.site(site, layer).value.save()
+            logits = model.site("logits").value.save()
+        for p in pos_list:
+            bases.append(
+                Base(
+                    tokens=row[0, : p + 1].cpu(),
+                    prefix=None if prefix is None else prefix[0, : p + 1].detach().cpu(),
+                    x0=x[0, p].detach().float().cpu(),
+                    clean_logp=torch.log_softmax(logits[0, p].detach().float().cpu(), -1),
+                )
+            )
+    return bases
+
+
+def _bytes_per_row(model, n_pos: int) -> int:
+    cfg = model.cfg
+    act = torch.finfo(model.dtype).bits // 8
+    d_mlp = cfg.d_mlp or 4 * cfg.d_model
+    per_pos = 12 * cfg.d_model + 3 * d_mlp + 3 * cfg.n_heads * n_pos
+    return act * n_pos * per_pos + 4 * 5 * cfg.d_vocab
+
+
+def _trace_rows(model, where: Where, tokens, prefix, vecs, ref_logp, ref_read, top_k: int, watch=None):
+    """One trace over rows with equal token length: tokens [n, pos], prefix [n, pos, d] or None, vecs [n, d],
+    watch [n, m] token ids whose log-probs to return (or None)."""
+    site, layer = _write_target(model, where)
+    device = model.device
+    vecs = vecs.to(device=device, dtype=model.dtype)
+    if prefix is not None:
+        prefix = prefix.to(device=device, dtype=model.dtype)
+        if site == "resid_pre":
+            prefix[:, -1] = vecs
+    with torch.no_grad(), model.trace(tokens.to(device), logits_to_keep=1):
+        for below in range(layer if prefix is not None else 0):
+            model.submodule("block", below).skip(prefix)
+        if prefix is None or site != "resid_pre":
+            model.site(site, layer).value[:, -1] = vecs
+        read = model.site(where.read_site, where.read_layer).value[:, -1].float()
+        logp = torch.log_softmax(model.site("logits").value[:, -1].float(), dim=-1)
+        # nnsight hands back saved tensors, not containers: one name per output
+        if ref_logp is None:
+            logp_out, read_out = logp.save(), read.save()
+        else:
+            ref_logp, ref_read = ref_logp.to(device), ref_read.to(device)
+            kl = (ref_logp.exp() * (ref_logp - logp)).sum(-1).save()
+            l2 = (read - ref_read).norm(dim=-1).save()
+            top = logp.topk(top_k, dim=-1)
+            top_ids, top_probs = top.indices.save(), top.values.exp().save()
+        if watch is not None:
+            watched = logp.gather(-1, watch.to(device)).save()
+    if ref_logp is None:
+        out = {"logp": logp_out, "read": read_out}
+    else:
+        out = {"kl": kl, "l2": l2, "top_ids": top_ids, "top_probs": top_probs}
+    if watch is not None:
+        out["watch"] = watched
+    return {k: v.detach().cpu() for k, v in out.items()}
+
+
+def run_rows(
+    model,
+    where: Where,
+    bases: Sequence[Base],
+    base_of_row: torch.Tensor,
+    vectors: Callable[[int, int], torch.Tensor],
+    *,
+    reference: tuple[torch.Tensor, torch.Tensor] | None = None,
+    watch: torch.Tensor | None = None,
+    top_k: int = 5,
+    memory_budget: int | float | str | None = None,
+    max_chunk: int = MAX_CHUNK,
+    progress: bool | ProgressCallback = True,
+    cancel: CancelToken | None = None,
+    desc: str = "perturbed runs",
+) -> dict[str, torch.Tensor]:
+    """Run every row and return per-row outputs, in row order.
+
+    Args:
+        base_of_row: LongTensor [n_rows], the base of each row. Rows of one token length must be contiguous.
+        vectors: `vectors(start, stop)` -> [stop - start, d_model], the activation to write for those rows.
+        reference: (log-probs [n_bases, d_vocab], read activations [n_bases, d_read]) of the unperturbed bases.
+            With it, returns kl [n], l2 [n], top_ids [n, k], top_probs [n, k]; without it, logp [n, d_vocab]
+            and read [n, d_read] (used to compute the reference itself).
+        watch: LongTensor [n_bases, m] token ids per base; adds `watch` [n, m], their log-probs.
+    """
+    n = len(base_of_row)
+    lengths = torch.tensor([len(b.tokens) for b in bases])[base_of_row]
+    breaks = [0, *(torch.nonzero(lengths.diff()).flatten() + 1).tolist(), n]
+    if len(set(lengths[breaks[:-1]].tolist())) != len(breaks) - 1:
+        raise InputError("internal: rows of one token length must be contiguous")  # pragma: no cover
+    budget = parse_budget(memory_budget, model.device)
+    bar = None
+    if progress is True:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=n, desc=desc, leave=False)
+    done = 0
+    parts: list[dict[str, torch.Tensor]] = []
+    try:
+        for lo, hi in zip(breaks[:-1], breaks[1:]):
+            chunk = chunk_size(_bytes_per_row(model, int(lengths[lo])), budget, max_chunk)
+
+            def one(start: int, stop: int, lo=lo) -> None:
+                nonlocal done
+                idx = base_of_row[lo + start : lo + stop]
+                toks = torch.stack([bases[i].tokens for i in idx.tolist()])
+                prefix = None
+                if bases[int(idx[0])].prefix is not None:
+                    prefix = torch.stack([bases[i].prefix for i in idx.tolist()])
+                ref_logp = ref_read = None
+                if reference is not None:
+                    ref_logp, ref_read = reference[0][idx], reference[1][idx]
+                vecs = vectors(lo + start, lo + stop)
+                w = None if watch is None else watch[idx]
+                parts.append(_trace_rows(model, where, toks, prefix, vecs, ref_logp, ref_read, top_k, w))
+                done += stop - start
+                if bar is not None:
+                    bar.update(stop - start)
+                elif callable(progress):
+                    progress(done, n)
+
+            run_chunked(hi - lo, one, chunk=chunk, progress=False, cancel=cancel)
+    finally:
+        if bar is not None:
+            bar.close()
+    return {k: torch.cat([p[k] for p in parts]) for k in parts[0]} if parts else {}
+
+
+def reference_rows(model, where: Where, bases: Sequence[Base], **kw) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log-probs [n_bases, d_vocab], read activations [n_bases, d_read]) of each base left unperturbed."""
+    order = sorted(range(len(bases)), key=lambda i: len(bases[i].tokens))
+    idx = torch.tensor(order, dtype=torch.long)
+    x0 = torch.stack([b.x0 for b in bases])
+    out = run_rows(model, where, bases, idx, lambda a, b: x0[idx[a:b]], desc="reference runs", **kw)
+    inverse = torch.empty_like(idx)
+    inverse[idx] = torch.arange(len(idx))
+    return out["logp"][inverse], out["read"][inverse]
+
+
+def kl_divergence(p_logp: torch.Tensor, q_logp: torch.Tensor) -> torch.Tensor:
+    """KL(p || q) = sum_v p(v) (log p(v) - log q(v)) in nats, over the last axis, in float32."""
+    p_logp, q_logp = p_logp.float(), q_logp.float()
+    return (p_logp.exp() * (p_logp - q_logp)).sum(-1)
+
+
+def resolve_positions(positions, n_tokens: int) -> tuple[list[int], bool]:
+    """Positions as non-negative indices for a prompt of `n_tokens`; also whether position 0 was asked for.
+
+    `positions`: an int (negative counts from the end), a list of ints, or "all" (every position but 0).
+    """
+    if isinstance(positions, str):
+        if positions != "all":
+            raise InputError(f"positions must be an int, a list of ints or 'all', got {positions!r}.")
+        if n_tokens < 2:
+            raise InputError(
+                "The prompt has one token; 'all' positions excludes position 0 and leaves nothing."
+            )
+        return list(range(1, n_tokens)), False
+    items = [positions] if isinstance(positions, int) else list(positions)
+    if not items:
+        raise InputError("No positions given.")
+    out = []
+    for p in items:
+        if not isinstance(p, int) or isinstance(p, bool):
+            raise InputError(f"Positions must be integers, got {p!r}.")
+        if not -n_tokens <= p < n_tokens:
+            raise InputError(f"Position {p} is out of range for a prompt of {n_tokens} tokens.")
+        out.append(p % n_tokens)
+    return sorted(set(out)), 0 in out

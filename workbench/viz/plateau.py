@@ -1,0 +1,374 @@
+"""Figures for plateau probes: response curves, plateau-length histograms, tokens along a curve,
+interpolation paths and 2-D slices. Pure functions of results; they never run a model.
+
+Every x axis that shows perturbation sizes states its unit (the median norm of real activations at the site,
+unless the probe was given another scale).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import plotly.graph_objects as go
+import torch
+from plotly.colors import qualitative
+from plotly.subplots import make_subplots
+
+from workbench.errors import InputError
+
+PALETTE = qualitative.Plotly + qualitative.D3
+METRIC_TITLES = {"kl": "KL(unperturbed ‖ perturbed), nats", "l2": "L2 distance at {read}"}
+
+
+def _rgba(hex_colour: str, alpha: float) -> str:
+    h = hex_colour.lstrip("#")
+    r, g, b = (int(h[i : i + 2], 16) for i in (0, 2, 4))
+    return f"rgba({r},{g},{b},{alpha})"
+
+
+def _metric_title(result, metric: str) -> str:
+    return METRIC_TITLES[metric].format(read=result.read_label)
+
+
+def _size_title(result) -> str:
+    return f"perturbation size (× {result.scale_label})"
+
+
+def group_colours(groups: list[str]) -> dict[str, str]:
+    return {g: PALETTE[i % len(PALETTE)] for i, g in enumerate(groups)}
+
+
+def plot(result, **kwargs) -> go.Figure:
+    """The default figure of any plateau result."""
+    from workbench.plateau import InterpolationResult, PlateauResult, SliceResult
+
+    if isinstance(result, PlateauResult):
+        return curves(result, **kwargs)
+    if isinstance(result, InterpolationResult):
+        return interpolation(result, **kwargs)
+    if isinstance(result, SliceResult):
+        return slice_map(result, **kwargs)
+    raise InputError(f"No plateau figure for {type(result).__name__}.")
+
+
+def curves(
+    result,
+    metric: str = "kl",
+    threshold: float | None = None,
+    log_y: bool = False,
+    max_lines: int = 24,
+    groups: list[str] | None = None,
+) -> go.Figure:
+    """Output change against size: median and interquartile band per group, plus up to `max_lines` thin
+    curves per group (each point's customdata is [base, direction], for click-through).
+    """
+    values = result.curves(metric).numpy()
+    sizes = result.sizes.numpy()
+    all_groups = result.groups()
+    groups = all_groups if groups is None else [g for g in groups if g in all_groups]
+    colours = group_colours(all_groups)
+    threshold = result.default_threshold(metric) if threshold is None else threshold
+    fig = go.Figure()
+    n_b, n_d = values.shape[:2]
+    for g in groups:
+        cells = [(b, d) for b in range(n_b) for d in range(n_d) if result.group_of(b, d) == g]
+        stack = np.stack([values[b, d] for b, d in cells])
+        colour = colours[g]
+        shown = cells[:: max(1, math.ceil(len(cells) / max_lines))] if max_lines > 0 else []
+        xs, ys, cd = [], [], []
+        for b, d in shown:
+            xs += [*sizes.tolist(), None]
+            ys += [*values[b, d].tolist(), None]
+            cd += [[b, d]] * len(sizes) + [[b, d]]
+        if shown:
+            fig.add_trace(
+                go.Scatter(
+                    x=xs,
+                    y=ys,
+                    customdata=cd,
+                    mode="lines",
+                    line=dict(color=_rgba(colour, 0.25), width=1),
+                    name=f"{g} (single curves)",
+                    legendgroup=g,
+                    showlegend=False,
+                    meta={"role": "curves", "group": g},
+                    hovertemplate="base %{customdata[0]}, direction %{customdata[1]}<br>size %{x:.4g}<br>"
+                    "%{y:.4g}<extra>" + g + "</extra>",
+                )
+            )
+        q25, med, q75 = np.quantile(stack, [0.25, 0.5, 0.75], axis=0)
+        fig.add_trace(
+            go.Scatter(
+                x=np.concatenate([sizes, sizes[::-1]]),
+                y=np.concatenate([q75, q25[::-1]]),
+                fill="toself",
+                fillcolor=_rgba(colour, 0.18),
+                line=dict(width=0),
+                hoverinfo="skip",
+                legendgroup=g,
+                showlegend=False,
+                name=f"{g} IQR",
+                meta={"role": "band", "group": g},
+            )
+        )
+        fig.add_trace(
+            go.Scatter(
+                x=sizes,
+                y=med,
+                mode="lines",
+                line=dict(color=colour, width=3),
+                name=f"{g} (median of {len(cells)})",
+                legendgroup=g,
+                meta={"role": "median", "group": g},
+                hovertemplate="size %{x:.4g}<br>median %{y:.4g}<extra>" + g + "</extra>",
+            )
+        )
+    fig.add_hline(
+        y=threshold,
+        line=dict(color="#888", dash="dash", width=1),
+        annotation_text=f"threshold {threshold:.3g}",
+        annotation_position="top left",
+    )
+    fig.update_layout(
+        title=f"Response to perturbations at {result.site_label} (median and interquartile range per family)",
+        xaxis_title=_size_title(result),
+        yaxis_title=_metric_title(result, metric),
+        yaxis_type="log" if log_y else "linear",
+        template="plotly_white",
+        legend=dict(title="direction family"),
+        height=480,
+    )
+    return fig
+
+
+def plateau_lengths(
+    result, metric: str = "kl", threshold: float | None = None, baseline: str | None = None
+) -> go.Figure:
+    """Histogram of plateau lengths per group; curves that never crossed sit in a bin right of the sweep.
+    Legend entries give the median and, against `baseline`, the Mann-Whitney p-value and P(longer)."""
+    threshold = result.default_threshold(metric) if threshold is None else threshold
+    lengths = result.plateau_length(metric, threshold)
+    groups = result.groups()
+    colours = group_colours(groups)
+    if baseline is None:
+        baseline = "cov_mixture" if "cov_mixture" in groups else groups[0]
+    stats = result.compare(baseline if baseline in groups else groups[0], metric, threshold).set_index(
+        "group"
+    )
+    smax = float(result.sizes[-1])
+    beyond = smax * 1.06
+    n_b, n_d = lengths.shape
+    fig = go.Figure()
+    bins = dict(start=float(result.sizes[0]), end=beyond + smax * 0.04, size=smax / 32)
+    for g in groups:
+        vals = torch.tensor(
+            [float(lengths[b, d]) for b in range(n_b) for d in range(n_d) if result.group_of(b, d) == g]
+        )
+        vals = torch.where(torch.isinf(vals), torch.tensor(beyond), vals)
+        row = stats.loc[g]
+        label = f"{g}: median {row['median_length']:.3g}"
+        if g != baseline and not math.isnan(row["mw_p"]):
+            label += f", p={row['mw_p']:.2g}, P(longer)={row['p_greater']:.2f}"
+        fig.add_trace(
+            go.Histogram(
+                x=vals.numpy(),
+                name=label,
+                marker_color=colours[g],
+                opacity=0.55,
+                xbins=bins,
+                meta={"role": "lengths", "group": g},
+                hovertemplate="length %{x:.3g}<br>%{y} curves<extra>" + g + "</extra>",
+            )
+        )
+    fig.add_vline(x=smax, line=dict(color="#888", dash="dot", width=1), annotation_text="never crossed →")
+    unit = "nats" if metric == "kl" else "L2"
+    fig.update_layout(
+        barmode="overlay",
+        title=f"Plateau length: size where {metric.upper()} first exceeds {threshold:.3g} {unit} "
+        f"(tests against {baseline})",
+        xaxis_title=f"plateau length (× {result.scale_label})",
+        yaxis_title="curves",
+        template="plotly_white",
+        legend=dict(title="family"),
+        height=420,
+    )
+    return fig
+
+
+def token_ribbon(x, ids, probs, token_strings: dict[int, str], x_title: str, title: str) -> go.Figure:
+    """Top-k tokens along a path: x [step], ids/probs [step, k]. Cell colour = probability, text = token."""
+    ids, probs = torch.as_tensor(ids), torch.as_tensor(probs)
+    k = ids.shape[-1]
+    text = [
+        [token_strings.get(int(ids[j, r]), str(int(ids[j, r]))) for j in range(ids.shape[0])]
+        for r in range(k)
+    ]
+    z = probs.T.numpy()
+    fig = go.Figure(
+        go.Heatmap(
+            x=[f"{float(v):.3g}" for v in x],
+            y=[f"#{r + 1}" for r in range(k)],
+            z=z,
+            text=text,
+            texttemplate="%{text}",
+            colorscale="Blues",
+            zmin=0,
+            zmax=1,
+            colorbar=dict(title="probability"),
+            hovertemplate="x %{x}<br>rank %{y}: %{text!r}<br>p = %{z:.3f}<extra></extra>",
+            meta={"role": "tokens"},
+        )
+    )
+    fig.update_layout(
+        title=title,
+        xaxis_title=x_title,
+        yaxis=dict(title="rank", autorange="reversed"),
+        template="plotly_white",
+        height=260,
+    )
+    return fig
+
+
+def tokens_along(result, base: int = 0, direction: int = 0, k: int = 3) -> go.Figure:
+    """The top-k next tokens along one curve of a `PlateauResult` (size 0: unperturbed)."""
+    n_b, n_d = result.kl.shape[:2]
+    if not (0 <= base < n_b and 0 <= direction < n_d):
+        raise InputError(
+            f"No curve (base {base}, direction {direction}): there are {n_b} bases, {n_d} directions."
+        )
+    sizes = result.sizes
+    ids, probs = (
+        result.top_ids[base, direction, :, :k].clone(),
+        result.top_probs[base, direction, :, :k].clone(),
+    )
+    zero = sizes == 0
+    ids[zero], probs[zero] = result.ref_top_ids[base, :k], result.ref_top_probs[base, :k]
+    title = f"Predictions along {result.families[direction]} direction {direction}, {result.base_label(base)}"
+    return token_ribbon(sizes, ids, probs, result.token_strings, _size_title(result), title)
+
+
+def interpolation(result, pair: int = 0, max_pairs: int = 40, k: int = 3) -> go.Figure:
+    """Normalised read-site distance d(alpha)/d(1) for every pair (median in black), above the top-k
+    tokens along the path of `pair`."""
+    n_p = result.distance.shape[0]
+    if not 0 <= pair < n_p:
+        raise InputError(f"No pair {pair}: there are {n_p}.")
+    alphas = result.alphas.numpy()
+    fig = make_subplots(
+        rows=2,
+        cols=1,
+        row_heights=[0.62, 0.38],
+        vertical_spacing=0.14,
+        subplot_titles=(
+            f"Normalised distance at {result.read_label}, A's activation → B's at {result.site_label}",
+            f"Top tokens along pair {pair}: {result.prompts_a[pair]!r} → {result.prompts_b[pair]!r}",
+        ),
+    )
+    for i in range(min(n_p, max_pairs)):
+        fig.add_trace(
+            go.Scatter(
+                x=alphas,
+                y=result.distance[i].numpy(),
+                customdata=[[i, float(result.kl[i, j])] for j in range(len(alphas))],
+                mode="lines",
+                line=dict(
+                    color=PALETTE[0] if i == pair else "rgba(99,110,250,0.3)", width=3 if i == pair else 1
+                ),
+                name=f"pair {i}",
+                showlegend=n_p <= 8,
+                meta={"role": "pair", "pair": i},
+                hovertemplate="pair %{customdata[0]}<br>α %{x:.3g}<br>d/d(1) %{y:.3g}<br>KL %{customdata[1]:.3g}"
+                "<extra></extra>",
+            ),
+            row=1,
+            col=1,
+        )
+    if n_p > 1:
+        fig.add_trace(
+            go.Scatter(
+                x=alphas,
+                y=result.distance.median(0).values.numpy(),
+                mode="lines",
+                line=dict(color="black", width=3),
+                name="median",
+                meta={"role": "median"},
+            ),
+            row=1,
+            col=1,
+        )
+    ribbon = token_ribbon(
+        result.alphas,
+        result.top_ids[pair, :, :k],
+        result.top_probs[pair, :, :k],
+        result.token_strings,
+        "α",
+        "",
+    )
+    ribbon.data[0].colorbar = dict(title="p", len=0.35, y=0.17)
+    fig.add_trace(ribbon.data[0], row=2, col=1)
+    fig.update_yaxes(title_text="d(α) / d(1)", row=1, col=1)
+    fig.update_xaxes(title_text="α (0: A's activation, 1: B's)", row=1, col=1)
+    fig.update_xaxes(title_text="α", row=2, col=1)
+    fig.update_yaxes(autorange="reversed", row=2, col=1)
+    fig.update_layout(template="plotly_white", height=620, showlegend=n_p <= 8)
+    return fig
+
+
+def slice_map(result) -> go.Figure:
+    """The plane through A, B and C coloured red/green/blue by closeness of each point's output to the output at
+    A, B or C (distance normalised by the mean distance between the endpoints' outputs); hover: top token."""
+    scale = result.endpoint_distance[torch.triu_indices(3, 3, 1).unbind()].mean().clamp(min=1e-12)
+    close = (1 - (result.distance / scale).clamp(0, 1)).permute(1, 2, 0)  # [v, u, rgb]
+    u, v = result.u.numpy(), result.v.numpy()
+    du, dv = float(u[1] - u[0]), float(v[1] - v[0])
+    fig = go.Figure(
+        go.Image(
+            z=(close * 255).round().to(torch.uint8).numpy(),
+            x0=float(u[0]),
+            dx=du,
+            y0=float(v[0]),
+            dy=dv,
+            hoverinfo="skip",
+            meta={"role": "slice"},
+        )
+    )
+    text = [[result.token_strings.get(int(t), str(int(t))) for t in row] for row in result.top1]
+    fig.add_trace(
+        go.Heatmap(
+            x=u,
+            y=v,
+            z=result.kl_to_a.numpy(),
+            text=text,
+            customdata=result.top1_prob.numpy(),
+            opacity=0,
+            showscale=False,
+            hovertemplate="u %{x:.3g}, v %{y:.3g}<br>top token %{text!r} (p %{customdata:.2f})<br>"
+            "KL to A %{z:.3g}<extra></extra>",
+            meta={"role": "hover"},
+        )
+    )
+    labels = ["A", "B", "C"]
+    fig.add_trace(
+        go.Scatter(
+            x=[0, 1, 0],
+            y=[0, 0, 1],
+            mode="markers+text",
+            text=labels,
+            textposition="top right",
+            marker=dict(color="white", size=10, line=dict(color="black", width=2)),
+            hovertext=[f"{lab}: {p!r}" for lab, p in zip(labels, result.prompts)],
+            hoverinfo="text",
+            showlegend=False,
+            meta={"role": "endpoints"},
+        )
+    )
+    fig.update_layout(
+        title=f"Plane through three activations at {result.site_label}: colour = closeness of {result.read_label} "
+        "to A (red), B (green), C (blue)",
+        xaxis_title="u (A → B)",
+        yaxis=dict(title="v (A → C)", autorange=True, scaleanchor="x"),
+        template="plotly_white",
+        height=520,
+    )
+    return fig
