@@ -21,7 +21,6 @@ from workbench.casper import mnist_cnn as mc
 from workbench.errors import InputError, ModelLoadError
 from workbench.scrubbing import scrub
 
-torch.set_num_threads(2)
 P = mc.PUBLISHED
 
 
@@ -387,3 +386,37 @@ def test_digest_helper_is_order_robust_beyond_100():
     assert data.mnist_images_digest(x) == data.mnist_images_digest(y)
     assert data.mnist_images_digest(x) != data.mnist_images_digest(x[::-1])
     assert len(data.mnist_images_digest(x)) == len(hashlib.sha256().hexdigest())
+
+
+# --------------------------------------------------------------------------------------------------------------
+# figures (inspected, not rendered)
+
+
+def test_figures_carry_the_numbers():
+    from workbench.viz import casper as viz
+
+    g = torch.Generator().manual_seed(0)
+    s = torch.randn(5000, generator=g, dtype=torch.float64) * 10000 - 12000
+    labels = mc.rule_labels(s)
+    hist = viz.similarity_histograms(s, labels, mc.PUBLISHED_THRESHOLDS, nbins=50)
+    assert sum(sum(t.y) for t in hist.data) == 5000  # binned counts, every image once
+    assert sum(hist.data[0].y) == int((labels == 0).sum())
+    assert [sh.x0 for sh in hist.layout.shapes] == list(mc.PUBLISHED_THRESHOLDS)
+
+    points = torch.randn(5000, 2, generator=g)
+    scatter = viz.pca_scatter(points, labels, markers={"clue": torch.tensor([1.0, 2.0])}, max_points=1000)
+    assert sum(len(t.x) for t in scatter.data[:2]) == 1000 and scatter.data[-1].x == (1.0,)
+
+    grid = viz.image_grid(torch.randn(30, 28, 28, generator=g), [str(i) for i in range(30)], cols=15)
+    assert grid.data[0].z.shape == (60, 450) and len(grid.layout.annotations) == 30
+
+    table = mc.ablation_table(
+        mc.CnnActivations(
+            torch.zeros(4, 200), torch.tensor([[0.0, 1.0], [1.0, 0.0], [0.0, 1.0], [1.0, 0.0]])
+        ),
+        {"flip all": torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0], [0.0, 1.0]])},
+        torch.tensor([True, True, False, False]),
+    )
+    assert table["kept"].tolist() == [1.0, 0.0]
+    bars = viz.ablation_bars(table)
+    assert list(bars.data[2].y) == [1.0, 0.0]  # kept on the anti-1 side

@@ -21,8 +21,6 @@ from workbench.scrubbing import (
     scrub,
 )
 
-torch.set_num_threads(1)
-
 
 class Reads(nn.Module):
     """logits = [-u, u] with u = hidden @ direction: the label is sign(u); nothing else matters."""
@@ -279,21 +277,18 @@ def test_results_do_not_depend_on_chunk_size(x):
     assert torch.equal(a.scores, b.scores)
 
 
-def test_accepts_nnsight_and_workbench_style_models(x):
+def test_accepts_nnsight_and_workbench_models(x):
     import nnsight
+
+    from workbench.models import load_model
 
     model = Reads([1.0, 0.0])
     hyp = Hypothesis("unit 0 random", (Resample("hidden", random_donors(), units=[0]),))
     direct = scrub(model, x, hyp, progress=False)
     wrapped = scrub(nnsight.NNsight(model), x, hyp, progress=False)
-
-    class Holder:  # the shape of a WorkbenchModel: .nnsight and .module
-        def __init__(self, m):
-            self.module, self.nnsight, self.name = m, nnsight.NNsight(m), "toy"
-
-    held = scrub(Holder(model), x, hyp, progress=False)
+    held = scrub(load_model(model), x, hyp, progress=False)
     assert torch.equal(direct.scores, wrapped.scores) and torch.equal(direct.scores, held.scores)
-    assert held.provenance.model == "toy"
+    assert held.provenance.model == "Reads"
 
 
 def test_result_save_load_frame_and_plot(x, tmp_path):

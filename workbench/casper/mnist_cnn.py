@@ -116,7 +116,11 @@ def load_mnist_cnn(
     data_dir: str | os.PathLike | None = None,
     download: bool = True,
 ) -> CasperCNN:
-    """The challenge CNN with Casper's weights (`mnist_model.pt`, see `workbench.casper.data`), on CPU, in eval mode."""
+    """The challenge CNN with Casper's weights, on CPU, in eval mode.
+
+    The weights (`mnist_model.pt`) are found, downloaded and checked by `workbench.casper.data`. A `path` you give
+    is used as it is, without the checksum, so that weights of your own (a retrained CNN) load too.
+    """
     weights = locate("mnist_model.pt", path=path, data_dir=data_dir, download=download, verify=path is None)
     try:
         state = torch.load(weights, map_location="cpu", weights_only=True)  # saved from cuda:0
@@ -129,9 +133,9 @@ def load_mnist_cnn(
 
 def as_nnsight(cnn: CasperCNN):
     """The nnsight view of the CNN: ``model.relu3.output`` are the neurons inside ``model.trace(images)``."""
-    import nnsight
+    from workbench.models import load_model
 
-    return nnsight.NNsight(cnn)
+    return load_model(cnn).nnsight
 
 
 def model_input(images: torch.Tensor) -> torch.Tensor:

@@ -21,6 +21,13 @@ def _np(x) -> np.ndarray:
     return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
 
 
+def _histogram(values: np.ndarray, edges: np.ndarray, **bar) -> go.Bar:
+    """A histogram binned here (so the figure carries counts, not every value) drawn as bars."""
+    counts, _ = np.histogram(values, bins=edges)
+    centres, widths = (edges[:-1] + edges[1:]) / 2, np.diff(edges)
+    return go.Bar(x=centres, y=counts, width=widths, **bar)
+
+
 def _subset(n: int, max_points: int | None, seed: int = 0) -> np.ndarray:
     if max_points is None or n <= max_points:
         return np.arange(n)
@@ -83,7 +90,9 @@ def image_grid(
             )
         )
     fig = go.Figure(
-        go.Heatmap(z=mosaic, zmin=-1, zmax=1, colorscale="RdBu", showscale=False, hoverinfo="skip")
+        go.Heatmap(
+            z=np.round(mosaic, 3), zmin=-1, zmax=1, colorscale="RdBu", showscale=False, hoverinfo="skip"
+        )
     )
     fig.update_yaxes(autorange="reversed", showticklabels=False, scaleanchor="x")
     fig.update_xaxes(showticklabels=False)
@@ -244,16 +253,17 @@ def similarity_histograms(
     The thresholds are the figure's first two layout shapes, so a widget can move them.
     """
     s_np, lab = _np(s).astype(float), _np(labels)
-    edges = dict(start=float(s_np.min()), end=float(s_np.max()), size=(s_np.max() - s_np.min()) / nbins)
+    edges = np.linspace(s_np.min(), s_np.max(), nbins + 1)
     fig = go.Figure()
     for value in (0, 1):
         fig.add_trace(
-            go.Histogram(
-                x=s_np[lab == value],
-                xbins=edges,
+            _histogram(
+                s_np[lab == value],
+                edges,
                 name=f"model label {value}",
                 opacity=0.6,
                 marker_color=CLASS_COLOURS[value],
+                marker_line_width=0,
             )
         )
     for t in thresholds:
@@ -400,16 +410,10 @@ def logit_diff_histograms(lds: dict[str, torch.Tensor], *, nbins: int = 60) -> g
     )
     lo = min(float(v.min()) for v in lds.values())
     hi = max(float(v.max()) for v in lds.values())
+    edges = np.linspace(lo, hi if hi > lo else lo + 1, nbins + 1)
     for col, v in enumerate(lds.values(), start=1):
         fig.add_trace(
-            go.Histogram(
-                x=_np(v),
-                xbins=dict(start=lo, end=hi, size=(hi - lo) / nbins or 1),
-                showlegend=False,
-                marker_color="#4c78a8",
-            ),
-            1,
-            col,
+            _histogram(_np(v), edges, showlegend=False, marker_color="#4c78a8", marker_line_width=0), 1, col
         )
         fig.add_vline(x=0, line=dict(color="black", width=1), row=1, col=col)
     fig.update_xaxes(title_text="logit diff")
