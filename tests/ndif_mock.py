@@ -57,7 +57,8 @@ class MockNDIF:
     """Start the mock server in a subprocess and steer it.
 
     Args:
-        models: served hub id -> local model directory (Hugging Face format).
+        models: served hub id -> local model directory (Hugging Face format), optionally with the dtype to
+            serve it in after "::" (e.g. "/tmp/m::bfloat16"; NDIF serves large models in bfloat16).
         api_key: the only key the server accepts.
     """
 
@@ -140,10 +141,16 @@ def _serve(models: dict[str, str], api_key: str) -> None:  # pragma: no cover - 
 
     torch.set_num_threads(1)
     served = {}
-    for name, path in models.items():
+    for name, spec in models.items():
+        path, _, dtype = spec.partition("::")
         tok = AutoTokenizer.from_pretrained(path)
         model = TransformersModel(
-            path, task="text-generation", tokenizer=tok, attn_implementation="eager", dispatch=True
+            path,
+            task="text-generation",
+            tokenizer=tok,
+            attn_implementation="eager",
+            dispatch=True,
+            dtype=getattr(torch, dtype or "float32"),
         )
         model._module.eval()
         served[name] = (model, model._remoteable_persistent_objects())
@@ -194,9 +201,8 @@ def _serve(models: dict[str, str], api_key: str) -> None:  # pragma: no cover - 
         frame = tracer.info.frame
         frame.f_locals = Recording(frame.f_locals)
         inc()
-        try:
-            with torch.no_grad():
-                tracer.execute(tracer.info.code)
+        try:  # in grad mode, as on NDIF: a client's `torch.no_grad()` around the trace does not travel
+            tracer.execute(tracer.info.code)
         finally:
             dec()
         return pushed
@@ -417,7 +423,9 @@ if __name__ == "__main__":
     import argparse
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", action="append", default=[], help="NAME=DIR: serve DIR as hub id NAME")
+    parser.add_argument(
+        "--model", action="append", default=[], help="NAME=DIR[::DTYPE]: serve DIR as hub id NAME"
+    )
     parser.add_argument("--api-key", default="mock-key")
     args = parser.parse_args()
     _serve(dict(m.split("=", 1) for m in args.model), args.api_key)

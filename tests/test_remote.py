@@ -27,11 +27,12 @@ from workbench.widgets.base import Panel
 from workbench.widgets.remote import ModelPicker, RemoteStatus, tracked
 
 SERVED = "mock/tiny-gpt2"
+SERVED_BF16 = "mock/tiny-gpt2-bf16"
 KEY = "mock-key"
 PROMPT = "When Mary and John went to the store , John gave a drink to"
 
 
-# -- the model layer's routing of remote traces ------------------------------------------------------------
+# -- the model layer's hooks for remote models -------------------------------------------------------------
 def _routed_trace(self, *inputs, **kwargs):
     """`WorkbenchModel.trace` with remote traces routed through `workbench.remote.backend_for` (the change
     proposed for workbench/models/model.py; used here until it lands)."""
@@ -43,10 +44,21 @@ def _routed_trace(self, *inputs, **kwargs):
     return self.nnsight.trace(*inputs, **kwargs)
 
 
+_model_device = WorkbenchModel.device
+
+
+@property
+def _cpu_for_ndif(self):
+    """`WorkbenchModel.device` giving the CPU for NDIF models (inputs start here), not their meta weights'."""
+    return torch.device("cpu") if self.remote is True else _model_device.fget(self)
+
+
 @pytest.fixture(autouse=True)
-def routed_traces(monkeypatch):
+def model_layer_hooks(monkeypatch):
     if "backend_for" not in inspect.getsource(WorkbenchModel.trace):
         monkeypatch.setattr(WorkbenchModel, "trace", _routed_trace)
+    if "remote is True" not in inspect.getsource(_model_device.fget):
+        monkeypatch.setattr(WorkbenchModel, "device", _cpu_for_ndif)
 
 
 # -- engines used in these tests (trace bodies must live in a file: nnsight reads their source) ----------
@@ -85,15 +97,26 @@ def tiny_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def mock(tiny_dir, tmp_path_factory):
+def tiny_dir_bf16(tiny_dir, tmp_path_factory):
+    """The same weights under another name, served in bfloat16 (as NDIF serves large models)."""
+    import shutil
+
+    path = tmp_path_factory.mktemp("tiny-gpt2-bf16")
+    shutil.copytree(tiny_dir, path, dirs_exist_ok=True)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def mock(tiny_dir, tiny_dir_bf16, tmp_path_factory):
     log = tmp_path_factory.mktemp("mock") / "server.log"
-    server = MockNDIF({SERVED: tiny_dir}, api_key=KEY, log_path=str(log)).start()
+    models = {SERVED: tiny_dir, SERVED_BF16: f"{tiny_dir_bf16}::bfloat16"}
+    server = MockNDIF(models, api_key=KEY, log_path=str(log)).start()
     yield server
     server.stop()
 
 
 @pytest.fixture
-def ndif(mock, tiny_dir, monkeypatch):
+def ndif(mock, tiny_dir, tiny_dir_bf16, monkeypatch):
     """nnsight pointed at the mock, with a valid key; the tiny model's directory named as its hub id."""
     from nnsight import CONFIG
     from nnsight.modeling.huggingface import _ID_CACHE
@@ -101,6 +124,7 @@ def ndif(mock, tiny_dir, monkeypatch):
     monkeypatch.setattr(CONFIG.API, "HOST", mock.url)
     monkeypatch.setattr(CONFIG.API, "APIKEY", KEY)
     monkeypatch.setitem(_ID_CACHE, tiny_dir, SERVED)
+    monkeypatch.setitem(_ID_CACHE, tiny_dir_bf16, SERVED_BF16)
     monkeypatch.setattr(runner_module, "_checked_hosts", {mock.url})  # the drift test checks on purpose
     mock.scenario()
     remote.RESULTS.clear()
@@ -398,7 +422,9 @@ def test_model_not_served(ndif, remote_model, tokens, tiny_dir, monkeypatch):
     from nnsight.modeling.huggingface import _ID_CACHE
 
     monkeypatch.setitem(_ID_CACHE, tiny_dir, "someone/not-served")
-    with pytest.raises(RemoteError, match=f"does not serve someone/not-served.*serves: {SERVED}"):
+    with pytest.raises(
+        RemoteError, match=f"does not serve someone/not-served.*serves: {SERVED}, {SERVED_BF16}"
+    ):
         resid(remote_model, tokens, 0)
 
 
@@ -444,11 +470,14 @@ def test_version_drift_warns_once(ndif, remote_model, tokens, monkeypatch):
 def test_served_models_and_picker(ndif):
     models = remote.served_models()
     assert [(m.repo_id, m.level, m.state, m.task) for m in models] == [
-        (SERVED, "HOT", "RUNNING", "text-generation")
+        (SERVED, "HOT", "RUNNING", "text-generation"),
+        (SERVED_BF16, "HOT", "RUNNING", "text-generation"),
     ]
     assert models[0].ready and models[0].label() == f"{SERVED} (HOT, RUNNING)"
     picker = ModelPicker()
-    assert picker.name.options == (SERVED,) and "serves 1 text-generation models" in picker.info_text
+    assert (
+        picker.name.options == (SERVED, SERVED_BF16) and "serves 2 text-generation models" in picker.info_text
+    )
     picker.name.value = SERVED
     assert picker.code() == f"model = load_model({SERVED!r}, remote=True)"
 
@@ -509,3 +538,146 @@ def test_every_panel_shows_remote_jobs_in_its_status_line(ndif, remote_model, to
     panel.stop_button.click()
     panel.wait(120)
     assert "Stopped" in panel.status_text
+
+
+# -- every engine, unchanged, through the dry run and through (mock) NDIF ------------------------------------
+CLEAN = "When Mary and John went to the store , John gave a drink to"
+CORRUPT = "When Mary and John went to the store , Mary gave a drink to"
+ANSWERS = (" Mary", " John")
+DOCS = [
+    "When Mary and John went to the store , John gave a drink to Mary . " * 3,
+    "The capital of France is Paris . Then Tom and Anna had fun at school . " * 3,
+    "The cat sat on the mat . The dog ran quickly to the park after lunch . " * 3,
+]
+
+
+def _engine(module: str, name: str):
+    return getattr(pytest.importorskip(module), name)
+
+
+ENGINES = {
+    "patching.sweep": lambda m: _engine("workbench.patching", "sweep")(
+        m, CLEAN, CORRUPT, ANSWERS, progress=False
+    ),
+    "patching.sweep[z]": lambda m: _engine("workbench.patching", "sweep")(
+        m, CLEAN, CORRUPT, ANSWERS, site="z", progress=False
+    ),
+    "patching.sweep[pattern,noising]": lambda m: _engine("workbench.patching", "sweep")(
+        m, CLEAN, CORRUPT, ANSWERS, site="pattern", direction="noising", layers=[1], progress=False
+    ),
+    "patching.attribute": lambda m: _engine("workbench.patching", "attribute")(
+        m, CLEAN, CORRUPT, ANSWERS, site="z", progress=False
+    ),
+    "plateau.reference_stats": lambda m: _engine("workbench.plateau", "reference_stats")(
+        m, DOCS, layer=1, progress=False
+    ),
+    "plateau.probe": lambda m: _engine("workbench.plateau", "probe")(
+        m, DOCS[:2], layer=1, n_directions=2, sizes=torch.linspace(0, 2, 5), progress=False
+    ),
+    "plateau.interpolate": lambda m: _engine("workbench.plateau", "interpolate")(
+        m, DOCS[0], DOCS[1], n_steps=5, progress=False
+    ),
+    "lnfree.norm_statistics": lambda m: _engine("workbench.lnfree.calibration", "norm_statistics")(
+        m, DOCS, seq_len=16, progress=False
+    ),
+    "lnfree.preview": lambda m: _engine("workbench.lnfree.preview", "preview")(
+        m, DOCS, seq_len=16, progress=False
+    ),
+    "lnfree.evaluate_loss": lambda m: _engine("workbench.lnfree.evaluation", "evaluate_loss")(
+        m, DOCS, seq_len=16, progress=False
+    ),
+    "lnfree.dla_exactness": lambda m: _engine("workbench.lnfree.evaluation", "dla_exactness")(
+        m, DOCS, seq_len=16, progress=False
+    ),
+}
+
+
+def assert_same(a, b, path: str = "result") -> None:
+    """Results equal field by field (tensors to float32 rounding); provenance (time stamps) is not compared."""
+    import dataclasses
+    import math
+
+    if dataclasses.is_dataclass(a) and not isinstance(a, type):
+        assert type(a).__name__ == type(b).__name__, path
+        for f in dataclasses.fields(a):
+            if f.name != "provenance":
+                assert_same(getattr(a, f.name), getattr(b, f.name), f"{path}.{f.name}")
+    elif isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.shape == b.shape and a.dtype == b.dtype, path
+        if a.is_floating_point():
+            assert torch.allclose(a, b, rtol=1e-4, atol=1e-5, equal_nan=True), f"{path} differs"
+        else:
+            assert torch.equal(a, b), f"{path} differs"
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), path
+        for k in a:
+            assert_same(a[k], b[k], f"{path}[{k!r}]")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same(x, y, f"{path}[{i}]")
+    elif isinstance(a, float):
+        assert math.isclose(a, b, rel_tol=1e-4, abs_tol=1e-6) or (math.isnan(a) and math.isnan(b)), path
+    else:
+        assert a == b, path
+
+
+@pytest.fixture(scope="module")
+def local_results(local_model):
+    cache = {}
+
+    def get(name):
+        if name not in cache:
+            cache[name] = ENGINES[name](local_model)
+        return cache[name]
+
+    return get
+
+
+@pytest.fixture(scope="module")
+def dry_model(tiny_dir):
+    return load_model(tiny_dir, remote="local")
+
+
+@pytest.mark.filterwarnings("ignore:The covariance")
+@pytest.mark.parametrize("engine", ENGINES)
+def test_engine_dry_run_gives_the_local_numbers(engine, dry_model, local_results):
+    with RemoteRunner() as runner:
+        got = ENGINES[engine](dry_model)
+    assert runner.submitted >= 1 and runner.last.state == "COMPLETED"
+    assert_same(local_results(engine), got)
+
+
+@pytest.mark.filterwarnings("ignore:The covariance")
+@pytest.mark.parametrize("engine", ENGINES)
+def test_engine_on_ndif_gives_the_local_numbers(engine, ndif, remote_model, local_results):
+    """Through the mock NDIF server: the real protocol, and a server without the workbench installed."""
+    before = ndif.stats()["requests"]
+    with RemoteRunner() as runner:
+        got = ENGINES[engine](remote_model)
+    assert runner.submitted >= 1 and ndif.stats()["requests"] == before + runner.submitted
+    assert_same(local_results(engine), got)
+
+
+# Engines that write float32 tensors into the activations of a model served in bfloat16 fail on the server.
+BF16_FAILURES = {
+    "plateau.probe": "writes float32 vectors and a float32 cached residual (skip) into a bfloat16 model",
+    "plateau.interpolate": "writes float32 vectors and a float32 cached residual (skip) into a bfloat16 model",
+}
+
+
+@pytest.fixture(scope="module")
+def remote_model_bf16(tiny_dir_bf16):
+    return load_model(tiny_dir_bf16, remote=True)
+
+
+@pytest.mark.filterwarnings("ignore:The covariance")
+@pytest.mark.parametrize("engine", ENGINES)
+def test_engine_runs_on_a_bfloat16_server(engine, ndif, remote_model_bf16, request):
+    """NDIF serves large models in bfloat16 while the client's (meta) model says float32: tensors an engine
+    brings into a trace must take the dtype of the activation they meet."""
+    if engine in BF16_FAILURES:
+        request.applymarker(pytest.mark.xfail(raises=RemoteError, strict=True, reason=BF16_FAILURES[engine]))
+    with RemoteRunner() as runner:
+        ENGINES[engine](remote_model_bf16)
+    assert runner.last.state == "COMPLETED"

@@ -375,12 +375,32 @@ class NDIFJobBackend(_Tracked, RemoteBackend):
             size = zstd.frame_content_size(content)
             if size > self.runner.max_result_bytes:
                 raise self._too_large(size)
-        return RemoteBackend.finalize(self, content)
+        return _detached(RemoteBackend.finalize(self, content))
+
+
+def _detached(value: Any) -> Any:
+    """Saved values without autograd history: NDIF runs traces in grad mode, and a graph cannot come back."""
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        return value.detach() if value.requires_grad else value
+    if isinstance(value, dict):
+        return {k: _detached(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)) and type(value) in (list, tuple):
+        return type(value)(_detached(v) for v in value)
+    return value
 
 
 class LocalJobBackend(_Tracked, LocalSimulationBackend):
-    """nnsight's ``remote="local"`` dry run (serialise, deserialise with local modules hidden, run here),
-    reported through the same updates as an NDIF job."""
+    """nnsight's ``remote="local"`` dry run, reported through the same updates as an NDIF job.
+
+    As nnsight's `LocalSimulationBackend`: serialise the trace as for NDIF, deserialise it with local modules
+    hidden, run it here. Two differences make it closer to what NDIF does: the block runs in grad mode (a
+    client's ``torch.no_grad()`` around a trace does not travel), and it runs under its own file name with the
+    shipped source in `linecache`, as on the server. nnsight's version runs the shipped code against the
+    original file's lines, so a nested ``with loss.backward():`` block is looked up at the wrong line
+    (``ast.unparse`` drops comments and blank lines) and fails only in the dry run.
+    """
 
     def __init__(self, nnsight_model, runner: RemoteRunner, *, model_name: str):
         LocalSimulationBackend.__init__(self, nnsight_model)
@@ -395,11 +415,42 @@ class LocalJobBackend(_Tracked, LocalSimulationBackend):
         self._emit("RECEIVED")
         self._emit("RUNNING", "serialised as for NDIF; running on this machine")
         try:
-            LocalSimulationBackend.__call__(self, tracer)
+            self._run(tracer)
         except Exception as err:
             self._emit("ERROR", f"{type(err).__name__}: {err}")
             raise
         self._emit("COMPLETED")
+
+    def _run(self, tracer) -> None:
+        import linecache
+
+        import torch
+        from nnsight.ndif import pull_env
+        from nnsight.schema.request import RequestModel
+
+        pull_env()
+        blob = RequestModel.serialize(tracer, compress=False)
+        persistent = self.model._remoteable_persistent_objects()
+        filename = tracer.info.frame.f_code.co_filename
+        saved_lines = linecache.cache.get(filename)
+        hidden = self._hide_local_modules()
+        try:
+            restored = RequestModel.deserialize(blob, persistent, compress=False)
+            source = "".join(linecache.cache[filename][2])  # what deserialize registered: the shipped block
+        finally:
+            self._restore(hidden)
+            if saved_lines is not None:
+                linecache.cache[filename] = saved_lines
+            else:
+                linecache.cache.pop(filename, None)
+        shipped = f"<workbench dry run {self.job_id}> {filename}"
+        linecache.cache[shipped] = (len(source), None, source.splitlines(keepends=True), shipped)
+        try:
+            tracer.info.code = compile(source, shipped, "exec").replace(co_name=restored.info.code.co_name)
+            with torch.enable_grad():
+                tracer.execute(tracer.info.code)
+        finally:
+            linecache.cache.pop(shipped, None)
 
 
 def backend_for(model, remote: bool | str | None = None):
