@@ -33,7 +33,7 @@ def package_versions() -> dict[str, str]:
 
                 out[name] = version("interp-workbench")
             else:
-                out[name] = importlib.import_module(name).__version__
+                out[name] = str(importlib.import_module(name).__version__)
         except Exception:  # a missing optional package is not an error here
             out[name] = "unknown"
     return out
