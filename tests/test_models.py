@@ -436,3 +436,13 @@ def test_dtype_and_device_choice():
     assert model.dtype == torch.bfloat16 and model.device.type == "cpu"
     with pytest.raises(ModelLoadError, match="not a torch dtype"):
         random_model("gpt2", dtype="float33")
+
+
+def test_top_tokens_are_the_softmax_of_the_last_logits():
+    model = random_model("gpt2", seed=2)
+    top = model.top_tokens(PROMPT, k=3)
+    with torch.no_grad():
+        probs = model.module(model.to_tokens(PROMPT), use_cache=False).logits[0, -1].softmax(-1)
+    best = probs.topk(3)
+    assert [t for t, _ in top] == [model.tokenizer.decode([int(i)]) for i in best.indices]
+    assert [p for _, p in top] == pytest.approx(best.values.tolist(), abs=1e-6)

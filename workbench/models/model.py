@@ -272,6 +272,15 @@ class WorkbenchModel:
             tokens = tokens.tolist()
         return [self.tokenizer.decode([int(t)]) for t in tokens]
 
+    def top_tokens(self, prompt: str | torch.Tensor, k: int = 5) -> list[tuple[str, float]]:
+        """The `k` most likely next tokens after `prompt`, with their probabilities."""
+        tokens = self.to_tokens(prompt)[:1]
+        with torch.no_grad(), self.trace(tokens):
+            logits = self.site("logits").value[0, -1].save()
+        probs = torch.softmax(logits.float(), dim=-1)
+        top = probs.topk(min(k, probs.numel()))
+        return [(self.tokenizer.decode([int(i)]), float(p)) for p, i in zip(top.values, top.indices)]
+
     def to_single_token(self, text: str) -> int:
         """The id of `text` if it is exactly one token, else an `InputError` that shows how it splits."""
         self._require_tokenizer()
