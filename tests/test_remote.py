@@ -123,6 +123,7 @@ def ndif(mock, tiny_dir, tiny_dir_bf16, monkeypatch):
 
     monkeypatch.setattr(CONFIG.API, "HOST", mock.url)
     monkeypatch.setattr(CONFIG.API, "APIKEY", KEY)
+    monkeypatch.delenv("NDIF_API_KEY", raising=False)
     monkeypatch.setitem(_ID_CACHE, tiny_dir, SERVED)
     monkeypatch.setitem(_ID_CACHE, tiny_dir_bf16, SERVED_BF16)
     monkeypatch.setattr(runner_module, "_checked_hosts", {mock.url})  # the drift test checks on purpose
@@ -359,6 +360,19 @@ def test_local_models_are_never_cached(local_model, tokens):
     assert len(remote.RESULTS) == 0 and remote.RESULTS.hits == 0
 
 
+def test_cache_keeps_copies_without_autograd_history(tmp_path):
+    cache = remote.ResultCache(max_entries=2)
+    value = {"x": torch.ones(3, requires_grad=True) * 2, "n": [1, 2]}
+    cache.put("a", value)
+    got = cache.get("a")
+    assert not got["x"].requires_grad and torch.equal(got["x"], torch.full((3,), 2.0)) and got["n"] == [1, 2]
+    got["n"].append(3)
+    assert cache.get("a")["n"] == [1, 2]
+    cache.put("b", 1)
+    cache.put("c", 2)
+    assert "a" not in cache and cache.get("a", "gone") == "gone" and len(cache) == 2
+
+
 def test_cache_key_names_model_inputs_and_options(remote_model, local_model, tokens):
     key = remote.cache_key
     assert key(resid, remote_model, (tokens, 1), {}) == key(resid, remote_model, (tokens.clone(), 1), {})
@@ -382,14 +396,21 @@ def test_no_api_key(ndif, remote_model, tokens, monkeypatch):
     assert ndif.stats()["requests"] == before
     assert not remote.settings().has_key and "no API key" in str(remote.settings())
     with pytest.raises(RemoteError, match="No NDIF API key"):
-        remote.api_key()
+        remote.check_api_key()
 
 
-def test_key_source_is_reported_never_the_key(ndif, monkeypatch):
+def test_key_source_is_reported_never_the_key(ndif, remote_model, tokens, monkeypatch):
+    from nnsight import CONFIG
+
     monkeypatch.setenv("NDIF_API_KEY", KEY)
     assert remote.settings().key_source == "environment" and KEY not in str(remote.settings())
+    assert remote.check_api_key().has_key
     monkeypatch.delenv("NDIF_API_KEY")
     assert remote.settings().key_source == "nnsight config"
+    # a key exported after nnsight read its configuration is used
+    monkeypatch.setattr(CONFIG.API, "APIKEY", None)
+    monkeypatch.setenv("NDIF_API_KEY", KEY)
+    assert resid(remote_model, tokens, 0).shape == (1, tokens.shape[1], 32)
 
 
 def test_rejected_api_key(ndif, remote_model, tokens, monkeypatch):
@@ -660,10 +681,11 @@ def test_engine_on_ndif_gives_the_local_numbers(engine, ndif, remote_model, loca
 
 
 # Engines that write float32 tensors into the activations of a model served in bfloat16 fail on the server.
-BF16_FAILURES = {
-    "plateau.probe": "writes float32 vectors and a float32 cached residual (skip) into a bfloat16 model",
-    "plateau.interpolate": "writes float32 vectors and a float32 cached residual (skip) into a bfloat16 model",
-}
+_PLATEAU_DTYPE = (
+    "plateau.core._trace_rows casts its vectors and the cached residual it feeds through skip() to model.dtype, "
+    "float32 for the client's meta model; the server's bfloat16 LayerNorm then refuses them"
+)
+BF16_FAILURES = {"plateau.probe": _PLATEAU_DTYPE, "plateau.interpolate": _PLATEAU_DTYPE}
 
 
 @pytest.fixture(scope="module")

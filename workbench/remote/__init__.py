@@ -22,7 +22,7 @@ what works there is what NDIF will be sent.
 
 from workbench.remote.backend import LIFECYCLE, JobUpdate, backend_for
 from workbench.remote.cache import RESULTS, ResultCache, cache_key
-from workbench.remote.config import Settings, api_key, settings
+from workbench.remote.config import Settings, check_api_key, settings
 from workbench.remote.runner import (
     RemoteCall,
     RemoteRunner,
@@ -43,7 +43,7 @@ __all__ = [
     "ServedModel",
     "Settings",
     "VersionDriftWarning",
-    "api_key",
+    "check_api_key",
     "backend_for",
     "cache_key",
     "call",

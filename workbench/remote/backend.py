@@ -31,7 +31,7 @@ from nnsight.intervention.backends.remote import RemoteError as NNsightRemoteErr
 from nnsight.schema.response import ResponseModel, Status
 
 from workbench.errors import Cancelled, RemoteError
-from workbench.remote.config import KEY_HELP
+from workbench.remote.config import KEY_HELP, configured_key
 
 if TYPE_CHECKING:
     from workbench.remote.runner import RemoteRunner
@@ -182,6 +182,7 @@ class NDIFJobBackend(_Tracked, RemoteBackend):
 
     def __init__(self, model_key: str, runner: RemoteRunner, *, model_name: str, host=None, env=None):
         RemoteBackend.__init__(self, model_key, host=host, env=env, blocking=True)
+        self.api_key = configured_key() or ""
         self.runner = runner
         self.model_name = model_name
         self.host = self.host.rstrip("/")
@@ -395,11 +396,10 @@ class LocalJobBackend(_Tracked, LocalSimulationBackend):
     """nnsight's ``remote="local"`` dry run, reported through the same updates as an NDIF job.
 
     As nnsight's `LocalSimulationBackend`: serialise the trace as for NDIF, deserialise it with local modules
-    hidden, run it here. Two differences make it closer to what NDIF does: the block runs in grad mode (a
-    client's ``torch.no_grad()`` around a trace does not travel), and it runs under its own file name with the
-    shipped source in `linecache`, as on the server. nnsight's version runs the shipped code against the
-    original file's lines, so a nested ``with loss.backward():`` block is looked up at the wrong line
-    (``ast.unparse`` drops comments and blank lines) and fails only in the dry run.
+    hidden, run it here. One difference makes it closer to what NDIF does: the shipped block runs under its own
+    file name with the shipped source in `linecache`, as on the server. nnsight's version runs the shipped code
+    against the original file's lines, so a nested ``with loss.backward():`` block is looked up at the wrong
+    line (``ast.unparse`` drops comments and blank lines) and fails only in the dry run.
     """
 
     def __init__(self, nnsight_model, runner: RemoteRunner, *, model_name: str):
@@ -424,7 +424,6 @@ class LocalJobBackend(_Tracked, LocalSimulationBackend):
     def _run(self, tracer) -> None:
         import linecache
 
-        import torch
         from nnsight.ndif import pull_env
         from nnsight.schema.request import RequestModel
 
@@ -447,8 +446,7 @@ class LocalJobBackend(_Tracked, LocalSimulationBackend):
         linecache.cache[shipped] = (len(source), None, source.splitlines(keepends=True), shipped)
         try:
             tracer.info.code = compile(source, shipped, "exec").replace(co_name=restored.info.code.co_name)
-            with torch.enable_grad():
-                tracer.execute(tracer.info.code)
+            tracer.execute(tracer.info.code)
         finally:
             linecache.cache.pop(shipped, None)
 

@@ -83,6 +83,28 @@ def cache_key(fn: Callable, model, args: tuple, kwargs: dict) -> str:
     return hashlib.sha256(repr(described).encode()).hexdigest()
 
 
+def _copy(value: Any) -> Any:
+    """A deep copy in which tensors carry no autograd history (a graph cannot be copied, nor is it wanted)."""
+    memo: dict[int, Any] = {}
+
+    def seed(v: Any) -> None:
+        if isinstance(v, torch.Tensor):
+            if v.requires_grad:
+                memo[id(v)] = v.detach().clone()
+        elif isinstance(v, dict):
+            for item in v.values():
+                seed(item)
+        elif isinstance(v, (list, tuple, set, frozenset)):
+            for item in v:
+                seed(item)
+        elif dataclasses.is_dataclass(v) and not isinstance(v, type):
+            for f in dataclasses.fields(v):
+                seed(getattr(v, f.name))
+
+    seed(value)
+    return copy.deepcopy(value, memo)
+
+
 class ResultCache:
     """An in-memory LRU of engine results, optionally mirrored to a directory (results with `.save()`).
 
@@ -114,7 +136,7 @@ class ResultCache:
             if key in self._entries:
                 self._entries.move_to_end(key)
                 self.hits += 1
-                return copy.deepcopy(self._entries[key])
+                return _copy(self._entries[key])
         path = self._path(key)
         if path is not None and path.exists():
             from workbench.results import load_result
@@ -123,13 +145,13 @@ class ResultCache:
             self._remember(key, value)
             with self._lock:
                 self.hits += 1
-            return copy.deepcopy(value)
+            return _copy(value)
         with self._lock:
             self.misses += 1
         return default
 
     def put(self, key: str, value: Any) -> None:
-        self._remember(key, copy.deepcopy(value))
+        self._remember(key, _copy(value))
         path = self._path(key)
         if path is not None and hasattr(value, "save"):
             try:

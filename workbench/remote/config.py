@@ -41,11 +41,19 @@ class Settings:
         return f"NDIF at {self.host} ({key})"
 
 
+def configured_key() -> str | None:
+    """The key jobs will send: ``NDIF_API_KEY`` as the environment holds it now (so a key exported after nnsight
+    was imported still counts), else nnsight's configured one. Never display it."""
+    from nnsight import CONFIG
+
+    return os.environ.get("NDIF_API_KEY") or CONFIG.API.APIKEY or None
+
+
 def settings() -> Settings:
     """The current host and where the API key comes from (the key itself is never shown)."""
     from nnsight import CONFIG
 
-    key = CONFIG.API.APIKEY
+    key = configured_key()
     if not key:
         source = None
     elif os.environ.get("NDIF_API_KEY") == key:
@@ -55,11 +63,9 @@ def settings() -> Settings:
     return Settings(host=CONFIG.API.HOST.rstrip("/"), key_source=source)
 
 
-def api_key() -> str:
-    """The configured NDIF API key; `RemoteError` saying how to set one when there is none."""
-    from nnsight import CONFIG
-
-    key = CONFIG.API.APIKEY
-    if not key:
+def check_api_key() -> Settings:
+    """`settings()` when an API key is configured; otherwise a `RemoteError` saying how to set one."""
+    config = settings()
+    if not config.has_key:
         raise RemoteError(f"No NDIF API key is configured. {KEY_HELP}")
-    return key
+    return config
