@@ -29,6 +29,7 @@ from workbench.plateau import (
     stats_from_activations,
 )
 from workbench.plateau import directions as dirs
+from workbench.plateau.core import _bytes_per_row
 from workbench.runner import CancelToken
 
 PROMPTS = [
@@ -537,7 +538,8 @@ def test_reference_at_another_site_is_refused(model, ref):
 def test_progress_and_cancel(model, ref):
     seen = []
     kw = dict(reference=ref, families=("isotropic",), n_directions=2, sizes=[0, 1, 2, 3])
-    quiet(probe, model, PROMPTS[0], memory_budget=120_000, progress=lambda d, t: seen.append((d, t)), **kw)
+    budget = 2 * _bytes_per_row(model, model.to_tokens(PROMPTS[0]).shape[1], cached=True)
+    quiet(probe, model, PROMPTS[0], memory_budget=budget, progress=lambda d, t: seen.append((d, t)), **kw)
     assert seen[-1] == (6, 6) and len(seen) == 3  # 6 rows in chunks of 2 under this budget
     token = CancelToken()
     token.cancel()

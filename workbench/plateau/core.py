@@ -99,15 +99,24 @@ class Base:
     """One base activation: a prompt truncated after the perturbed position, and what sits there.
 
     tokens: [pos] token ids ending at the perturbed position.
-    prefix: [pos, d_model] clean residual entering the write layer (None when no block is skipped).
+    resid_in: [pos, d_model] clean residual entering the write layer (None when no block is skipped).
     x0: [d_model] the (clean or synthetic) activation at the site and the last position, float32.
     clean_logp: [d_vocab] float32 log-probs of the full clean run at that position (None for synthetic bases).
+    kv: per layer, the attention keys and values ([kv_head, pos - 1, d_head] each) of the positions before the
+        last, or None. With them only the last position is run: the earlier positions are the same in every row.
     """
 
     tokens: torch.Tensor
-    prefix: torch.Tensor | None
+    resid_in: torch.Tensor | None
     x0: torch.Tensor
     clean_logp: torch.Tensor | None
+    kv: tuple[tuple[torch.Tensor, torch.Tensor], ...] | None = None
+
+
+def use_prefix_cache(model) -> bool:
+    """Whether to reuse the earlier positions' keys and values: for local models (a KV cache object does not
+    travel to NDIF, where the engine runs the whole prompt instead)."""
+    return model.remote is False
 
 
 def clean_bases(
@@ -115,51 +124,94 @@ def clean_bases(
 ) -> list[Base]:
     """Run each prompt once and cut one `Base` per (prompt, position), in order. rows: [1, pos] token tensors."""
     site, layer = _write_target(model, where)
+    cached = use_prefix_cache(model)
     bases: list[Base] = []
     for row, pos_list in zip(rows, positions):
-        prefix = None  # nnsight hands back only values saved inside the trace: set the others before it
-        with torch.no_grad(), model.trace(row.to(model.device)):
+        resid_in = out = (
+            None  # nnsight hands back only values saved inside the trace: set the others before it
+        )
+        kw = {"use_cache": True} if cached else {}
+        with torch.no_grad(), model.trace(row.to(model.device), **kw):
             if layer > 0:
-                prefix = model.site("resid_pre", layer).value.save()
+                resid_in = model.site("resid_pre", layer).value.save()
             if site == "resid_pre" and layer > 0:
-                x = prefix
+                x = resid_in
             else:
                 x = model.site(site, layer).value.save()
             logits = model.site("logits").value.save()
+            if cached:
+                out = model.nnsight.output.save()
+        layers = out.past_key_values.layers if cached else None
         for p in pos_list:
+            kv = None
+            if layers is not None and p > 0:
+                kv = tuple((lay.keys[0, :, :p].detach(), lay.values[0, :, :p].detach()) for lay in layers)
             bases.append(
                 Base(
                     tokens=row[0, : p + 1].cpu(),
-                    prefix=None if prefix is None else prefix[0, : p + 1].detach().cpu(),
+                    resid_in=None if resid_in is None else resid_in[0, : p + 1].detach().cpu(),
                     x0=x[0, p].detach().float().cpu(),
                     clean_logp=torch.log_softmax(logits[0, p].detach().float().cpu(), -1),
+                    kv=kv,
                 )
             )
     return bases
 
 
-def _bytes_per_row(model, n_pos: int) -> int:
+def _bytes_per_row(model, n_pos: int, cached: bool) -> int:
+    """A generous estimate of the memory one row needs in a trace (activations, cache copies, log-probs)."""
     cfg = model.cfg
     act = torch.finfo(model.dtype).bits // 8
     d_mlp = cfg.d_mlp or 4 * cfg.d_model
+    n_run = 1 if cached else n_pos  # positions the blocks compute
     per_pos = 12 * cfg.d_model + 3 * d_mlp + 3 * cfg.n_heads * n_pos
-    return act * n_pos * per_pos + 4 * 5 * cfg.d_vocab
+    kv = 4 * cfg.n_layers * cfg.n_kv_heads * cfg.d_head * n_pos if cached else 0  # stacked + concatenated
+    return act * (n_run * per_pos + kv) + 4 * 5 * cfg.d_vocab
 
 
-def _trace_rows(model, where: Where, tokens, prefix, vecs, ref_logp, ref_read, top_k: int, watch=None):
-    """One trace over rows with equal token length: tokens [n, pos], prefix [n, pos, d] or None, vecs [n, d],
-    watch [n, m] token ids whose log-probs to return (or None)."""
+def _stack(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """Stack rows; rows that are all the same tensor become a broadcast view (no copy)."""
+    first = tensors[0]
+    if all(t is first for t in tensors):
+        return first.unsqueeze(0).expand(len(tensors), *first.shape)
+    return torch.stack(tensors)
+
+
+def _batch_cache(model, rows: list[Base], device):
+    """A fresh KV cache for a batch of rows (the model appends the new position to it)."""
+    from transformers import DynamicCache
+
+    layers = []
+    for layer in range(len(rows[0].kv)):
+        keys = _stack([b.kv[layer][0] for b in rows]).to(device)
+        values = _stack([b.kv[layer][1] for b in rows]).to(device)
+        layers.append((keys, values))
+    return DynamicCache(ddp_cache_data=layers, config=model.module.config)
+
+
+def _trace_rows(model, where: Where, rows: list[Base], vecs, ref_logp, ref_read, top_k: int, watch=None):
+    """One trace over rows (bases of equal token length): vecs [n, d] to write at the last position, reference
+    log-probs [n, d_vocab] / read [n, d_read] (or None), watch [n, m] token ids whose log-probs to return."""
     site, layer = _write_target(model, where)
     device = model.device
     vecs = vecs.to(device=device, dtype=model.dtype)
-    if prefix is not None:
-        prefix = prefix.to(device=device, dtype=model.dtype)
+    cached = rows[0].kv is not None
+    tokens = _stack([b.tokens for b in rows])
+    kw: dict = {"logits_to_keep": 1}
+    if cached:  # run the last position only, on top of the earlier positions' keys and values
+        tokens = tokens[:, -1:]
+        kw = {"past_key_values": _batch_cache(model, rows, device), "use_cache": True}
+    resid_in = None
+    if layer > 0:
+        resid_in = torch.stack([b.resid_in[-tokens.shape[1] :] for b in rows]).to(
+            device=device, dtype=model.dtype
+        )
         if site == "resid_pre":
-            prefix[:, -1] = vecs
-    with torch.no_grad(), model.trace(tokens.to(device), logits_to_keep=1):
-        for below in range(layer if prefix is not None else 0):
-            model.submodule("block", below).skip(prefix)
-        if prefix is None or site != "resid_pre":
+            resid_in[:, -1] = vecs
+    with torch.no_grad(), model.trace(tokens.to(device), **kw):
+        for below in range(layer if resid_in is not None else 0):
+            model.submodule("block", below).skip(resid_in)
+        if resid_in is None or site != "resid_pre":
             model.site(site, layer).value[:, -1] = vecs
         read = model.site(where.read_site, where.read_layer).value[:, -1].float()
         logp = torch.log_softmax(model.site("logits").value[:, -1].float(), dim=-1)
@@ -224,21 +276,19 @@ def run_rows(
     parts: list[dict[str, torch.Tensor]] = []
     try:
         for lo, hi in zip(breaks[:-1], breaks[1:]):
-            chunk = chunk_size(_bytes_per_row(model, int(lengths[lo])), budget, max_chunk)
+            cached = bases[int(base_of_row[lo])].kv is not None
+            chunk = chunk_size(_bytes_per_row(model, int(lengths[lo]), cached), budget, max_chunk)
 
             def one(start: int, stop: int, lo=lo) -> None:
                 nonlocal done
                 idx = base_of_row[lo + start : lo + stop]
-                toks = torch.stack([bases[i].tokens for i in idx.tolist()])
-                prefix = None
-                if bases[int(idx[0])].prefix is not None:
-                    prefix = torch.stack([bases[i].prefix for i in idx.tolist()])
+                rows = [bases[i] for i in idx.tolist()]
                 ref_logp = ref_read = None
                 if reference is not None:
                     ref_logp, ref_read = reference[0][idx], reference[1][idx]
                 vecs = vectors(lo + start, lo + stop)
                 w = None if watch is None else watch[idx]
-                parts.append(_trace_rows(model, where, toks, prefix, vecs, ref_logp, ref_read, top_k, w))
+                parts.append(_trace_rows(model, where, rows, vecs, ref_logp, ref_read, top_k, w))
                 done += stop - start
                 if bar is not None:
                     bar.update(stop - start)

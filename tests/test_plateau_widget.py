@@ -1,0 +1,217 @@
+"""PlateauProbe panel and the plateau figures, driven in Python (no browser)."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from plotly.callbacks import InputDeviceState, Points
+
+from workbench.errors import InputError
+from workbench.models.toy import random_model
+from workbench.plateau import interpolate, probe, reference_stats, slice_2d
+from workbench.viz import plateau as viz
+from workbench.widgets.plateau import PlateauProbe
+
+PROMPTS = ["When Mary and John went to the store , John gave a drink to", "The capital of France is Paris"]
+CORPUS = [
+    "Then Tom and Anna had fun at the park after lunch while Kate ran to school",
+    "The big red dog sat on the mat while the cat ran quickly to the house",
+    "Paul gave a book to Kate at school . Lisa gave a key to Bob at the office",
+    "one two three four five six seven eight nine ten . The capital of France is Paris",
+]
+
+
+@pytest.fixture(scope="module")
+def model():
+    return random_model("gpt2", "tiny", seed=1)
+
+
+@pytest.fixture(scope="module")
+def result(model):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return probe(model, PROMPTS, n_directions=3, sizes=torch.linspace(0, 3, 7), progress=False)
+
+
+def panel_for(model, **kwargs) -> PlateauProbe:
+    panel = PlateauProbe(model, PROMPTS, **kwargs)
+    panel.background = False
+    panel.n_directions_box.value = 3
+    panel.n_sizes_box.value = 6
+    panel.max_size_box.value = 3.0
+    return panel
+
+
+def roles(fig) -> list[str]:
+    return [t.meta.get("role") for t in fig.data if isinstance(t.meta, dict)]
+
+
+# -- figures ------------------------------------------------------------------------------------------------
+
+
+def test_curves_figure(result):
+    fig = viz.curves(result, threshold=0.01)
+    medians = [t for t in fig.data if t.meta["role"] == "median"]
+    assert [t.meta["group"] for t in medians] == result.family_names
+    assert "median ‖resid_pre 1‖" in fig.layout.xaxis.title.text  # the unit of sizes is on the axis
+    assert "KL" in fig.layout.yaxis.title.text
+    # the median line is the per-size median over every curve of the family
+    fam = result.family_names[0]
+    cols = [i for i, f in enumerate(result.families) if f == fam]
+    expected = result.kl[:, cols].flatten(0, 1).quantile(0.5, dim=0)
+    assert torch.allclose(torch.tensor(medians[0].y, dtype=torch.float32), expected, atol=1e-6)
+    single = [t for t in fig.data if t.meta["role"] == "curves"][0]
+    assert list(single.customdata[0]) == [0, cols[0]]
+    assert any(s.y0 == 0.01 for s in fig.layout.shapes)  # threshold line
+    log = viz.curves(result, log_y=True, metric="l2")
+    assert log.layout.yaxis.type == "log" and "L2 distance at resid_post 1" in log.layout.yaxis.title.text
+
+
+def test_plateau_length_histogram(result):
+    fig = viz.plateau_lengths(result, threshold=0.01)
+    hists = [t for t in fig.data if t.meta["role"] == "lengths"]
+    assert len(hists) == len(result.family_names)
+    baseline = [t for t in hists if t.meta["group"] == "cov_mixture"][0]
+    assert "p=" not in baseline.name and any("p=" in t.name for t in hists if t is not baseline)
+    lengths = result.plateau_length(threshold=0.01)
+    n_never = int(torch.isinf(lengths).sum())
+    beyond = [x for t in hists for x in t.x if x > float(result.sizes[-1])]
+    assert len(beyond) == n_never
+    assert "plateau length (×" in fig.layout.xaxis.title.text
+
+
+def test_tokens_along_figure(result):
+    fig = viz.tokens_along(result, base=1, direction=2)
+    heat = fig.data[0]
+    assert heat.text[0][0] == result.token_strings[int(result.ref_top_ids[1, 0])]  # size 0: unperturbed
+    assert heat.text[0][-1] == result.token_strings[int(result.top_ids[1, 2, -1, 0])]
+    with pytest.raises(InputError, match="No curve"):
+        viz.tokens_along(result, base=9, direction=0)
+
+
+def test_interpolation_and_slice_figures(model):
+    res = interpolate(model, PROMPTS[0], [PROMPTS[1], "The cat sat on the mat"], n_steps=5, progress=False)
+    fig = res.plot(pair=1)
+    pairs = [t for t in fig.data if (t.meta or {}).get("role") == "pair"]
+    assert len(pairs) == 2 and pairs[1].line.width == 3
+    assert "median" in roles(fig) and "tokens" in roles(fig)
+    sl = slice_2d(model, PROMPTS[0], PROMPTS[1], "The cat sat on the mat", n=4, progress=False)
+    fig = sl.plot()
+    image = fig.data[0]
+    assert image.z.shape == (4, 4, 3)
+    assert roles(fig) == ["slice", "hover", "endpoints"]
+
+
+# -- the panel ------------------------------------------------------------------------------------------------
+
+
+def test_panel_runs_and_code_reproduces(model):
+    panel = panel_for(model)
+    panel.families_box.value = ("isotropic", "toward_real")
+    panel.run_button.click()
+    assert panel.plateau is not None, panel.status_text
+    assert "Done" in panel.status_text
+    assert [t.meta["group"] for t in panel.figure.data if t.meta["role"] == "median"] == ["isotropic", "toward_real"]
+    assert "covariance" in panel.notes.value  # no reference given: the prompts' own activations, with a warning
+    code = panel.code()
+    assert "probe(model" in code and "families=('isotropic', 'toward_real')" in code
+    # the printed call gives the same numbers
+    namespace = {}
+    body = code.replace(f"model = load_model({model.name!r})", "")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        exec(body, {"model": model}, namespace)
+    torch.testing.assert_close(namespace["result"].kl, panel.plateau.kl)
+
+
+def test_panel_views_metric_and_threshold(model):
+    panel = panel_for(model)
+    panel.run()
+    panel.view_box.value = "Plateau lengths"
+    assert "lengths" in roles(panel.figure)
+    assert "plateau_lengths(result" in panel.code()
+    panel.view_box.value = "Curves"
+    panel.metric_box.value = "l2"
+    assert panel.threshold_box.value == pytest.approx(panel.plateau.default_threshold("l2"), rel=1e-4)
+    assert "L2" in panel.figure.layout.yaxis.title.text
+    panel.threshold_box.value = 0.5
+    assert any(s.y0 == 0.5 for s in panel.figure.layout.shapes)
+    panel.log_box.value = True
+    assert panel.figure.layout.yaxis.type == "log"
+
+
+def test_click_a_curve_shows_its_tokens(model):
+    panel = panel_for(model)
+    panel.run()
+    trace = next(t for t in panel.figure.data if t.meta["role"] == "curves")
+    i = 2 * (len(panel.plateau.sizes) + 1) + 3  # a point on the third curve of this trace
+    base, direction = (int(v) for v in trace.customdata[i])
+    trace._dispatch_on_click(Points(point_inds=[i], xs=[trace.x[i]], ys=[trace.y[i]]), InputDeviceState())
+    assert panel.token_box.layout.display == ""
+    expected = viz.tokens_along(panel.plateau, base, direction)
+    assert panel.token_figure.data[0].text == expected.data[0].text
+    assert f"direction {direction}" in panel.status_text
+
+
+def test_panel_interpolation_view(model):
+    panel = panel_for(model, prompt_b="The cat sat on the mat")
+    panel.view_box.value = "Interpolation"
+    panel.run()
+    assert panel.interpolation is not None and "pair" in roles(panel.figure)
+    assert "interpolate(model, 'When Mary" in panel.code()
+    trace = next(t for t in panel.figure.data if (t.meta or {}).get("role") == "pair")
+    trace._dispatch_on_click(Points(point_inds=[1], xs=[trace.x[1]], ys=[trace.y[1]]), InputDeviceState())
+    assert panel.token_box.layout.display == ""
+
+
+def test_panel_errors_keep_the_last_result(model):
+    panel = panel_for(model)
+    panel.run()
+    good = panel.plateau
+    panel.max_size_box.value = -1.0
+    panel.run()
+    assert "Max size must be positive" in panel.status_text and panel.plateau is good
+    panel.max_size_box.value = 3.0
+    panel.prompts_box.value = ""
+    panel.run()
+    assert "Type at least one prompt" in panel.status_text
+    panel.prompts_box.value = PROMPTS[0]
+    panel.families_box.value = ()
+    panel.run()
+    assert "direction family" in panel.status_text
+    panel.families_box.value = ("isotropic",)
+    panel.layer_box.value = 0
+    panel.site_box.value = "resid_post"
+    panel.position_box.value = 0
+    panel.run()  # position 0 runs, with the warning in the notes
+    assert "position 0" in panel.notes.value
+    panel.view_box.value = "Interpolation"
+    panel.run()
+    assert "Type prompt B" in panel.status_text
+    assert panel.plateau is not None
+
+
+def test_positions_follow_the_first_prompt(model):
+    panel = panel_for(model)
+    values = [v for _, v in panel.position_box.options]
+    n = model.to_tokens(PROMPTS[0]).shape[1]
+    assert values[:2] == [-1, "all"] and values[2:] == list(range(n))
+    panel.prompts_box.value = "The cat sat"
+    assert len(panel.position_box.options) == 2 + 4
+
+
+def test_panel_with_reference_data_and_user_directions(model):
+    directions = {"sae": torch.randn(4, model.cfg.d_model)}
+    panel = panel_for(model, reference_data=CORPUS, directions=directions)
+    assert "sae" in panel.families_box.value
+    panel.families_box.value = ("cov_mixture", "sae")
+    panel.run()
+    assert panel.plateau.families.count("sae") == 4
+    code = panel.code()
+    assert "reference_stats(model, corpus, layer=1, site='resid_pre')" in code and "directions=directions" in code
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref = reference_stats(model, CORPUS, layer=1, progress=False)
+    assert panel._references[("resid_pre", 1)].median_norm == pytest.approx(ref.median_norm)
