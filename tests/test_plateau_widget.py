@@ -113,8 +113,10 @@ def test_panel_runs_and_code_reproduces(model):
     panel.run_button.click()
     assert panel.plateau is not None, panel.status_text
     assert "Done" in panel.status_text
-    assert [t.meta["group"] for t in panel.figure.data if t.meta["role"] == "median"] == ["isotropic", "toward_real"]
-    assert "covariance" in panel.notes.value  # no reference given: the prompts' own activations, with a warning
+    medians = [t.meta["group"] for t in panel.figure.data if t.meta["role"] == "median"]
+    assert medians == ["isotropic", "toward_real"]
+    # no reference given: the prompts' own activations, with a warning
+    assert "covariance" in panel.notes.value
     code = panel.code()
     assert "probe(model" in code and "families=('isotropic', 'toward_real')" in code
     # the printed call gives the same numbers
@@ -210,7 +212,8 @@ def test_panel_with_reference_data_and_user_directions(model):
     panel.run()
     assert panel.plateau.families.count("sae") == 4
     code = panel.code()
-    assert "reference_stats(model, corpus, layer=1, site='resid_pre')" in code and "directions=directions" in code
+    assert "reference_stats(model, corpus, layer=1, site='resid_pre')" in code
+    assert "directions=directions" in code
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         ref = reference_stats(model, CORPUS, layer=1, progress=False)
