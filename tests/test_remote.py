@@ -431,8 +431,11 @@ def test_unreachable_ndif(ndif, remote_model, tokens, monkeypatch):
     from nnsight import CONFIG
 
     monkeypatch.setattr(CONFIG.API, "HOST", f"http://127.0.0.1:{_closed_port()}")
+    updates = []
     with pytest.raises(RemoteError, match="NDIF is unreachable at http://127.0.0.1"):
-        resid(remote_model, tokens, 0)
+        with RemoteRunner(updates.append):
+            resid(remote_model, tokens, 0)
+    assert updates[-1].state == "ERROR" and "unreachable" in updates[-1].text()
     with pytest.raises(RemoteError, match="unreachable"):
         remote.served_models()
     picker = ModelPicker()

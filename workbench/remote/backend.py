@@ -192,8 +192,6 @@ class NDIFJobBackend(_Tracked, RemoteBackend):
 
     # -- submission ----------------------------------------------------------------------------------
     def request(self, request, tracer) -> Any:
-        import websocket
-
         if not self.api_key:
             raise RemoteError(f"No NDIF API key is configured. {KEY_HELP}")
         ship_workbench_by_value()
@@ -201,6 +199,16 @@ class NDIFJobBackend(_Tracked, RemoteBackend):
         self._begin()
         if drift:
             self._emit("LOG", drift, log=True)
+        try:
+            return self._submit_and_wait(request, tracer)
+        except RemoteError as err:
+            if self.state not in ("ERROR", "TIMEOUT", "DISCONNECTED"):  # failed before the server said why
+                self._emit("ERROR", str(err))
+            raise
+
+    def _submit_and_wait(self, request, tracer) -> Any:
+        import websocket
+
         try:
             blob = self._serialize(tracer)
         except (pickle.PicklingError, TypeError, AttributeError) as err:
