@@ -706,3 +706,13 @@ def test_engine_runs_on_a_bfloat16_server(engine, ndif, remote_model_bf16, reque
     with RemoteRunner() as runner:
         ENGINES[engine](remote_model_bf16)
     assert runner.last.state == "COMPLETED"
+
+
+@pytest.mark.parametrize("where", ["ndif", "dry run"])
+def test_fine_tuning_says_it_is_local_only(where, remote_model, dry_model):
+    from workbench.errors import UnsupportedModelError
+
+    finetune = _engine("workbench.lnfree.finetune", "finetune")
+    model = remote_model if where == "ndif" else dry_model
+    with pytest.raises(UnsupportedModelError, match="local model only"):
+        finetune(model, DOCS, "smoke", progress=False)
