@@ -1,0 +1,214 @@
+"""Activation patching: a full resid_pre layer x position denoising sweep.
+
+Case: GPT-2-small shapes (12 layers, d_model 768, vocab 50257, random weights, float32), 8 clean/corrupt pairs of
+16 tokens (the corrupt prompt differs at 2 positions), metric = logit difference at the last position averaged
+over pairs: 12 x 16 = 192 patched runs of 8 pairs.
+
+Columns:
+- workbench: `workbench.patching.sweep(..., site="resid_pre")` (also computes logprob, prob and KL per pair).
+- lower bound: hand-written plain PyTorch on the same module: one forward of batch 128 per layer, the blocks
+  below the patched layer replaced by their cached output (the patched residual), logits at the last position.
+- TransformerLens: `get_act_patch_resid_pre` on a `TransformerBridge` over a copy of the same weights (skipped
+  when transformer_lens is not installed).
+
+Run: ``python -m benchmarks.bench_patching [cpu|gpu]``.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import sys
+from functools import partial
+
+import torch
+
+from benchmarks.common import interleaved_medians, peak_memory_mb, row
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+N_PAIRS, N_POS = 8, 16
+
+
+def make_case(seed: int = 0, device=None):
+    from workbench.models.toy import random_model
+
+    model = random_model("gpt2", shape="gpt2-small", seed=seed, device=device)
+    g = torch.Generator().manual_seed(seed)
+    vocab = model.cfg.d_vocab
+    clean = torch.randint(1, vocab, (N_PAIRS, N_POS), generator=g)
+    clean[:, 0] = 0  # BOS
+    corrupt = clean.clone()
+    for i in range(N_PAIRS):
+        where = torch.randperm(N_POS - 2, generator=g)[:2] + 1
+        corrupt[i, where] = torch.randint(1, vocab, (2,), generator=g)
+    answers = torch.randint(1, vocab, (N_PAIRS, 2), generator=g)
+    return model, clean, corrupt, answers
+
+
+def workbench_sweep(model, clean, corrupt, answers) -> torch.Tensor:
+    """[layer, pos] mean logit difference of the patched runs."""
+    from workbench.patching import sweep
+
+    result = sweep(model, clean, corrupt, answers, site="resid_pre", progress=False)
+    return result.values("logit_diff", normalize=False)[0]
+
+
+class _Cached(torch.nn.Module):
+    """Stands in for a block: returns a fixed tensor (the residual the block would have produced)."""
+
+    def __init__(self, value: torch.Tensor):
+        super().__init__()
+        self.value = value
+
+    def forward(self, hidden_states, *args, **kwargs):
+        return self.value
+
+
+def _replace_input(value, _module, args):
+    return (value, *args[1:])
+
+
+@torch.no_grad()
+def lower_bound(hf_model, clean, corrupt, answers) -> torch.Tensor:
+    """Plain PyTorch: [layer, pos] mean logit difference, batched per layer, blocks below L not recomputed."""
+    blocks = hf_model.transformer.h
+    n_layers, (n_pairs, n_pos) = len(blocks), clean.shape
+    device = next(hf_model.parameters()).device
+    clean, corrupt, answers = clean.to(device), corrupt.to(device), answers.to(device)
+    resid: dict[int, torch.Tensor] = {}
+    hooks = [
+        blocks[layer].register_forward_pre_hook(
+            lambda _m, args, layer=layer: resid.__setitem__(layer, args[0])
+        )
+        for layer in range(n_layers)
+    ]
+    try:
+        hf_model(torch.cat([clean, corrupt]), use_cache=False, logits_to_keep=1)
+    finally:
+        for h in hooks:
+            h.remove()
+    rows = torch.arange(n_pairs * n_pos, device=device)
+    pair, pos = rows // n_pos, rows % n_pos
+    tokens = corrupt[pair]
+    out = torch.zeros(n_layers, n_pos)
+    for layer in range(n_layers):
+        x = resid[layer][n_pairs:][pair].clone()  # corrupt run's residual, one copy per patched run
+        x[rows, pos] = resid[layer][:n_pairs][pair, pos]  # clean activation at the patched position
+        if layer:
+            originals = [blocks[i] for i in range(layer)]
+            for i in range(layer):
+                blocks[i] = _Cached(x)
+            try:
+                logits = hf_model(tokens, use_cache=False, logits_to_keep=1).logits[:, -1]
+            finally:
+                for i, block in enumerate(originals):
+                    blocks[i] = block
+        else:  # nothing below layer 0: replace the embedding output entering block 0
+            hook = blocks[0].register_forward_pre_hook(partial(_replace_input, x))
+            try:
+                logits = hf_model(tokens, use_cache=False, logits_to_keep=1).logits[:, -1]
+            finally:
+                hook.remove()
+        a = answers[pair]
+        diff = logits.gather(-1, a[:, :1])[:, 0] - logits.gather(-1, a[:, 1:])[:, 0]
+        out[layer] = diff.view(n_pairs, n_pos).mean(0).cpu()
+    return out
+
+
+def make_bridge(hf_model):
+    """A TransformerLens bridge over a copy of the weights (it rewrites the model it is given)."""
+    from transformer_lens.model_bridge import TransformerBridge
+
+    from workbench.models.toy import toy_tokenizer
+
+    tok = toy_tokenizer()  # token ids are passed directly; the bridge only needs a tokenizer object
+    tok.init_kwargs.update(name_or_path="toy", add_bos_token=True)
+    device = next(hf_model.parameters()).device
+    return TransformerBridge.boot_transformers(
+        "gpt2", hf_model=copy.deepcopy(hf_model), tokenizer=tok, device=str(device)
+    )
+
+
+@torch.no_grad()
+def transformer_lens_sweep(bridge, clean, corrupt, answers) -> torch.Tensor:
+    from transformer_lens import patching
+
+    device = next(bridge.parameters()).device
+    clean, corrupt, answers = clean.to(device), corrupt.to(device), answers.to(device)
+    _, clean_cache = bridge.run_with_cache(clean)
+
+    def logit_diff(logits):
+        last = logits[:, -1]
+        return (last.gather(-1, answers[:, :1])[:, 0] - last.gather(-1, answers[:, 1:])[:, 0]).mean()
+
+    import contextlib
+    import io
+
+    with contextlib.redirect_stderr(io.StringIO()):  # its tqdm bar
+        return patching.get_act_patch_resid_pre(bridge, corrupt, clean_cache, logit_diff).cpu()
+
+
+def run(size: str = "cpu") -> list[dict]:
+    torch.manual_seed(0)
+    if size == "cpu":
+        torch.set_num_threads(min(2, torch.get_num_threads()))
+    device = "cuda" if size == "gpu" and torch.cuda.is_available() else "cpu"
+    model, clean, corrupt, answers = make_case(device=device)
+    fns = {
+        "workbench": lambda: workbench_sweep(model, clean, corrupt, answers),
+        "lower bound": lambda: lower_bound(model.module, clean, corrupt, answers),
+    }
+    try:
+        bridge = make_bridge(model.module)
+        fns["TransformerLens"] = lambda: transformer_lens_sweep(bridge, clean, corrupt, answers)
+        tl_note = ""
+    except ImportError:
+        tl_note = "TransformerLens not installed: its column is skipped. "
+    grids = {name: fn() for name, fn in fns.items()}
+    diffs = {name: float((g - grids["workbench"]).abs().max()) for name, g in grids.items()}
+    times = interleaved_medians(fns, repeats=3, warmup=0)
+    peak = peak_memory_mb(fns["workbench"])
+    ratio = times["workbench"] / times["lower bound"]
+    peers = {k: v for k, v in times.items() if k == "TransformerLens"}
+    tl_speedup = times["TransformerLens"] / times["workbench"] if peers else None
+    meets = ratio <= 1.25 and max(diffs.values()) <= 1e-4 and (tl_speedup is None or tl_speedup >= 3)
+    notes = tl_note + "; ".join(
+        f"max |{k} - workbench| = {v:.2g}" for k, v in diffs.items() if k != "workbench"
+    )
+    return [
+        row(
+            f"patching/resid_pre sweep gpt2-small-shape {N_PAIRS}x{N_POS} tokens ({device})",
+            median_s=times["workbench"],
+            lower_bound_s=times["lower bound"],
+            peers=peers,
+            peak_mem_mb=peak,
+            agrees=max(diffs.values()) <= 1e-4,
+            max_abs_diff=max(diffs.values()),
+            target="<= 1.25x lower bound, >= 3x faster than TransformerLens, agree to 1e-4",
+            meets_target=meets,
+            notes=notes,
+        )
+    ]
+
+
+def main(argv: list[str]) -> None:
+    size = argv[1] if len(argv) > 1 else "cpu"
+    for r in run(size):
+        print(r["case"])
+        print(f"  workbench      {r['median_s']:.2f} s")
+        print(
+            f"  lower bound    {r['lower_bound_s']:.2f} s   ratio {r['ratio_to_lower_bound']:.2f}x (target <= 1.25x)"
+        )
+        for name, t in r["peers_s"].items():
+            print(
+                f"  {name:14s} {t:.2f} s   workbench is {r['speedup_vs_peers'][name]:.1f}x faster (target >= 3x)"
+            )
+        print(
+            f"  peak memory {r['peak_mem_mb']:.0f} MB; max abs diff {r['max_abs_diff']:.2g}; meets target: {r['meets_target']}"
+        )
+        print(f"  {r['notes']}")
+
+
+if __name__ == "__main__":
+    main(sys.argv)

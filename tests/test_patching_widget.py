@@ -1,0 +1,172 @@
+"""The PatchingExplorer panel: controls -> sweep -> heatmap, click to drill into heads, redraw without rerunning,
+errors in the status line with the last picture kept, and `.code()` that reproduces the view."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from plotly.callbacks import Points
+
+import workbench.widgets.patching as panel_module
+from workbench.models.toy import random_model
+from workbench.patching import Metric, sweep
+from workbench.widgets.patching import PatchingExplorer, parse_answers
+
+CLEAN = [
+    "When Mary and John went to the store , John gave a drink to",
+    "When Tom and Anna went to the park , Anna gave a book to",
+]
+CORRUPT = [
+    "When Mary and John went to the store , Mary gave a drink to",
+    "When Tom and Anna went to the park , Tom gave a book to",
+]
+ANSWERS = [(" Mary", " John"), (" Tom", " Anna")]
+
+
+@pytest.fixture(scope="module")
+def model():
+    return random_model("gpt2", seed=1)
+
+
+@pytest.fixture
+def explorer(model):
+    panel = PatchingExplorer(model, CLEAN, CORRUPT, ANSWERS)
+    panel.background = False
+    return panel
+
+
+def click(figure, row, col):
+    trace = figure.data[0]
+    callback = trace._click_callbacks[-1]
+    callback(trace, Points(point_inds=[[row, col]], xs=[None], ys=[None], trace_name="", trace_index=0), None)
+
+
+def test_run_draws_the_layer_position_heatmap(explorer, model):
+    assert explorer.clean_box.value == "\n".join(CLEAN)
+    assert explorer.answers_box.value == "' Mary', ' John'\n' Tom', ' Anna'"
+    explorer.run_button.click()
+    assert explorer.status_text.startswith("Done"), explorer.status_text
+    trace = explorer.figure.data[0]
+    assert trace.type == "heatmap" and list(trace.y) == ["L0", "L1"]
+    assert trace.x[10] == "10:John/Mary" and "value: %{z:.6g}" in trace.hovertemplate
+    expected = sweep(model, CLEAN, CORRUPT, ANSWERS, progress=False).values()[0]
+    assert torch.allclose(torch.tensor(trace.z), expected, atol=1e-6)
+    assert explorer.pair_box.options[-1] == ("pair 1", 1)
+    assert {"wb-patching-figure"} <= set(explorer.figure._dom_classes)
+    assert "wb-patching-run" in explorer.run_button._dom_classes
+
+
+def test_switching_metric_normalisation_and_pair_redraws_without_running(explorer, monkeypatch):
+    explorer.run()
+    grid = explorer.grid
+    monkeypatch.setattr(panel_module, "sweep", lambda *a, **k: pytest.fail("the model must not run again"))
+    explorer.metric_box.value = "logprob"
+    assert torch.allclose(torch.tensor(explorer.figure.data[0].z), grid.values("logprob")[0], atol=1e-6)
+    explorer.normalize_box.value = False
+    trace = explorer.figure.data[0]
+    assert torch.allclose(torch.tensor(trace.z), grid.values("logprob", normalize=False)[0], atol=1e-6)
+    assert trace.zmid == pytest.approx(grid.corrupt[1].mean().item())
+    explorer.pair_box.value = 1
+    per_pair = grid.values("logprob", normalize=False, per_pair=True)[1, 0]
+    assert torch.allclose(torch.tensor(explorer.figure.data[0].z), per_pair, atol=1e-6)
+    assert "pair 1" in explorer.figure.layout.title.text
+    assert explorer.grid is grid
+
+
+def test_click_drills_into_heads_at_that_cell(explorer, model):
+    explorer.run()
+    click(explorer.figure, 1, 14)  # layer 1, last position
+    assert explorer.status_text.startswith("Done"), explorer.status_text
+    heads = explorer.heads
+    assert heads.sites == ("z", "pattern") and heads.layers == (1,) and heads.positions == ((14,),)
+    assert len(explorer.heads_figure.data) == 2 and list(explorer.heads_figure.data[0].x) == [
+        "H0",
+        "H1",
+        "H2",
+        "H3",
+    ]
+    assert "layer 1, 14:to" in explorer.heads_figure.layout.title.text
+    assert explorer.heads_box.layout.display == ""
+    expected = sweep(
+        model, CLEAN, CORRUPT, ANSWERS, site=["z", "pattern"], layers=[1], positions=[14], progress=False
+    )
+    torch.testing.assert_close(heads.raw, expected.raw)
+    # metric switches redraw the drill-down too
+    explorer.metric_box.value = "prob"
+    shown = torch.tensor(explorer.heads_figure.data[0].z)[0]
+    torch.testing.assert_close(shown.float(), expected.values("prob")[0, 0, 0], atol=1e-6, rtol=0)
+    code = explorer.code()
+    assert (
+        "heads = sweep(model, " in code
+        and "site=['z', 'pattern']" in code
+        and "layers=[1], positions=[[14]]" in code
+    )
+
+
+def test_per_head_view_and_its_drill_down(explorer):
+    explorer.site_box.value = "z"
+    explorer.direction_box.value = "noising"
+    explorer.run()
+    grid = explorer.grid
+    assert grid.direction == "noising" and grid.position_labels == ("all",)
+    trace = explorer.figure.data[0]
+    assert list(trace.x) == ["H0", "H1", "H2", "H3"] and trace.zmid == 1.0
+    click(explorer.figure, 0, 3)  # layer 0, head 3
+    assert (
+        explorer.heads.heads == (3,) and explorer.heads.layers == (0,) and len(explorer.heads.positions) == 15
+    )
+    assert "noising" in explorer.direction_help.value.lower()
+
+
+def test_errors_show_in_the_status_line_and_keep_the_picture(explorer):
+    explorer.run()
+    before = explorer.grid
+    z_before = explorer.figure.data[0].z
+    explorer.corrupt_box.value = CORRUPT[0] + "\n" + CORRUPT[1].replace("Tom gave", "Tom Tom gave")
+    explorer.run()
+    assert "Pair 1: the clean prompt has 15 tokens and the corrupt prompt 16" in explorer.status_text
+    assert explorer.grid is before and (explorer.figure.data[0].z == z_before).all()
+    explorer.corrupt_box.value = "\n".join(CORRUPT)
+    explorer.answers_box.value = "Mary John"
+    explorer.run()
+    assert "Answers line 1" in explorer.status_text and explorer.grid is before
+    explorer.answers_box.value = "' Mary', ' Mary John'"
+    explorer.run()
+    assert "single token" in explorer.status_text
+    # a view that cannot be drawn (equal baselines: normalisation undefined) is an error in the status line
+    explorer.grid = dataclasses.replace(before, corrupt=before.clean.clone())
+    explorer.redraw()
+    assert "Cannot normalise logit_diff" in explorer.status_text
+    assert (explorer.figure.data[0].z == z_before).all()
+    explorer.normalize_box.value = False
+    assert explorer.status_text.startswith("Showing")
+
+
+def test_code_reproduces_the_view(explorer, model):
+    explorer.direction_box.value = "noising"
+    explorer.metric_box.value = "logprob"
+    explorer.run()
+    code = explorer.code()
+    namespace = {"load_model": lambda name: model}
+    body = code.replace("from workbench.models import load_model\n", "")
+    exec(body, namespace)
+    torch.testing.assert_close(namespace["result"].raw, explorer.grid.raw)
+    assert "direction='noising'" in code and "result.plot(metric='logprob', normalize=True)" in code
+
+
+def test_user_metric_in_the_dropdown(model):
+    top = Metric("answer_logit", lambda logits, answers: logits.gather(-1, answers[:, :1])[:, 0])
+    panel = PatchingExplorer(model, CLEAN[0], CORRUPT[0], ANSWERS[0], metric=top)
+    panel.background = False
+    assert panel.answers_box.value == "' Mary', ' John'"
+    panel.run()
+    assert panel.grid.metric == "answer_logit" and panel.metric_box.value == "answer_logit"
+    assert "# answer_logit: the Metric" in panel.code() and "metric=answer_logit" in panel.code()
+
+
+def test_parse_answers():
+    assert parse_answers("' Mary', ' John'\n\n' Tom', \" Anna\"") == [(" Mary", " John"), (" Tom", " Anna")]
+    with pytest.raises(Exception, match="Give the answers"):
+        parse_answers("   ")

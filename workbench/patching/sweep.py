@@ -1,0 +1,347 @@
+"""Exact activation patching, batched: many patched copies of the base run per forward pass.
+
+How a sweep runs (all numbers equal, within float tolerance, to patching one cell at a time):
+
+1. One trace over [clean; corrupt] caches the source activations at every requested site and layer, the base
+   run's residual stream entering each layer, and the baselines' logits.
+2. For each (site, layer) the patched runs are rows of one batch: row r is the base prompt of pair p with the
+   source activation written at position group g (and head h). Blocks below the layer are not recomputed:
+   they are skipped and the cached base residual is fed to the patched layer (it is what they would compute).
+   Only the last position's logits are computed unless a metric needs all of them.
+3. Rows are chunked to a memory budget; progress is reported and a `CancelToken` is honoured between chunks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import nnsight
+import torch
+
+from workbench.models.sites import SITES
+from workbench.patching.inputs import (
+    Pairs,
+    position_labels,
+    prepare_pairs,
+    resolve_direction,
+    resolve_heads,
+    resolve_layers,
+    resolve_positions,
+    resolve_sites,
+)
+from workbench.patching.metrics import Metric, resolve_metrics
+from workbench.patching.result import PatchingResult
+from workbench.results import Provenance
+from workbench.runner import CancelToken, chunk_size, parse_budget, run_chunked
+
+_DEFAULT_MAX_ROWS = {"cpu": 128, "cuda": 1024}
+
+
+@dataclasses.dataclass(frozen=True)
+class Setup:
+    """Everything a sweep or an attribution run needs, checked."""
+
+    pairs: Pairs
+    direction: str
+    sites: tuple[str, ...]
+    layers: tuple[int, ...]
+    groups: tuple[tuple[int, ...], ...]
+    heads: tuple[int, ...] | None
+    metrics: tuple[Metric, ...]
+    metric: str
+
+    @property
+    def all_positions(self) -> bool:
+        return any(m.all_positions for m in self.metrics)
+
+    @property
+    def base_tokens(self) -> torch.Tensor:
+        return self.pairs.corrupt if self.direction == "denoising" else self.pairs.clean
+
+
+def setup(model, clean, corrupt, answers, site, direction, layers, positions, heads, metric) -> Setup:
+    """Validate every argument before any model runs."""
+    if model.adapter is None:
+        from workbench.errors import UnsupportedModelError
+
+        raise UnsupportedModelError(
+            f"Patching needs a transformer with standard sites; {model.name!r} is a plain module."
+        )
+    direction = resolve_direction(direction)
+    sites = resolve_sites(model, site)
+    layers = resolve_layers(model, layers)
+    heads = resolve_heads(model, heads, sites)
+    metrics, primary = resolve_metrics(metric)
+    pairs = prepare_pairs(model, clean, corrupt, answers)
+    groups = resolve_positions(positions, pairs.n_pos)
+    return Setup(pairs, direction, sites, layers, groups, heads, metrics, primary)
+
+
+def _rank(site: str) -> float:
+    return SITES[site].rank
+
+
+def read_caches(model, s: Setup, *, extra: tuple[str, ...] = ()) -> dict:
+    """One trace over [clean; corrupt]: logits (last position unless a metric needs all) and, per layer, the
+    residual entering it plus every requested site (and `extra` sites), each [2 * pair, ...]."""
+    tokens = torch.cat([s.pairs.clean, s.pairs.corrupt]).to(model.device)
+    kwargs = {} if s.all_positions else {"logits_to_keep": 1}
+    names = sorted(set(s.sites) | set(extra) | {"resid_pre"}, key=_rank)
+    with torch.no_grad(), model.trace(tokens, **kwargs):
+        cache = {}
+        for layer in sorted(s.layers):
+            for name in names:
+                cache[(name, layer)] = model.site(name, layer).value.clone()
+        cache["logits"] = model.site("logits").value.clone()
+        nnsight.save(cache)
+    return cache
+
+
+def baselines(s: Setup, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Clean and corrupt metric values [metric, pair] and the clean run's last-position log-probs [pair, vocab]."""
+    n = s.pairs.n_pairs
+    clean_logits, corrupt_logits = logits[:n], logits[n:]
+    clean_lp = torch.log_softmax(clean_logits[:, -1].float(), -1)
+    answers = s.pairs.answers.to(logits.device)
+
+    def evaluate(lg):
+        return torch.stack([m(lg if m.all_positions else lg[:, -1], answers, clean_lp) for m in s.metrics])
+
+    return evaluate(clean_logits).cpu(), evaluate(corrupt_logits).cpu(), clean_lp
+
+
+def halves(s: Setup) -> tuple[slice, slice]:
+    """Which half of a [clean; corrupt] cache is the base run and which the source of patches."""
+    n = s.pairs.n_pairs
+    clean, corrupt = slice(0, n), slice(n, 2 * n)
+    return (corrupt, clean) if s.direction == "denoising" else (clean, corrupt)
+
+
+@dataclasses.dataclass(frozen=True)
+class Rows:
+    """The patched runs of one chunk: row r runs pair `pair[r]`; the flat entries (row, pos, pair, head) say
+    which activation entries are written."""
+
+    pair: torch.Tensor  # [row]
+    cell: torch.Tensor  # [row] index into the layer's (group, head) cells
+    r: torch.Tensor  # [entry]
+    t: torch.Tensor
+    p: torch.Tensor
+    h: torch.Tensor
+
+
+def _rows(s: Setup, start: int, stop: int, device) -> Rows:
+    """Rows [start, stop) of one layer; rows are ordered pair-major, then group, then head."""
+    n_heads = len(s.heads) if s.heads is not None else 1
+    per_pair = len(s.groups) * n_heads
+    pair, cell, r, t, p, h = [], [], [], [], [], []
+    for row, i in enumerate(range(start, stop)):
+        pi, c = divmod(i, per_pair)
+        g, hi = divmod(c, n_heads)
+        head = s.heads[hi] if s.heads is not None else 0
+        pair.append(pi)
+        cell.append(c)
+        for pos in s.groups[g]:
+            r.append(row)
+            t.append(pos)
+            p.append(pi)
+            h.append(head)
+
+    def tensor(x):
+        return torch.tensor(x, dtype=torch.long, device=device)
+
+    return Rows(tensor(pair), tensor(cell), tensor(r), tensor(t), tensor(p), tensor(h))
+
+
+def patched_logits(model, s: Setup, site: str, layer: int, rows: Rows, base_resid, source, source_v=None):
+    """Logits [row, d_vocab] (or [row, pos, d_vocab]) of the base run with `source` written at `rows`.
+
+    base_resid: [pair, pos, d_model] the base run's residual entering `layer`; source: the source run's
+    activation at (site, layer), [pair, ...]; for "pattern" it is [pair, head, query, key].
+
+    Blocks below `layer` would recompute the cached base residual, so they are skipped and it is fed in. A
+    pattern acts only through z = pattern @ v, so patching it writes the z that the source pattern gives.
+    (The trace body has no comments: remote serialisation drops them and shifts line numbers.)
+    """
+    tokens = s.base_tokens.to(model.device)[rows.pair]
+    kwargs = {} if s.all_positions else {"logits_to_keep": 1}
+    group = model.cfg.n_heads // model.cfg.n_kv_heads
+    with torch.no_grad(), model.trace(tokens, **kwargs):
+        if layer > 0:
+            x = base_resid[rows.pair]
+            if site == "resid_pre":
+                x[rows.r, rows.t] = source[rows.p, rows.t]
+            for below in range(layer):
+                model.submodule("block", below).skip(x)
+        elif site == "resid_pre":
+            x = model.site("resid_pre", 0).value
+            x[rows.r, rows.t] = source[rows.p, rows.t]
+        if site in ("resid_mid", "resid_post", "attn_out", "mlp_out"):
+            act = model.site(site, layer).value
+            act[rows.r, rows.t] = source[rows.p, rows.t]
+        elif site == "z":
+            act = model.site("z", layer).value
+            act[rows.r, rows.t, rows.h] = source[rows.p, rows.t, rows.h]
+        elif site == "pattern":
+            v = model.site("v", layer).value
+            z = model.site("z", layer).value
+            p_src = source[rows.p, rows.h, rows.t].to(v.dtype)
+            z[rows.r, rows.t, rows.h] = torch.einsum("ek,ekd->ed", p_src, v[rows.r, :, rows.h // group])
+        logits = model.site("logits").value
+        out = (logits if s.all_positions else logits[:, -1]).save()
+    return out
+
+
+def metric_values(s: Setup, logits: torch.Tensor, pair: torch.Tensor, clean_lp: torch.Tensor) -> torch.Tensor:
+    """[metric, row] from logits [row, (pos,) d_vocab] of runs of pairs `pair`."""
+    answers = s.pairs.answers.to(logits.device)[pair]
+    last = logits if logits.dim() == 2 else logits[:, -1]
+    clp = clean_lp[pair.to(clean_lp.device)].to(logits.device)
+    logp = torch.log_softmax(last.float(), -1)  # shared by the built-ins
+    return torch.stack(
+        [m(logits if m.all_positions else last, answers, clp, logp) for m in s.metrics]
+    ).float()
+
+
+def bytes_per_row(model, s: Setup) -> int:
+    """A generous estimate of the peak memory of one patched run (inference, no gradients)."""
+    c, t = model.cfg, s.pairs.n_pos
+    item = torch.finfo(model.dtype).bits // 8 if model.dtype.is_floating_point else 4
+    logit_pos = t if s.all_positions else 1
+    return item * (t * (10 * c.d_model + 3 * c.d_mlp) + 4 * c.n_heads * t * t) + 4 * 4 * logit_pos * c.d_vocab
+
+
+def make_result(model, s: Setup, method: str, raw, clean, corrupt, options: dict) -> PatchingResult:
+    p = s.pairs
+    prompts = (
+        {"clean": list(p.clean_text), "corrupt": list(p.corrupt_text)}
+        if p.clean_text is not None
+        else {"clean": p.clean.tolist(), "corrupt": p.corrupt.tolist()}
+    )
+    provenance = Provenance.capture(
+        model.name,
+        method=method,
+        direction=s.direction,
+        sites=list(s.sites),
+        layers=list(s.layers),
+        positions=[list(g) for g in s.groups],
+        heads=None if s.heads is None else list(s.heads),
+        metrics=[m.name for m in s.metrics],
+        answers=[list(a) for a in p.answer_tokens],
+        dtype=str(model.dtype),
+        **prompts,
+        **options,
+    )
+    # torch.__version__ is a str subclass that a weights-only load refuses: keep plain strings
+    provenance = dataclasses.replace(provenance, versions={k: str(v) for k, v in provenance.versions.items()})
+    return PatchingResult(
+        method=method,
+        direction=s.direction,
+        sites=s.sites,
+        layers=s.layers,
+        positions=s.groups,
+        position_labels=position_labels(p, s.groups),
+        heads=s.heads,
+        metrics=tuple(m.name for m in s.metrics),
+        metric_labels=tuple(m.title for m in s.metrics),
+        metric=s.metric,
+        raw=raw,
+        clean=clean,
+        corrupt=corrupt,
+        clean_tokens=p.clean_tokens,
+        corrupt_tokens=p.corrupt_tokens,
+        answers=p.answer_tokens,
+        provenance=provenance,
+    )
+
+
+def sweep(
+    model,
+    clean,
+    corrupt=None,
+    answers=None,
+    *,
+    site: str | list[str] = "resid_pre",
+    direction: str = "denoising",
+    layers: int | list[int] | None = None,
+    positions="each",
+    heads: int | list[int] | None = None,
+    metric="logit_diff",
+    memory_budget: int | str | None = "auto",
+    batch_size: int | None = None,
+    progress=True,
+    cancel: CancelToken | None = None,
+) -> PatchingResult:
+    """Activation patching over sites x layers x positions (x heads), for several prompt pairs at once.
+
+    Directions:
+        "denoising": run the corrupt prompt and write one clean activation into it. A high score means the
+            activation is *sufficient* to restore the clean behaviour (from where it sits onward).
+        "noising": run the clean prompt and write one corrupt activation into it. A low score means the
+            activation is *necessary*: losing its clean value breaks the behaviour. The two disagree on AND- and
+            OR-like circuits (Heimersheim & Nanda 2024), so run both.
+
+    Args:
+        model: a `WorkbenchModel` (`workbench.models.load_model`).
+        clean, corrupt: prompts (a string or a list) or [pair, pos] token tensors with equal token lengths; or
+            a `workbench.tasks.PromptPairs` as `clean` (corrupt and answers come from it).
+        answers: (correct, incorrect) single tokens for all pairs, or one tuple per pair, or a [pair, 2] tensor.
+        site: "resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out" (block sites; a list gives a site
+            axis), or "z" (each head's output) / "pattern" (each head's attention pattern; positions are query
+            positions).
+        layers: layers to patch (default all). positions: "each", "all", or chosen positions or groups
+            (see `inputs.resolve_positions`). heads: heads of per-head sites (default all).
+        metric: primary metric: "logit_diff" (default), "logprob", "prob", "kl", a function
+            fn(logits [row, d_vocab], answers [row, 2]) -> [row], or a `Metric`. All built-ins are always
+            computed so views can switch between them.
+        memory_budget: bytes or "2GB"; "auto" = a quarter of free memory. batch_size: at most this many
+            patched runs per forward pass (default 128 on CPU, 1024 on GPU, or fewer to fit the budget).
+        progress: True for a progress bar, or a callback(done, total). cancel: a `CancelToken`.
+
+    Returns:
+        `PatchingResult` with raw values [metric, pair, site, layer, position(, head)] and both baselines.
+    """
+    s = setup(model, clean, corrupt, answers, site, direction, layers, positions, heads, metric)
+    cache = read_caches(model, s)
+    clean_m, corrupt_m, clean_lp = baselines(s, cache["logits"])
+    n = s.pairs.n_pairs
+    base_half, source_half = halves(s)
+
+    n_heads = len(s.heads) if s.heads is not None else 1
+    cells = len(s.groups) * n_heads
+    rows_per_layer = n * cells
+    device_type = torch.device(model.device).type
+    max_rows = batch_size or _DEFAULT_MAX_ROWS.get(device_type, 128)
+    budget = parse_budget(memory_budget, model.device if model.remote is False else "cpu")
+    chunk = chunk_size(bytes_per_row(model, s), budget, max_chunk=max_rows)
+    units = [
+        (site, layer, start, min(start + chunk, rows_per_layer))
+        for site in s.sites
+        for layer in s.layers
+        for start in range(0, rows_per_layer, chunk)
+    ]
+    raw = torch.zeros(len(s.metrics), n, len(s.sites), len(s.layers), cells)
+
+    def run_unit(i: int, _stop: int) -> None:
+        site, layer, start, stop = units[i]
+        idx_device = cache[("resid_pre", layer)].device
+        rows = _rows(s, start, stop, idx_device)
+        base_resid = cache[("resid_pre", layer)][base_half]
+        source = cache[(site, layer)][source_half]
+        logits = patched_logits(model, s, site, layer, rows, base_resid, source)
+        values = metric_values(s, logits, rows.pair, clean_lp).cpu()
+        raw[:, rows.pair.cpu(), s.sites.index(site), s.layers.index(layer), rows.cell.cpu()] = values
+
+    run_chunked(
+        len(units), run_unit, chunk=1, progress=progress, desc=f"patching {'+'.join(s.sites)}", cancel=cancel
+    )
+    shape = (len(s.metrics), n, len(s.sites), len(s.layers), len(s.groups)) + ((n_heads,) if s.heads else ())
+    return make_result(
+        model,
+        s,
+        "exact",
+        raw.view(shape),
+        clean_m,
+        corrupt_m,
+        {"memory_budget": memory_budget, "batch_size": chunk},
+    )

@@ -1,0 +1,199 @@
+"""Figures for patching results: layer x position heatmaps with the prompt's tokens, per-head grids, and the
+attribution-vs-exact scatter. Pure functions of results; they never run a model.
+
+Colours: a diverging scale centred on the unpatched run's level (0 for denoising, 1 for noising when
+normalised), so white means "no effect", and symmetric around it, never clipped: negative components stay
+visible. Blue is above the unpatched level (towards or beyond clean), red below.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import plotly.graph_objects as go
+from plotly.subplots import make_subplots
+
+from workbench.patching.inputs import SITE_LABELS
+from workbench.patching.result import AttributionComparison, PatchingResult
+
+COLORSCALE = "RdBu"
+
+
+def plot(result, **kwargs) -> go.Figure:
+    """The default figure: `heatmap` for a `PatchingResult`, `comparison` for an `AttributionComparison`."""
+    if isinstance(result, AttributionComparison):
+        return comparison(result, **kwargs)
+    return heatmap(result, **kwargs)
+
+
+def value_title(result: PatchingResult, metric: str | None, normalize: bool) -> str:
+    label = result.metric_label(metric)
+    if normalize:
+        return f"normalised {label} (0 = corrupt, 1 = clean)"
+    return label + (" (nats)" if (metric or result.metric) == "kl" else "")
+
+
+def _layout_axes(result: PatchingResult) -> tuple[str, list[str], str, list[str], str]:
+    """(y name, y labels, x name, x labels, mode) of each facet."""
+    layers = [f"L{layer}" for layer in result.layers]
+    positions = list(result.position_labels)
+    if not result.per_head:
+        return "layer", layers, "position", positions, "layer_pos"
+    heads = [f"H{h}" for h in result.heads]
+    if len(result.positions) == 1:
+        return "layer", layers, "head", heads, "layer_head"
+    if len(result.layers) == 1:
+        return "head", heads, "position", positions, "head_pos"
+    rows = [f"L{layer}H{h}" for layer in result.layers for h in result.heads]
+    return "layer, head", rows, "position", positions, "layerhead_pos"
+
+
+def _facet(values: np.ndarray, mode: str) -> np.ndarray:
+    """values [layer, position(, head)] of one site -> the 2-D grid shown."""
+    if mode == "layer_pos":
+        return values
+    if mode == "layer_head":
+        return values[:, 0, :]
+    if mode == "head_pos":
+        return values[0].T
+    return values.transpose(0, 2, 1).reshape(-1, values.shape[1])  # (layer, head) rows
+
+
+def _cell_ids(result: PatchingResult, mode: str) -> np.ndarray:
+    """customdata [y, x, 3] = (layer, position index, head or -1) of each shown cell, for click handlers."""
+    n_layers, n_pos = len(result.layers), len(result.positions)
+    heads = result.heads or (-1,)
+    grid = np.zeros((n_layers, n_pos, len(heads), 3), dtype=int)
+    grid[..., 0] = np.array(result.layers)[:, None, None]
+    grid[..., 1] = np.arange(n_pos)[None, :, None]
+    grid[..., 2] = np.array(heads)[None, None, :]
+    if mode == "layer_pos":
+        return grid[:, :, 0]
+    if mode == "layer_head":
+        return grid[:, 0]
+    if mode == "head_pos":
+        return grid[0].transpose(1, 0, 2)
+    return grid.transpose(0, 2, 1, 3).reshape(-1, n_pos, 3)
+
+
+def heatmap(
+    result: PatchingResult,
+    metric: str | None = None,
+    normalize: bool = True,
+    pair: int | None = None,
+    height: int | None = None,
+) -> go.Figure:
+    """Heatmap per site: layer x position (block sites), layer x head (per-head sites patched at all positions
+    at once), head x position (one layer), or (layer, head) x position.
+
+    metric: which stored metric (default the result's primary); normalize: (M - corrupt) / (clean - corrupt);
+    pair: show one prompt pair instead of the mean over pairs. Hover shows the exact value, the raw metric and
+    the spread over pairs.
+    """
+    values = result.values(metric, normalize, per_pair=pair is not None)
+    raw = result.values(metric, False, per_pair=pair is not None)
+    if pair is not None:
+        values, raw = values[pair], raw[pair]
+    spread = result.spread(metric, normalize) if pair is None else None
+    base = result.base_level(metric, normalize)
+    ylab, ys, xlab, xs, mode = _layout_axes(result)
+    grids = [_facet(values[i].numpy(), mode) for i in range(len(result.sites))]
+    raws = [_facet(raw[i].numpy(), mode) for i in range(len(result.sites))]
+    spreads = (
+        [_facet(spread[i].numpy(), mode) for i in range(len(result.sites))] if spread is not None else None
+    )
+    reach = max(float(np.nanmax(np.abs(g - base))) for g in grids) or 1.0
+    ids = _cell_ids(result, mode)
+    n = len(result.sites)
+    fig = make_subplots(
+        rows=1,
+        cols=n,
+        shared_yaxes=True,
+        horizontal_spacing=0.04 if n > 1 else 0.0,
+        subplot_titles=[SITE_LABELS.get(s, s) for s in result.sites] if n > 1 else None,
+    )
+    vtitle = value_title(result, metric, normalize)
+    for i, site in enumerate(result.sites):
+        text = np.vectorize(lambda v: f"{v:.3f}")(grids[i])
+        extra = np.stack([raws[i], spreads[i] if spreads else np.zeros_like(raws[i])], -1)
+        custom = np.concatenate([ids, extra], -1)
+        hover = (
+            f"{site}<br>{ylab}: %{{y}}<br>{xlab}: %{{x}}<br>value: %{{z:.6g}}"
+            + ("<br>raw: %{customdata[3]:.6g}" if normalize else "")
+            + ("<br>std over pairs: %{customdata[4]:.3g}" if spreads else "")
+            + "<extra></extra>"
+        )
+        fig.add_trace(
+            go.Heatmap(
+                z=grids[i],
+                x=xs,
+                y=ys,
+                customdata=custom,
+                text=text,
+                hovertemplate=hover,
+                colorscale=COLORSCALE,
+                zmid=base,
+                zmin=base - reach,
+                zmax=base + reach,
+                coloraxis=None,
+                showscale=i == n - 1,
+                colorbar={"title": {"text": vtitle, "side": "right"}},
+                name=site,
+                xgap=1,
+                ygap=1,
+            ),
+            row=1,
+            col=i + 1,
+        )
+        fig.update_xaxes(
+            title_text=xlab, type="category", tickangle=-45 if xlab == "position" else 0, row=1, col=i + 1
+        )
+    fig.update_yaxes(title_text=ylab, type="category", autorange="reversed", row=1, col=1)
+    who = f"pair {pair}" if pair is not None else f"mean of {result.n_pairs} pair{'s' * (result.n_pairs > 1)}"
+    method = "Attribution patching (estimate)" if result.method == "attribution" else "Activation patching"
+    site_text = f" of {SITE_LABELS.get(result.sites[0], result.sites[0])}" if n == 1 else ""
+    fig.update_layout(
+        title={"text": f"{method}{site_text}, {result.direction}; {who}", "x": 0.01},
+        height=height or max(260, 22 * len(ys) + 160),
+        margin={"l": 60, "r": 20, "t": 60, "b": 80},
+        template="plotly_white",
+    )
+    return fig
+
+
+def comparison(comp: AttributionComparison, height: int = 420) -> go.Figure:
+    """Scatter of attribution estimates (y) against exact patching (x), one point per cell, with y = x."""
+    fig = go.Figure()
+    sites = list(dict.fromkeys(comp.cell_sites))
+    exact, approx = comp.exact.numpy(), comp.attribution.numpy()
+    for site in sites:
+        mask = np.array([s == site for s in comp.cell_sites])
+        fig.add_trace(
+            go.Scatter(
+                x=exact[mask],
+                y=approx[mask],
+                mode="markers",
+                name=site,
+                text=[label for label, m in zip(comp.labels, mask) if m],
+                hovertemplate="%{text}<br>exact: %{x:.6g}<br>attribution: %{y:.6g}<extra></extra>",
+                marker={"size": 7, "opacity": 0.8},
+            )
+        )
+    lo = float(min(exact.min(), approx.min()))
+    hi = float(max(exact.max(), approx.max()))
+    fig.add_trace(
+        go.Scatter(x=[lo, hi], y=[lo, hi], mode="lines", name="y = x", line={"dash": "dot", "color": "#888"})
+    )
+    unit = "normalised " if comp.normalize else ""
+    fig.update_layout(
+        title={
+            "text": f"Attribution vs exact patching ({comp.direction}, {unit}{comp.metric}): Pearson "
+            f"{comp.pearson:.3f}, Spearman {comp.spearman:.3f}, top-{comp.top_k} agreement "
+            f"{comp.top_k_agreement:.0%}",
+            "x": 0.01,
+        },
+        xaxis_title=f"exact ({unit}{comp.metric})",
+        yaxis_title=f"attribution estimate ({unit}{comp.metric})",
+        height=height,
+        template="plotly_white",
+    )
+    return fig

@@ -1,0 +1,338 @@
+"""`PatchingExplorer`: type a clean and a corrupt prompt, run a patching sweep, click a cell to see its heads.
+
+    from workbench.widgets.patching import PatchingExplorer
+    PatchingExplorer(model, "When Mary and John went to the store, John gave a drink to",
+                     "When Mary and John went to the store, Mary gave a drink to", answers=(" Mary", " John"))
+
+The panel holds no science: its controls become a `workbench.patching.sweep` call (see `.code()`), and its
+figures come from `workbench.viz.patching`. Switching the metric, the normalisation or the pair redraws from the
+stored result without running the model again.
+"""
+
+from __future__ import annotations
+
+import ast
+
+import ipywidgets as widgets
+import plotly.graph_objects as go
+
+from workbench.errors import InputError, WorkbenchError
+from workbench.patching import METRICS, Metric, sweep
+from workbench.patching.inputs import BLOCK_SITES, SITE_LABELS
+from workbench.viz.patching import heatmap
+from workbench.widgets.base import Panel, replace_figure
+
+HEAD_VIEWS = ("z", "pattern")
+_DIRECTION_HELP = {
+    "denoising": "Denoising: clean activations go into the corrupt run. 1 = the patch alone restores the clean "
+    "answer (sufficient).",
+    "noising": "Noising: corrupt activations go into the clean run. Cells that fall towards 0 are necessary "
+    "for the clean answer.",
+}
+
+
+def _lines(text: str) -> list[str]:
+    return [line for line in (t.rstrip("\r") for t in text.split("\n")) if line.strip()]
+
+
+def parse_answers(text: str) -> list[tuple[str, str]]:
+    """Answer lines like ``' Mary', ' John'`` (Python string literals, so leading spaces are exact)."""
+    out = []
+    for i, line in enumerate(_lines(text)):
+        try:
+            value = ast.literal_eval(line.strip())
+        except (ValueError, SyntaxError):
+            value = None
+        if not (isinstance(value, tuple) and len(value) == 2 and all(isinstance(v, str) for v in value)):
+            raise InputError(
+                f"Answers line {i + 1} ({line.strip()!r}): write the correct and the incorrect answer as two quoted "
+                "tokens, e.g. ' Mary', ' John' (one line for all pairs, or one line per pair)."
+            )
+        out.append(value)
+    if not out:
+        raise InputError("Give the answers, e.g. ' Mary', ' John' (correct, then incorrect).")
+    return out
+
+
+def _format_answers(answers) -> str:
+    if not answers:
+        return ""
+    if isinstance(answers[0], str):
+        answers = [answers]
+    return "\n".join(f"{a!r}, {b!r}" for a, b in answers)
+
+
+class PatchingExplorer(Panel):
+    """Activation patching in a panel: prompts, answers, site, direction and metric; a layer x position heatmap
+    (or layer x head for per-head sites) with the prompt's tokens; click a cell to patch each head there.
+
+    Attributes:
+        grid: the main sweep's `PatchingResult` (kept when a later run fails).
+        heads: the drill-down `PatchingResult` for the clicked cell, or None.
+        figure / heads_figure: the two `go.FigureWidget`s.
+    """
+
+    def __init__(
+        self,
+        model,
+        clean: str | list[str] = "",
+        corrupt: str | list[str] = "",
+        answers=(),
+        *,
+        site: str = "resid_pre",
+        direction: str = "denoising",
+        metric: str | Metric = "logit_diff",
+        normalize: bool = True,
+        extra_metrics: list[Metric] | None = None,
+    ):
+        self.model = model
+        self.grid = None
+        self.heads = None
+        self._drill_cell = None
+        self._user_metrics = {
+            m.name: m for m in ([metric] if isinstance(metric, Metric) else []) + list(extra_metrics or [])
+        }
+        wide = widgets.Layout(width="100%")
+        self.clean_box = widgets.Textarea(
+            value="\n".join([clean] if isinstance(clean, str) else clean),
+            description="Clean",
+            placeholder="one prompt per line",
+            rows=2,
+            layout=wide,
+        )
+        self.corrupt_box = widgets.Textarea(
+            value="\n".join([corrupt] if isinstance(corrupt, str) else corrupt),
+            description="Corrupt",
+            placeholder="same number of tokens as the clean prompt",
+            rows=2,
+            layout=wide,
+        )
+        self.answers_box = widgets.Textarea(
+            value=_format_answers(list(answers)),
+            description="Answers",
+            placeholder="' Mary', ' John'   (correct, incorrect)",
+            rows=1,
+            layout=wide,
+        )
+        site_options = [(SITE_LABELS[s], s) for s in BLOCK_SITES] + [
+            ("attn_out + mlp_out + resid_pre", "block"),
+            ("head output (z), per head, all positions", "z"),
+            ("attention pattern, per head, all positions", "pattern"),
+        ]
+        self.site_box = widgets.Dropdown(options=site_options, value=site, description="Site")
+        self.direction_box = widgets.ToggleButtons(
+            options=[("denoising", "denoising"), ("noising", "noising")],
+            value={"denoise": "denoising", "noise": "noising"}.get(direction, direction),
+            description="Direction",
+            tooltips=[_DIRECTION_HELP["denoising"], _DIRECTION_HELP["noising"]],
+        )
+        metric_names = list(METRICS) + list(self._user_metrics)
+        self.metric_box = widgets.Dropdown(
+            options=[(METRICS[m].title if m in METRICS else m, m) for m in metric_names],
+            value=metric.name if isinstance(metric, Metric) else metric,
+            description="Metric",
+        )
+        self.normalize_box = widgets.Checkbox(
+            value=normalize, description="normalise (0 = corrupt, 1 = clean)"
+        )
+        self.pair_box = widgets.Dropdown(options=[("mean", -1)], value=-1, description="Pair")
+        self.direction_help = widgets.HTML(self._help_text())
+        for w, cls in [
+            (self.clean_box, "wb-patching-clean"),
+            (self.corrupt_box, "wb-patching-corrupt"),
+            (self.answers_box, "wb-patching-answers"),
+            (self.site_box, "wb-patching-site"),
+            (self.direction_box, "wb-patching-direction"),
+            (self.metric_box, "wb-patching-metric"),
+            (self.normalize_box, "wb-patching-normalize"),
+            (self.pair_box, "wb-patching-pair"),
+        ]:
+            w.add_class(cls)
+        self.heads_figure = go.FigureWidget()
+        self.heads_figure.add_class("wb-patching-heads")
+        self._redraw_failed = False
+        self._quiet = False  # set while the panel itself changes controls, so observers do not redraw
+        super().__init__()
+        self.figure.add_class("wb-patching-figure")
+        self.run_button.add_class("wb-patching-run")
+        self.run_button.on_click(lambda _: self.run())
+        self.direction_box.observe(
+            lambda _: setattr(self.direction_help, "value", self._help_text()), "value"
+        )
+        for box in (self.metric_box, self.normalize_box, self.pair_box):
+            box.observe(lambda _: self.redraw(), "value")
+        self.heads_box = widgets.VBox([self.heads_figure], layout=widgets.Layout(display="none"))
+        self.children = [
+            self.clean_box,
+            self.corrupt_box,
+            self.answers_box,
+            widgets.HBox([self.site_box, self.metric_box, self.pair_box]),
+            widgets.HBox([self.direction_box, self.normalize_box]),
+            self.direction_help,
+            self.run_bar,
+            self.status,
+            self.figure,
+            self.heads_box,
+            self.code_view,
+        ]
+        self.set_status(
+            "Edit the prompts and press Run. Click a cell of the heatmap to patch each head there."
+        )
+
+    # -- state -> API call ---------------------------------------------------------------------------
+    def _help_text(self) -> str:
+        return f'<span class="wb-patching-help" style="color:#555">{_DIRECTION_HELP[self.direction_box.value]}</span>'
+
+    def _metric_arg(self):
+        name = self.metric_box.value
+        return self._user_metrics.get(name, name)
+
+    def _sweep_kwargs(self) -> dict:
+        clean, corrupt = _lines(self.clean_box.value), _lines(self.corrupt_box.value)
+        if not clean:
+            raise InputError("Type a clean prompt (one per line for several pairs).")
+        answers = parse_answers(self.answers_box.value)
+        site = self.site_box.value
+        kwargs = {
+            "clean": clean,
+            "corrupt": corrupt,
+            "answers": answers[0] if len(answers) == 1 else answers,
+            "site": ["resid_pre", "attn_out", "mlp_out"] if site == "block" else site,
+            "direction": self.direction_box.value,
+            "metric": self._metric_arg(),
+        }
+        if site in HEAD_VIEWS:
+            kwargs["positions"] = "all"
+        return kwargs
+
+    def _drill_kwargs(self, layer: int, position: int, head: int | None) -> dict:
+        kwargs = self._sweep_kwargs()
+        grid = self.grid
+        if (
+            head is None
+        ):  # a layer x position cell: every head's output and pattern at that layer and position
+            kwargs.update(site=["z", "pattern"], layers=[layer], positions=[list(grid.positions[position])])
+        else:  # a layer x head cell: that head at each position
+            kwargs.update(layers=[layer], heads=[head], positions="each")
+        return kwargs
+
+    def code(self) -> str:
+        """The public-API calls that reproduce the current view."""
+        kwargs = self._sweep_kwargs()
+        lines = [
+            "from workbench.models import load_model",
+            "from workbench.patching import sweep",
+            "",
+            f"model = load_model({self.model.name!r})",
+        ]
+        if isinstance(kwargs["metric"], Metric):
+            lines.append(f"# {kwargs['metric'].name}: the Metric(name, fn) you gave the explorer")
+        lines += [
+            f"result = sweep(model, {_call_args(kwargs)})",
+            f"result.plot({_plot_args(self)})",
+        ]
+        if self._drill_cell is not None and self.grid is not None:
+            d = self._drill_kwargs(*self._drill_cell)
+            lines += [f"heads = sweep(model, {_call_args(d)})", f"heads.plot({_plot_args(self)})"]
+        return "\n".join(lines)
+
+    # -- running -------------------------------------------------------------------------------------
+    def run(self) -> None:
+        """Run the sweep for the current controls (in the background in a notebook)."""
+        try:
+            kwargs = self._sweep_kwargs()
+        except WorkbenchError as err:
+            self.show_error(err)
+            return
+
+        def compute(progress, cancel):
+            return sweep(self.model, **kwargs, progress=progress, cancel=cancel)
+
+        self.start(compute, self._show_grid, label="Patching")
+
+    def drill(self, layer: int, position: int, head: int | None = None) -> None:
+        """Patch each head at (layer, position index) of the main grid, or (for per-head views) the head `head`
+        of `layer` at each position; draws the result below the heatmap."""
+        if self.grid is None:
+            self.set_status("Run a sweep first, then click a cell.", "info")
+            return
+        try:
+            kwargs = self._drill_kwargs(layer, position, head)
+        except WorkbenchError as err:
+            self.show_error(err)
+            return
+        self._drill_cell = (layer, position, head)
+
+        def compute(progress, cancel):
+            return sweep(self.model, **kwargs, progress=progress, cancel=cancel)
+
+        self.start(compute, self._show_heads, label=f"Patching heads of layer {layer}")
+
+    # -- drawing -------------------------------------------------------------------------------------
+    def _view(self) -> dict:
+        pair = self.pair_box.value
+        return {
+            "metric": self.metric_box.value,
+            "normalize": self.normalize_box.value,
+            "pair": None if pair < 0 else pair,
+        }
+
+    def _show_grid(self, result) -> None:
+        self.grid = result
+        self.heads, self._drill_cell = None, None
+        self.heads_box.layout.display = "none"
+        options = [("mean", -1)] + [(f"pair {i}", i) for i in range(result.n_pairs)]
+        if list(self.pair_box.options) != options:
+            self._quiet = True
+            try:
+                self.pair_box.options, self.pair_box.value = options, -1
+            finally:
+                self._quiet = False
+        self.redraw()
+
+    def _show_heads(self, result) -> None:
+        self.heads = result
+        self.heads_box.layout.display = ""
+        self.redraw()
+
+    def redraw(self) -> None:
+        """Redraw both figures from the stored results (no model run). Errors go to the status line."""
+        if self._quiet:
+            return
+        view = self._view()
+        try:
+            if self._redraw_failed and self.grid is not None:
+                self.set_status("Showing the stored result (no model run).", "ok")
+            if self.grid is not None:
+                replace_figure(self.figure, heatmap(self.grid, **view))
+                for trace in self.figure.data:
+                    trace.on_click(self._on_click)
+            if self.heads is not None:
+                fig = heatmap(self.heads, **view, height=max(220, 60 * len(self.heads.heads or ()) + 160))
+                layer, position, head = self._drill_cell
+                where = self.grid.position_labels[position] if head is None else f"head {head}"
+                fig.update_layout(title={"text": f"Drill-down: layer {layer}, {where}"})
+                replace_figure(self.heads_figure, fig)
+            self._redraw_failed = False
+        except WorkbenchError as err:
+            self._redraw_failed = True
+            self.set_status(str(err), "error")
+
+    def _on_click(self, trace, points, selector=None) -> None:
+        if not points.point_inds:
+            return
+        row, col = points.point_inds[0]
+        layer, position, head = (int(v) for v in trace.customdata[row][col][:3])
+        self.drill(layer, position, None if head < 0 else head)
+
+
+def _call_args(kwargs: dict) -> str:
+    return ", ".join(f"{k}={v.name if isinstance(v, Metric) else repr(v)}" for k, v in kwargs.items())
+
+
+def _plot_args(panel: PatchingExplorer) -> str:
+    view = panel._view()
+    args = [f"metric={view['metric']!r}", f"normalize={view['normalize']!r}"]
+    if view["pair"] is not None:
+        args.append(f"pair={view['pair']}")
+    return ", ".join(args)
