@@ -23,7 +23,7 @@ from benchmarks.common import interleaved_medians, peak_memory_mb, row
 
 N_PER_FAMILY, FAMILIES, N_SIZES, LAYER = 16, ("isotropic", "cov_random", "cov_mixture", "toward_real"), 32, 1
 SIZES = {"cpu": dict(n_tokens=16, repeats=2), "gpu": dict(n_tokens=32, repeats=5)}
-CHUNK = 256
+BUDGET = "1GB"  # memory budget per chunk of rows, for the engine and (as the same chunk size) the lower bound
 
 
 class _Cached(torch.nn.Module):
@@ -37,7 +37,7 @@ class _Cached(torch.nn.Module):
         return self.value
 
 
-def plain_probe(hf, tokens, layer, vecs, chunk=CHUNK):
+def plain_probe(hf, tokens, layer, vecs, chunk):
     """KL(unperturbed || perturbed) [n] and last-block L2 [n] for each row of vecs written at resid_pre `layer`."""
     from transformers import DynamicCache
 
@@ -82,7 +82,7 @@ def plain_probe(hf, tokens, layer, vecs, chunk=CHUNK):
     return torch.cat(kls), torch.cat(l2s)
 
 
-def plain_full_forward(hf, tokens, layer, vecs, chunk=CHUNK):
+def plain_full_forward(hf, tokens, layer, vecs, chunk):
     """The hand-rolled sweep: full prompt per perturbed copy, a pre-hook on block `layer`, last-position logits."""
     block = hf.transformer.h[layer]
     current = {}
@@ -112,6 +112,8 @@ def plain_full_forward(hf, tokens, layer, vecs, chunk=CHUNK):
 def run(size: str = "cpu") -> list[dict]:
     from workbench.models.toy import random_model
     from workbench.plateau import probe, reference_stats
+    from workbench.plateau.core import _bytes_per_row
+    from workbench.runner import chunk_size, parse_budget
 
     if size not in SIZES:
         raise ValueError(f"size must be one of {list(SIZES)}")
@@ -137,7 +139,7 @@ def run(size: str = "cpu") -> list[dict]:
             warnings.simplefilter("ignore")
             return probe(
                 model, tokens, layer=LAYER, families=FAMILIES, n_directions=N_PER_FAMILY, sizes=sizes,
-                reference=ref, progress=False,
+                reference=ref, memory_budget=BUDGET, progress=False,
             )  # fmt: skip
 
     first = {}
@@ -150,8 +152,13 @@ def run(size: str = "cpu") -> list[dict]:
     vecs = vecs.to(device)
     tok = tokens.to(device)
 
+    # the engine's chunk size for these rows, so that both run the same batches
+    chunk = chunk_size(
+        _bytes_per_row(model, opts["n_tokens"], cached=True), parse_budget(BUDGET, device), 8192
+    )
+
     def lower_bound():
-        return plain_probe(hf, tok, LAYER, vecs)
+        return plain_probe(hf, tok, LAYER, vecs, chunk)
 
     kl_plain, l2_plain = lower_bound()
     kl_engine = res.kl[0, :, 1:].reshape(-1)
@@ -159,15 +166,15 @@ def run(size: str = "cpu") -> list[dict]:
     l2_diff = float((l2_plain.cpu() - res.l2[0, :, 1:].reshape(-1)).abs().max())
 
     times = interleaved_medians({"engine": engine, "lower": lower_bound}, repeats=opts["repeats"], warmup=0)
-    peer_rows = CHUNK if device == "cpu" else n_rows
+    peer_rows = min(256, n_rows) if device == "cpu" else n_rows
     peer_t = interleaved_medians(
-        {"peer": lambda: plain_full_forward(hf, tok, LAYER, vecs[:peer_rows])}, repeats=1, warmup=0
+        {"peer": lambda: plain_full_forward(hf, tok, LAYER, vecs[:peer_rows], 256)}, repeats=1, warmup=0
     )
     peer_s = peer_t["peer"] * n_rows / peer_rows
     ratio = times["engine"] / times["lower"]
     note = (
         f"{n_rows} perturbed runs ({len(FAMILIES)} families x {N_PER_FAMILY} directions x {N_SIZES} sizes), prompt of "
-        f"{opts['n_tokens']} tokens, {device}; max |KL diff| {diff:.2g}, max |L2 diff| {l2_diff:.2g}"
+        f"{opts['n_tokens']} tokens, {device}, chunks of {chunk} rows; max |KL diff| {diff:.2g}, max |L2 diff| {l2_diff:.2g}"
     )
     if peer_rows < n_rows:
         note += f"; full-forward peer timed on {peer_rows} rows and scaled x{n_rows // peer_rows}"

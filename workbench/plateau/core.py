@@ -27,8 +27,10 @@ from workbench.runner import CancelToken, ProgressCallback, chunk_size, parse_bu
 WRITE_SITES = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out")
 """Sites a plateau probe can perturb: vectors in the residual basis, [batch, pos, d_model]."""
 READ_SITES = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out", "ln_final")
-MAX_CHUNK = 256
-"""Largest batch of rows per trace: beyond a few hundred rows memory traffic outweighs larger matmuls."""
+MAX_CHUNK_TOKENS = 8192
+"""At most this many positions (rows x positions each row runs) per trace; within it the memory budget decides.
+Fewer, larger traces cost less per row (per-trace and per-op overheads dominate small models), while very
+large batches of long rows gain nothing and use much memory."""
 
 
 def provenance(model_name: str, **options) -> Provenance:
@@ -246,7 +248,7 @@ def run_rows(
     watch: torch.Tensor | None = None,
     top_k: int = 5,
     memory_budget: int | float | str | None = None,
-    max_chunk: int = MAX_CHUNK,
+    max_chunk_tokens: int = MAX_CHUNK_TOKENS,
     progress: bool | ProgressCallback = True,
     cancel: CancelToken | None = None,
     desc: str = "perturbed runs",
@@ -277,7 +279,9 @@ def run_rows(
     try:
         for lo, hi in zip(breaks[:-1], breaks[1:]):
             cached = bases[int(base_of_row[lo])].kv is not None
-            chunk = chunk_size(_bytes_per_row(model, int(lengths[lo]), cached), budget, max_chunk)
+            n_run = 1 if cached else int(lengths[lo])
+            cap = max(1, max_chunk_tokens // n_run)
+            chunk = chunk_size(_bytes_per_row(model, int(lengths[lo]), cached), budget, cap)
 
             def one(start: int, stop: int, lo=lo) -> None:
                 nonlocal done
