@@ -79,7 +79,9 @@ def test_plateau_length_histogram(result):
     n_never = int(torch.isinf(lengths).sum())
     beyond = [x for t in hists for x in t.x if x > float(result.sizes[-1])]
     assert len(beyond) == n_never
-    assert "plateau length (×" in fig.layout.xaxis.title.text
+    assert "plateau length (×" in fig.layout.xaxis2.title.text
+    cdfs = [t for t in fig.data if t.meta["role"] == "cdf"]
+    assert len(cdfs) == len(hists) and all(t.y[-1] == 1 for t in cdfs)
 
 
 def test_tokens_along_figure(result):

@@ -193,7 +193,8 @@ def _batch_cache(model, rows: list[Base], device):
 
 def _trace_rows(model, where: Where, rows: list[Base], vecs, ref_logp, ref_read, top_k: int, watch=None):
     """One trace over rows (bases of equal token length): vecs [n, d] to write at the last position, reference
-    log-probs [n, d_vocab] / read [n, d_read] (or None), watch [n, m] token ids whose log-probs to return."""
+    log-probs [n or 1, d_vocab] / read [n or 1, d_read] (or None; one row broadcasts to all), watch [n, m] token
+    ids whose log-probs to return."""
     site, layer = _write_target(model, where)
     device = model.device
     vecs = vecs.to(device=device, dtype=model.dtype)
@@ -222,7 +223,7 @@ def _trace_rows(model, where: Where, rows: list[Base], vecs, ref_logp, ref_read,
             logp_out, read_out = logp.save(), read.save()
         else:
             ref_logp, ref_read = ref_logp.to(device), ref_read.to(device)
-            kl = (ref_logp.exp() * (ref_logp - logp)).sum(-1).save()
+            kl = (ref_logp.exp() * (ref_logp - logp)).sum(-1).save()  # KL(reference || perturbed)
             l2 = (read - ref_read).norm(dim=-1).save()
             top = logp.topk(top_k, dim=-1)
             top_ids, top_probs = top.indices.save(), top.values.exp().save()
@@ -289,7 +290,9 @@ def run_rows(
                 rows = [bases[i] for i in idx.tolist()]
                 ref_logp = ref_read = None
                 if reference is not None:
-                    ref_logp, ref_read = reference[0][idx], reference[1][idx]
+                    # rows of one base (the usual case) share one reference row: broadcast, do not copy
+                    ref_idx = idx[:1] if bool((idx == idx[0]).all()) else idx
+                    ref_logp, ref_read = reference[0][ref_idx], reference[1][ref_idx]
                 vecs = vectors(lo + start, lo + stop)
                 w = None if watch is None else watch[idx]
                 parts.append(_trace_rows(model, where, rows, vecs, ref_logp, ref_read, top_k, w))

@@ -145,22 +145,21 @@ def curves(
 def plateau_lengths(
     result, metric: str = "kl", threshold: float | None = None, baseline: str | None = None
 ) -> go.Figure:
-    """Histogram of plateau lengths per group; curves that never crossed sit in a bin right of the sweep.
-    Legend entries give the median and, against `baseline`, the Mann-Whitney p-value and P(longer)."""
+    """Plateau lengths per group: histogram (top) and cumulative distribution (bottom). Curves that never crossed
+    sit right of the sweep. Legend entries give the median and, against `baseline`, the Mann-Whitney p-value and
+    P(longer), the probability that a curve of the group has a longer plateau than a baseline curve."""
     threshold = result.default_threshold(metric) if threshold is None else threshold
     lengths = result.plateau_length(metric, threshold)
     groups = result.groups()
     colours = group_colours(groups)
-    if baseline is None:
+    if baseline is None or baseline not in groups:
         baseline = "cov_mixture" if "cov_mixture" in groups else groups[0]
-    stats = result.compare(baseline if baseline in groups else groups[0], metric, threshold).set_index(
-        "group"
-    )
+    stats = result.compare(baseline, metric, threshold).set_index("group")
     smax = float(result.sizes[-1])
     beyond = smax * 1.06
     n_b, n_d = lengths.shape
-    fig = go.Figure()
-    bins = dict(start=float(result.sizes[0]), end=beyond + smax * 0.04, size=smax / 32)
+    fig = make_subplots(rows=2, cols=1, shared_xaxes=True, row_heights=[0.55, 0.45], vertical_spacing=0.06)
+    bins = dict(start=0.0, end=beyond + smax * 0.04, size=smax / 32)
     for g in groups:
         vals = torch.tensor(
             [float(lengths[b, d]) for b in range(n_b) for d in range(n_d) if result.group_of(b, d) == g]
@@ -174,12 +173,30 @@ def plateau_lengths(
             go.Histogram(
                 x=vals.numpy(),
                 name=label,
+                legendgroup=g,
                 marker_color=colours[g],
                 opacity=0.55,
                 xbins=bins,
                 meta={"role": "lengths", "group": g},
                 hovertemplate="length %{x:.3g}<br>%{y} curves<extra>" + g + "</extra>",
-            )
+            ),
+            row=1,
+            col=1,
+        )
+        xs = vals.sort().values.numpy()
+        fig.add_trace(
+            go.Scatter(
+                x=[0.0, *xs.tolist()],
+                y=[0.0, *((np.arange(1, len(xs) + 1)) / len(xs)).tolist()],
+                mode="lines",
+                line=dict(color=colours[g], width=2, shape="hv"),
+                legendgroup=g,
+                showlegend=False,
+                meta={"role": "cdf", "group": g},
+                hovertemplate="length %{x:.3g}<br>fraction %{y:.2f}<extra>" + g + "</extra>",
+            ),
+            row=2,
+            col=1,
         )
     fig.add_vline(x=smax, line=dict(color="#888", dash="dot", width=1), annotation_text="never crossed →")
     unit = "nats" if metric == "kl" else "L2"
@@ -187,12 +204,14 @@ def plateau_lengths(
         barmode="overlay",
         title=f"Plateau length: size where {metric.upper()} first exceeds {threshold:.3g} {unit} "
         f"(tests against {baseline})",
-        xaxis_title=f"plateau length (× {result.scale_label})",
-        yaxis_title="curves",
         template="plotly_white",
         legend=dict(title="family"),
-        height=420,
+        height=560,
     )
+    fig.update_xaxes(range=[0, beyond + smax * 0.04])
+    fig.update_xaxes(title_text=f"plateau length (× {result.scale_label})", row=2, col=1)
+    fig.update_yaxes(title_text="curves", row=1, col=1)
+    fig.update_yaxes(title_text="fraction ≤ length", range=[0, 1.02], row=2, col=1)
     return fig
 
 
@@ -212,11 +231,12 @@ def token_ribbon(x, ids, probs, token_strings: dict[int, str], x_title: str, tit
             z=z,
             text=text,
             texttemplate="%{text}",
+            textfont=dict(size=11),
             colorscale="Blues",
             zmin=0,
             zmax=1,
             colorbar=dict(title="probability"),
-            hovertemplate="x %{x}<br>rank %{y}: %{text!r}<br>p = %{z:.3f}<extra></extra>",
+            hovertemplate="%{x}<br>rank %{y}: '%{text}'<br>p = %{z:.3f}<extra></extra>",
             meta={"role": "tokens"},
         )
     )
@@ -262,7 +282,7 @@ def interpolation(result, pair: int = 0, max_pairs: int = 40, k: int = 3) -> go.
         vertical_spacing=0.14,
         subplot_titles=(
             f"Normalised distance at {result.read_label}, A's activation → B's at {result.site_label}",
-            f"Top tokens along pair {pair}: {result.prompts_a[pair]!r} → {result.prompts_b[pair]!r}",
+            f"Top tokens along pair {pair} (hover for the prompts)",
         ),
     )
     for i in range(min(n_p, max_pairs)):
@@ -306,6 +326,10 @@ def interpolation(result, pair: int = 0, max_pairs: int = 40, k: int = 3) -> go.
         "",
     )
     ribbon.data[0].colorbar = dict(title="p", len=0.35, y=0.17)
+    pair_text = f"{result.prompts_a[pair]!r} → {result.prompts_b[pair]!r}".replace("{", "(").replace("}", ")")
+    ribbon.data[0].hovertemplate = (
+        "α %{x}<br>rank %{y}: '%{text}'<br>p = %{z:.3f}<extra>" + pair_text + "</extra>"
+    )
     fig.add_trace(ribbon.data[0], row=2, col=1)
     fig.update_yaxes(title_text="d(α) / d(1)", row=1, col=1)
     fig.update_xaxes(title_text="α (0: A's activation, 1: B's)", row=1, col=1)
@@ -343,7 +367,7 @@ def slice_map(result) -> go.Figure:
             customdata=result.top1_prob.numpy(),
             opacity=0,
             showscale=False,
-            hovertemplate="u %{x:.3g}, v %{y:.3g}<br>top token %{text!r} (p %{customdata:.2f})<br>"
+            hovertemplate="u %{x:.3g}, v %{y:.3g}<br>top token '%{text}' (p %{customdata:.2f})<br>"
             "KL to A %{z:.3g}<extra></extra>",
             meta={"role": "hover"},
         )
