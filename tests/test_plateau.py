@@ -646,3 +646,50 @@ def test_slice_through_three_activations(model):
     assert len(res.to_frame()) == 25
     with pytest.raises(InputError, match="exactly one"):
         slice_2d(model, PROMPTS[:2], PROMPTS[1], PROMPTS[2], progress=False)
+
+
+# -- the papers' qualitative findings on the demo model --------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def demo():
+    from workbench.demo_model import DEMO_DIR
+
+    if not (DEMO_DIR / "config.json").exists():
+        pytest.skip("the demo model's files are not in this checkout")
+    model = load_model("demo")
+    from workbench.tasks import demo_corpus, pack
+
+    ref = quiet(reference_stats, model, pack(model, demo_corpus("validation", 1000), 64, 60), progress=False)
+    prompts = pack(model, demo_corpus("validation", 3000)[2000:], 12, 8)
+    return model, ref, prompts
+
+
+def test_demo_real_activations_sit_on_longer_plateaus(demo):
+    """Plateau test (Heimersheim & Mendel; Giglemiani et al.): the same x0-independent directions change the output
+    later from real activations than from random ones with the real mean and covariance."""
+    model, ref, prompts = demo
+    sizes = torch.linspace(0, 1.5, 16)
+    res = quiet(
+        probe, model, prompts, reference=ref, families=("cov_mixture",), n_directions=8, sizes=sizes,
+        bases=("real", "cov_random"), progress=False,
+    )  # fmt: skip
+    row = (
+        res.compare(baseline="cov_mixture @ cov_random base")
+        .set_index("group")
+        .loc["cov_mixture @ real base"]
+    )
+    assert row["p_greater"] > 0.7 and row["mw_p"] < 1e-3
+
+
+def test_demo_sensitive_directions_against_the_mixture_baseline(demo):
+    """Directions toward other real activations break the plateau sooner than the cov-random mixture baseline
+    (Heimersheim & Mendel; Lee & Heimersheim), isotropic ones later (Lee & Heimersheim)."""
+    model, ref, prompts = demo
+    res = quiet(
+        probe, model, prompts, reference=ref, families=("isotropic", "cov_mixture", "toward_real"), n_directions=8,
+        sizes=torch.linspace(0, 1.5, 16), progress=False,
+    )  # fmt: skip
+    table = res.compare(baseline="cov_mixture").set_index("group")
+    assert table.loc["toward_real", "p_greater"] < 0.3 and table.loc["toward_real", "mw_p"] < 1e-3
+    assert table.loc["isotropic", "p_greater"] > 0.6 and table.loc["isotropic", "mw_p"] < 1e-2
