@@ -446,3 +446,32 @@ def test_top_tokens_are_the_softmax_of_the_last_logits():
     best = probs.topk(3)
     assert [t for t, _ in top] == [model.tokenizer.decode([int(i)]) for i in best.indices]
     assert [p for _, p in top] == pytest.approx(best.values.tolist(), abs=1e-6)
+
+
+def test_traces_from_several_threads_take_turns():
+    """Panels trace in background threads while the notebook traces too; both must get right answers."""
+    import threading
+
+    model = random_model("gpt2", seed=4)
+    tokens = model.to_tokens(PROMPT)
+    with torch.no_grad():
+        expected = model.module(tokens, use_cache=False).logits[0, -1]
+    results, errors = [], []
+
+    def work():
+        try:
+            for _ in range(5):
+                with torch.no_grad(), model.trace(tokens):
+                    logits = model.site("logits").value[0, -1].save()
+                results.append(logits)
+        except Exception as err:  # noqa: BLE001 - reported below
+            errors.append(err)
+
+    threads = [threading.Thread(target=work) for _ in range(3)]
+    for t in threads:
+        t.start()
+    work()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    assert len(results) == 20 and all(torch.allclose(r, expected) for r in results)

@@ -7,6 +7,7 @@ remote switch that every trace honours.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 
 import torch
@@ -43,6 +44,7 @@ class WorkbenchModel:
     ):
         self.nnsight = nnsight_model
         self._intended_device = device  # where lazily loaded weights will go
+        self._lock = threading.RLock()
         self.name = name
         self.tokenizer = tokenizer
         self.adapter = adapter
@@ -52,6 +54,15 @@ class WorkbenchModel:
         if prepend_bos is None:
             prepend_bos = tokenizer is not None and tokenizer.bos_token_id is not None
         self.default_prepend_bos = prepend_bos
+
+    def __getstate__(self):  # remote traces ship the model object; a lock cannot travel
+        state = dict(self.__dict__)
+        state.pop("_lock", None)
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._lock = threading.RLock()
 
     # -- basics --------------------------------------------------------------------------------------
     @property
@@ -101,13 +112,26 @@ class WorkbenchModel:
         )
 
     def trace(self, *inputs, **kwargs):
-        """`nnsight` trace honouring this model's remote setting; HF models run without a KV cache."""
+        """`nnsight` trace honouring this model's remote setting; HF models run without a KV cache.
+
+        Traces of one model run one at a time, whatever thread opens them: nnsight interleaves a trace with the
+        model's forward pass on greenlets, which cannot switch across threads, and panels run in background
+        threads while the notebook goes on.
+        """
         kwargs.setdefault("remote", self.remote)
         if kwargs["remote"] is False:
             kwargs.pop("remote")
         if self.is_transformer:
             kwargs.setdefault("use_cache", False)
-        return self.nnsight.trace(*inputs, **kwargs)
+        tracer = self.nnsight.trace(*inputs, **kwargs)
+        execute = tracer.backend  # nnsight runs the model when the `with` block exits, through this call
+
+        def execute_exclusively(t):
+            with self._lock:
+                return execute(t)
+
+        tracer.backend = execute_exclusively
+        return tracer
 
     # -- sites ---------------------------------------------------------------------------------------
     def _require_transformer(self, what: str) -> None:

@@ -1,1 +1,20 @@
-"""ipywidgets panels: controls + a plotly FigureWidget + a status line. They hold no science."""
+"""ipywidgets panels: controls + a plotly FigureWidget + a status line. They hold no science.
+
+from workbench.widgets import PatchingExplorer, LNRemovalPreview, PlateauProbe
+"""
+
+_PANELS = {
+    "PatchingExplorer": "workbench.widgets.patching",
+    "LNRemovalPreview": "workbench.widgets.lnfree",
+    "PlateauProbe": "workbench.widgets.plateau",
+}
+
+__all__ = list(_PANELS)
+
+
+def __getattr__(name):  # import a panel's module only when it is asked for
+    if name in _PANELS:
+        import importlib
+
+        return getattr(importlib.import_module(_PANELS[name]), name)
+    raise AttributeError(f"module 'workbench.widgets' has no attribute {name!r}")
