@@ -29,8 +29,9 @@ own, `directions={"sae": W_dec}`. `bases=("real", "cov_random")` also perturbs s
 N(mean, cov) in place of the real ones: the plateau test ("are real activations more stable?").
 
 All directions x sizes of a base run as large batches from the write layer onward: the blocks below are skipped
-(their output is the cached clean residual), the prompt is cut after the perturbed position, and logits are
-computed for that position only. Chunks follow a memory budget and report progress.
+(their output is the cached clean residual), the prompt is cut after the perturbed position, the earlier
+positions' attention keys and values are reused from the clean run (local models; on NDIF the whole prompt runs),
+and logits are computed for that position only. Chunks follow a memory budget and report progress.
 """
 
 from workbench.plateau.core import READ_SITES, WRITE_SITES, kl_divergence
