@@ -8,11 +8,17 @@ import dataclasses
 import pytest
 import torch
 
-from workbench.errors import Cancelled, InputError, SiteError
+from workbench.errors import Cancelled, InputError, SiteError, UnsupportedModelError
 from workbench.models import load_model
 from workbench.models.toy import random_model
 from workbench.patching import Metric, PatchingResult, attribute, compare_attribution, sweep
 from workbench.runner import CancelToken
+
+# random weights answer nothing: their small baseline gaps are warned about (tested once, below)
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:The clean and corrupt logit differences:UserWarning"),
+    pytest.mark.filterwarnings("ignore:For pair.*opposite sign:UserWarning"),
+]
 
 CLEAN = [
     "When Mary and John went to the store , John gave a drink to",
@@ -336,6 +342,18 @@ def test_normalisation_formula_and_per_pair_views(gpt2):
     assert r.dims == ("site", "layer", "position")
 
 
+def test_unreliable_baselines_are_warned_about(gpt2):
+    with pytest.warns(UserWarning, match="differ by only .*less than 1 logit"):
+        r = sweep(gpt2, CLEAN, CORRUPT, ANSWERS, layers=[1], positions=[-1], progress=False)
+    assert any("less than 1 logit" in w for w in r.warnings)  # a random model does not answer anything
+    gap = (r.clean[0] - r.corrupt[0]).tolist()
+    assert any("opposite sign" in w for w in r.warnings) == (gap[0] * gap[1] < 0)
+    # the third pair is the first one reversed: its gap has the other sign
+    c, k = CLEAN[0], CORRUPT[0]
+    with pytest.warns(UserWarning, match="For pair 2 the clean - corrupt gap of logit_diff has the opposite"):
+        sweep(gpt2, [c, c, k], [k, k, c], ANSWERS[0], layers=[1], positions=[-1], progress=False)
+
+
 def test_equal_baselines_make_normalisation_an_error(gpt2):
     r = sweep(gpt2, CLEAN, CORRUPT, ANSWERS, layers=[1], positions=[-1], progress=False)
     same = dataclasses.replace(r, corrupt=r.clean.clone())
@@ -545,6 +563,10 @@ def test_pairs_of_different_lengths_and_missing_resid_mid(gpt2):
     neox = random_model("gpt_neox")
     with pytest.raises(SiteError, match="resid_mid.*does not exist"):
         sweep(neox, CLEAN, CORRUPT, ANSWERS, site="resid_mid", progress=False)
+    with pytest.raises(InputError, match="Expected a WorkbenchModel.*load_model"):
+        sweep(gpt2.module, CLEAN, CORRUPT, ANSWERS, progress=False)
+    with pytest.raises(UnsupportedModelError, match="plain module"):
+        sweep(load_model(torch.nn.Linear(2, 2)), CLEAN, CORRUPT, ANSWERS, progress=False)
 
 
 # -- running: progress, cancel, remote serialisation -----------------------------------------------------------
@@ -657,3 +679,32 @@ def test_heatmap_figure(gpt2):
     scatter = comp.plot()
     assert scatter.data[0].type == "scatter" and "Pearson" in scatter.layout.title.text
     assert comparison(comp).data[-1].name == "y = x"
+
+
+# -- the demo model: the picture's strongest cells are where the IOI circuit puts them --------------------------
+
+
+@pytest.fixture(scope="module")
+def demo():
+    from workbench.demo_model import DEMO_DIR
+
+    if not (DEMO_DIR / "config.json").exists():
+        pytest.skip("the demo model has not been built in this checkout")
+    return load_model("demo")
+
+
+def test_demo_ioi_resid_pre_picture(demo):
+    from workbench.tasks import ioi_pairs
+
+    pairs = ioi_pairs(8, templates=0)
+    r = sweep(demo, pairs, site="resid_pre", progress=False)
+    grid = r.values()[0]  # [layer, position], normalised logit difference
+    clean, corrupt = demo.to_tokens(list(pairs.clean)), demo.to_tokens(list(pairs.corrupt))
+    differ = (clean != corrupt).any(0)
+    assert r.baseline("clean") > 0 > r.baseline("corrupt")  # the model solves the task; the swap flips it
+    # layer 0: only the positions whose tokens differ can matter (nothing earlier differs)
+    assert grid[0, ~differ].abs().max() < 1e-4 and grid[0, differ].max() > 0.5
+    # the last layer: the answer has moved to the final position, which restores most of it on its own
+    assert grid[-1].argmax() == grid.shape[1] - 1 and grid[-1, -1] > 0.5
+    # and the name positions no longer matter there
+    assert grid[-1, differ].abs().max() < 0.5 * grid[-1, -1]

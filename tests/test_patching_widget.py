@@ -14,6 +14,12 @@ from workbench.models.toy import random_model
 from workbench.patching import Metric, sweep
 from workbench.widgets.patching import PatchingExplorer, parse_answers
 
+# random weights answer nothing: their small baseline gaps are warned about (see test_patching.py)
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:The clean and corrupt logit differences:UserWarning"),
+    pytest.mark.filterwarnings("ignore:For pair.*opposite sign:UserWarning"),
+]
+
 CLEAN = [
     "When Mary and John went to the store , John gave a drink to",
     "When Tom and Anna went to the park , Anna gave a book to",
@@ -170,3 +176,16 @@ def test_parse_answers():
     assert parse_answers("' Mary', ' John'\n\n' Tom', \" Anna\"") == [(" Mary", " John"), (" Tom", " Anna")]
     with pytest.raises(Exception, match="Give the answers"):
         parse_answers("   ")
+
+
+def test_remote_models_get_a_job_status_line(model, tmp_path):
+    from workbench.models import load_model
+    from workbench.widgets.remote import RemoteStatus
+
+    model.module.save_pretrained(tmp_path)
+    model.tokenizer.save_pretrained(tmp_path)
+    remote = load_model(str(tmp_path), remote=True)  # nothing runs here: only the panel is built
+    panel = PatchingExplorer(remote, CLEAN[0], CORRUPT[0], ANSWERS[0])
+    assert isinstance(panel.remote_status, RemoteStatus) and panel.remote_status in panel.children
+    local = PatchingExplorer(model, CLEAN[0], CORRUPT[0], ANSWERS[0])
+    assert local.remote_status is None

@@ -28,7 +28,8 @@ class PatchingResult(Result):
     Axes of `raw`: [metric, pair, site, layer, position] plus [head] for per-head sites (z, pattern).
     `positions[i]` are the token positions patched together in column i (one position, or all of them);
     `position_labels[i]` names it with the first pair's clean token ("clean/corrupt" where they differ).
-    `clean` and `corrupt` are the unpatched baselines [metric, pair]. `method` is "exact" (activation
+    `clean` and `corrupt` are the unpatched baselines [metric, pair]; `warnings` says when they make the
+    normalised view unreliable (a small gap, or pairs whose gap has the other sign). `method` is "exact" (activation
     patching) or "attribution" (first-order estimate of the same grid). `direction` is "denoising" (clean
     activations patched into the corrupt run) or "noising" (corrupt activations patched into the clean run).
     """
@@ -50,6 +51,7 @@ class PatchingResult(Result):
     corrupt_tokens: tuple[tuple[str, ...], ...]
     answers: tuple[tuple[str, str], ...]
     provenance: Provenance
+    warnings: tuple[str, ...] = ()
 
     viz_module: ClassVar[str] = "workbench.viz.patching"
 

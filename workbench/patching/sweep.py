@@ -14,10 +14,13 @@ How a sweep runs (all numbers equal, within float tolerance, to patching one cel
 from __future__ import annotations
 
 import dataclasses
+import warnings
 
 import nnsight
 import torch
 
+from workbench.errors import InputError, UnsupportedModelError
+from workbench.models.model import WorkbenchModel
 from workbench.models.sites import SITES
 from workbench.patching.inputs import (
     Pairs,
@@ -61,9 +64,12 @@ class Setup:
 
 def setup(model, clean, corrupt, answers, site, direction, layers, positions, heads, metric) -> Setup:
     """Validate every argument before any model runs."""
+    if not isinstance(model, WorkbenchModel):
+        raise InputError(
+            f"Expected a WorkbenchModel, got {type(model).__name__}; wrap it first: "
+            "model = workbench.models.load_model(model, tokenizer)."
+        )
     if model.adapter is None:
-        from workbench.errors import UnsupportedModelError
-
         raise UnsupportedModelError(
             f"Patching needs a transformer with standard sites; {model.name!r} is a plain module."
         )
@@ -252,7 +258,35 @@ def make_result(model, s: Setup, method: str, raw, clean, corrupt, options: dict
         corrupt_tokens=p.corrupt_tokens,
         answers=p.answer_tokens,
         provenance=provenance,
+        warnings=baseline_warnings(s, clean, corrupt),
     )
+
+
+def baseline_warnings(s: Setup, clean: torch.Tensor, corrupt: torch.Tensor) -> tuple[str, ...]:
+    """Sentences about baselines that make normalised values unreliable; each is also issued as a warning.
+
+    Checks the primary metric: a mean clean - corrupt gap below 1 logit for the logit difference (normalising
+    divides by it, so noise is amplified), and pairs whose gap has the opposite sign to the mean's.
+    """
+    i = [m.name for m in s.metrics].index(s.metric)
+    gap = clean[i] - corrupt[i]
+    mean = float(gap.mean())
+    out = []
+    if s.metric == "logit_diff" and abs(mean) < 1.0:
+        out.append(
+            f"The clean and corrupt logit differences differ by only {mean:+.3g} on average (less than 1 logit): "
+            "normalised values divide by this gap and amplify noise. Check that the model answers the clean "
+            "prompts and that the corrupt prompts change the answer."
+        )
+    flipped = [j for j, g in enumerate(gap.tolist()) if g * mean < 0]
+    if flipped and len(gap) > 1:
+        out.append(
+            f"For pair{'s' * (len(flipped) > 1)} {', '.join(map(str, flipped))} the clean - corrupt gap of "
+            f"{s.metric} has the opposite sign to the mean's: the mean hides a disagreement (see per-pair views)."
+        )
+    for message in out:
+        warnings.warn(message, stacklevel=4)
+    return tuple(out)
 
 
 def sweep(

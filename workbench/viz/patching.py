@@ -113,7 +113,6 @@ def heatmap(
     )
     vtitle = value_title(result, metric, normalize)
     for i, site in enumerate(result.sites):
-        text = np.vectorize(lambda v: f"{v:.3f}")(grids[i])
         extra = np.stack([raws[i], spreads[i] if spreads else np.zeros_like(raws[i])], -1)
         custom = np.concatenate([ids, extra], -1)
         hover = (
@@ -128,7 +127,6 @@ def heatmap(
                 x=xs,
                 y=ys,
                 customdata=custom,
-                text=text,
                 hovertemplate=hover,
                 colorscale=COLORSCALE,
                 zmid=base,

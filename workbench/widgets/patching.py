@@ -12,6 +12,7 @@ stored result without running the model again.
 from __future__ import annotations
 
 import ast
+import html
 
 import ipywidgets as widgets
 import plotly.graph_objects as go
@@ -70,6 +71,7 @@ class PatchingExplorer(Panel):
         grid: the main sweep's `PatchingResult` (kept when a later run fails).
         heads: the drill-down `PatchingResult` for the clicked cell, or None.
         figure / heads_figure: the two `go.FigureWidget`s.
+        remote_status: for NDIF models, the job status line (job id, state, Cancel); else None.
     """
 
     def __init__(
@@ -161,7 +163,14 @@ class PatchingExplorer(Panel):
         )
         for box in (self.metric_box, self.normalize_box, self.pair_box):
             box.observe(lambda _: self.redraw(), "value")
+        self.warning_line = widgets.HTML()
+        self.warning_line.add_class("wb-patching-warnings")
         self.heads_box = widgets.VBox([self.heads_figure], layout=widgets.Layout(display="none"))
+        self.remote_status = None
+        if getattr(model, "remote", False) is True:  # NDIF: show each job's id and state, with Cancel
+            from workbench.widgets.remote import RemoteStatus
+
+            self.remote_status = RemoteStatus()
         self.children = [
             self.clean_box,
             self.corrupt_box,
@@ -170,7 +179,9 @@ class PatchingExplorer(Panel):
             widgets.HBox([self.direction_box, self.normalize_box]),
             self.direction_help,
             self.run_bar,
+            *([self.remote_status] if self.remote_status is not None else []),
             self.status,
+            self.warning_line,
             self.figure,
             self.heads_box,
             self.code_view,
@@ -245,10 +256,7 @@ class PatchingExplorer(Panel):
             self.show_error(err)
             return
 
-        def compute(progress, cancel):
-            return sweep(self.model, **kwargs, progress=progress, cancel=cancel)
-
-        self.start(compute, self._show_grid, label="Patching")
+        self.start(self._compute(kwargs), self._show_grid, label="Patching")
 
     def drill(self, layer: int, position: int, head: int | None = None) -> None:
         """Patch each head at (layer, position index) of the main grid, or (for per-head views) the head `head`
@@ -263,10 +271,17 @@ class PatchingExplorer(Panel):
             return
         self._drill_cell = (layer, position, head)
 
+        self.start(self._compute(kwargs), self._show_heads, label=f"Patching heads of layer {layer}")
+
+    def _compute(self, kwargs: dict):
         def compute(progress, cancel):
             return sweep(self.model, **kwargs, progress=progress, cancel=cancel)
 
-        self.start(compute, self._show_heads, label=f"Patching heads of layer {layer}")
+        if self.remote_status is None:
+            return compute
+        from workbench.widgets.remote import tracked
+
+        return tracked(compute, lambda token: self.remote_status.runner(token))
 
     # -- drawing -------------------------------------------------------------------------------------
     def _view(self) -> dict:
@@ -279,6 +294,9 @@ class PatchingExplorer(Panel):
 
     def _show_grid(self, result) -> None:
         self.grid = result
+        self.warning_line.value = "".join(
+            f'<div style="color:#8a6d00">&#9888; {html.escape(w)}</div>' for w in result.warnings
+        )
         self.heads, self._drill_cell = None, None
         self.heads_box.layout.display = "none"
         options = [("mean", -1)] + [(f"pair {i}", i) for i in range(result.n_pairs)]
