@@ -279,7 +279,7 @@ def interpolation(result, pair: int = 0, max_pairs: int = 40, k: int = 3) -> go.
         rows=2,
         cols=1,
         row_heights=[0.62, 0.38],
-        vertical_spacing=0.14,
+        vertical_spacing=0.2,
         subplot_titles=(
             f"Normalised distance at {result.read_label}, A's activation → B's at {result.site_label}",
             f"Top tokens along pair {pair} (hover for the prompts)",
