@@ -573,14 +573,20 @@ def test_result_table_summaries_and_save(tmp_path, model, ref):
     assert back.families == res.families and back.token_strings == res.token_strings
 
 
-def test_other_families_run(ref):
-    for family in ("llama", "gpt_neox"):
-        m = random_model(family, "tiny", seed=0)
-        res = quiet(
-            probe, m, PROMPTS[0], families=("isotropic",), n_directions=2, sizes=[0, 1, 3], progress=False
-        )
-        assert res.kl.shape == (1, 2, 3) and res.noise_floor.abs().max() < 1e-6
-        assert res.kl[0, :, 2].min() > 0
+@pytest.mark.parametrize("family", ["llama", "gpt_neox", "gemma2"])
+def test_other_families_and_both_paths_agree(family, monkeypatch):
+    """Llama-style (rotary, GQA), NeoX (parallel blocks) and Gemma 2 (sandwich norms, soft-cap): the unperturbed
+    path reproduces the clean logits, and reusing the prefix's keys and values gives the numbers of running the
+    whole prompt (the path used on NDIF)."""
+    m = random_model(family, "tiny", seed=0)
+    kw = dict(families=("isotropic",), n_directions=2, sizes=[0, 1, 3], positions=[3, -1], progress=False)
+    res = quiet(probe, m, PROMPTS[0], **kw)
+    assert res.kl.shape == (2, 2, 3) and res.noise_floor.abs().max() < 1e-6
+    assert res.kl[:, :, 2].min() > 0
+    monkeypatch.setattr("workbench.plateau.core.use_prefix_cache", lambda model: False)
+    whole = quiet(probe, m, PROMPTS[0], **kw)
+    torch.testing.assert_close(whole.kl, res.kl, atol=1e-6, rtol=1e-4)
+    torch.testing.assert_close(whole.l2, res.l2, atol=1e-5, rtol=1e-4)
 
 
 def test_remote_local_gives_the_same_numbers(tmp_path, model, ref):
