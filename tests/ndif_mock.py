@@ -94,6 +94,8 @@ class MockNDIF:
                 self.proc.wait(10)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
+        if self.proc is not None and self.proc.stdout is not None:
+            self.proc.stdout.close()
         if getattr(self, "_log", None):
             self._log.close()
 

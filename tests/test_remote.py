@@ -288,7 +288,9 @@ def test_widget_run_leaves_the_main_thread_free_and_shows_the_lifecycle(
     drawn = []
     compute = tracked(lambda progress, cancel: remote.call(resid, remote_model, tokens, 1), status.runner)
     panel.start(compute, drawn.append)
-    wait_for(lambda: "RUNNING" in status.text, "the status line to show RUNNING")
+    wait_for(
+        lambda: status.last is not None and status.last.state == "RUNNING", "the status line to show RUNNING"
+    )
     # The job is held on the server: whatever the main thread does now, it does while the job runs.
     seen_job_line = status.text
     work = [torch.randn(64, 64) @ torch.randn(64, 64) for _ in range(50)]
@@ -308,10 +310,12 @@ def test_widget_cancel_button_stops_the_wait_and_keeps_the_last_result(ndif, rem
     compute = tracked(lambda p, cancel: resid(remote_model, tokens, 0), lambda token: status.runner(token))
     panel.start(compute, lambda r: None)
     panel.wait(120)
-    first = panel.result
+    first, first_job = panel.result, status.last.job_id
     ndif.scenario(gate=True)
     panel.start(compute, lambda r: None)
-    wait_for(lambda: "RUNNING" in status.text, "RUNNING")
+    wait_for(
+        lambda: status.last.state == "RUNNING" and status.last.job_id != first_job, "the second job RUNNING"
+    )
     status.cancel_button.click()
     panel.wait(120)
     assert "Stopped" in panel.status_text and panel.result is first
@@ -323,7 +327,7 @@ def test_panel_stop_button_also_stops_the_wait(ndif, remote_model, tokens):
     panel = RemoteEcho()
     status = RemoteStatus()
     panel.start(tracked(lambda p, c: resid(remote_model, tokens, 0), status.runner), lambda r: None)
-    wait_for(lambda: "RUNNING" in status.text, "RUNNING")
+    wait_for(lambda: status.last is not None and status.last.state == "RUNNING", "RUNNING")
     panel.stop_button.click()
     panel.wait(120)
     assert "Stopped" in panel.status_text and panel.result is None
@@ -663,7 +667,7 @@ def dry_model(tiny_dir):
     return load_model(tiny_dir, remote="local")
 
 
-@pytest.mark.filterwarnings("ignore:The covariance")
+@pytest.mark.filterwarnings("ignore:The covariance", "ignore:The clean and corrupt logit differences")
 @pytest.mark.parametrize("engine", ENGINES)
 def test_engine_dry_run_gives_the_local_numbers(engine, dry_model, local_results):
     with RemoteRunner() as runner:
@@ -672,7 +676,7 @@ def test_engine_dry_run_gives_the_local_numbers(engine, dry_model, local_results
     assert_same(local_results(engine), got)
 
 
-@pytest.mark.filterwarnings("ignore:The covariance")
+@pytest.mark.filterwarnings("ignore:The covariance", "ignore:The clean and corrupt logit differences")
 @pytest.mark.parametrize("engine", ENGINES)
 def test_engine_on_ndif_gives_the_local_numbers(engine, ndif, remote_model, local_results):
     """Through the mock NDIF server: the real protocol, and a server without the workbench installed."""
@@ -696,7 +700,7 @@ def remote_model_bf16(tiny_dir_bf16):
     return load_model(tiny_dir_bf16, remote=True)
 
 
-@pytest.mark.filterwarnings("ignore:The covariance")
+@pytest.mark.filterwarnings("ignore:The covariance", "ignore:The clean and corrupt logit differences")
 @pytest.mark.parametrize("engine", ENGINES)
 def test_engine_runs_on_a_bfloat16_server(engine, ndif, remote_model_bf16, request):
     """NDIF serves large models in bfloat16 while the client's (meta) model says float32: tensors an engine
