@@ -5,7 +5,9 @@ position: positions after p cannot influence the output at p (causal attention),
 produce logits for one position (`logits_to_keep=1`). A *row* is one base with its activation at the site
 replaced by a given vector. Rows of bases with equal token length run together as large batches, chunked to a
 memory budget. The blocks below the write layer are identical to the clean run, so they are skipped: their
-output is the cached clean residual (with the perturbed vector in place when the site is `resid_pre`).
+output is the cached clean residual (with the perturbed vector in place when the site is `resid_pre`). The
+earlier positions are identical too: locally, their attention keys and values come from the clean run and only
+the last position is computed (on NDIF, where a cache object cannot travel, the whole truncated prompt runs).
 
 Output changes are measured against a reference row per base (the unperturbed activation through this same
 path) and computed inside the trace, in float32: KL(reference || perturbed) of the next-token distribution in
@@ -74,11 +76,10 @@ class Where:
                 )
         return cls(site, layer, read_site, read_layer)
 
-    @property
-    def write(self) -> tuple[str, int]:
-        """The site actually written: resid_post of layer L is resid_pre of L + 1, so block L can be skipped too
-        (`_write_target` keeps resid_post for the last layer)."""
-        if self.site == "resid_post":
+    def target(self, n_layers: int) -> tuple[str, int]:
+        """The (site, layer) actually written: resid_post of a layer L below the last is resid_pre of L + 1, which
+        lets block L be skipped too."""
+        if self.site == "resid_post" and self.layer + 1 < n_layers:
             return "resid_pre", self.layer + 1
         return self.site, self.layer
 
@@ -87,13 +88,6 @@ class Where:
 
     def read_label(self) -> str:
         return self.read_site if self.read_layer is None else f"{self.read_site} {self.read_layer}"
-
-
-def _write_target(model, where: Where) -> tuple[str, int]:
-    site, layer = where.write
-    if site == "resid_pre" and layer >= model.cfg.n_layers:  # resid_post of the last layer
-        return where.site, where.layer
-    return site, layer
 
 
 @dataclasses.dataclass
@@ -125,13 +119,12 @@ def clean_bases(
     model, where: Where, rows: Sequence[torch.Tensor], positions: Sequence[Sequence[int]]
 ) -> list[Base]:
     """Run each prompt once and cut one `Base` per (prompt, position), in order. rows: [1, pos] token tensors."""
-    site, layer = _write_target(model, where)
+    site, layer = where.target(model.cfg.n_layers)
     cached = use_prefix_cache(model)
     bases: list[Base] = []
     for row, pos_list in zip(rows, positions):
-        resid_in = out = (
-            None  # nnsight hands back only values saved inside the trace: set the others before it
-        )
+        # nnsight hands back only values saved inside the trace: set the others before it
+        resid_in = out = None
         kw = {"use_cache": True} if cached else {}
         with torch.no_grad(), model.trace(row.to(model.device), **kw):
             if layer > 0:
@@ -195,7 +188,7 @@ def _trace_rows(model, where: Where, rows: list[Base], vecs, ref_logp, ref_read,
     """One trace over rows (bases of equal token length): vecs [n, d] to write at the last position, reference
     log-probs [n or 1, d_vocab] / read [n or 1, d_read] (or None; one row broadcasts to all), watch [n, m] token
     ids whose log-probs to return."""
-    site, layer = _write_target(model, where)
+    site, layer = where.target(model.cfg.n_layers)
     device = model.device
     vecs = vecs.to(device=device, dtype=model.dtype)
     cached = rows[0].kv is not None
