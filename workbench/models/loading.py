@@ -192,6 +192,10 @@ def _from_directory(
         kwargs["dtype"] = _resolve_dtype(dtype, device, _approx_params(hf_config))
         kwargs["device_map"] = str(device)
         kwargs["dispatch"] = dispatch
+    else:
+        # The (meta) model's dtype is what engines cast the tensors they send to: guess NDIF's, which runs on
+        # GPUs, with the local-GPU default (bfloat16 above 2B parameters); `dtype=` overrides.
+        kwargs["dtype"] = _resolve_dtype(dtype, torch.device("cuda"), _approx_params(hf_config))
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*generation flags.*")

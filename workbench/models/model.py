@@ -71,6 +71,8 @@ class WorkbenchModel:
 
     @property
     def device(self) -> torch.device:
+        if self.remote is True:  # inputs start here and NDIF moves them to its GPUs; the weights are meta
+            return torch.device("cpu")
         param = next(self.module.parameters(), None)
         if param is None or (param.device.type == "meta" and self._intended_device is not None):
             return self._intended_device or torch.device("cpu")
@@ -118,12 +120,18 @@ class WorkbenchModel:
         model's forward pass on greenlets, which cannot switch across threads, and panels run in background
         threads while the notebook goes on.
         """
-        kwargs.setdefault("remote", self.remote)
-        if kwargs["remote"] is False:
-            kwargs.pop("remote")
+        remote = kwargs.pop("remote", self.remote)
+        if remote and "backend" not in kwargs:
+            # one NDIF job (or "local" dry run) per trace, reported to the RemoteRunner active in this thread:
+            # status line, cancel, timeout, clear errors
+            from workbench.remote import backend_for
+
+            kwargs["backend"] = backend_for(self, remote)
         if self.is_transformer:
             kwargs.setdefault("use_cache", False)
         tracer = self.nnsight.trace(*inputs, **kwargs)
+        if remote is True:
+            return tracer  # nothing runs here: waiting for NDIF must not hold the lock local traces need
         execute = tracer.backend  # nnsight runs the model when the `with` block exits, through this call
 
         def execute_exclusively(t):

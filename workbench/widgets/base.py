@@ -118,6 +118,10 @@ class Panel(widgets.VBox):
     def _on_progress(self, done: int, total: int) -> None:
         self.progress.value = done / max(total, 1)
 
+    def _on_remote_update(self, update) -> None:
+        """An NDIF job's state in the status line: job id, lifecycle state, elapsed time."""
+        self.set_status(update.text(), "error" if update.state == "ERROR" else "busy")
+
     def start(
         self,
         compute: Callable[[Callable[[int, int], None], CancelToken], Any],
@@ -136,8 +140,12 @@ class Panel(widgets.VBox):
         started = time.perf_counter()
 
         def job():
+            from workbench.remote import RemoteRunner
+
             try:
-                result = compute(self._on_progress, self._cancel)
+                # Remote traces inside `compute` report here, and Stop ends their wait too.
+                with RemoteRunner(self._on_remote_update, cancel=self._cancel):
+                    result = compute(self._on_progress, self._cancel)
                 on_result(result)
                 self.result = result
                 self.set_status(f"Done in {time.perf_counter() - started:.1f} s.", "ok")
