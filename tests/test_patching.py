@@ -4,6 +4,7 @@ implementation on the same weights; baselines, normalisation, metrics, errors, r
 from __future__ import annotations
 
 import dataclasses
+import warnings
 
 import pytest
 import torch
@@ -693,11 +694,45 @@ def demo():
     return load_model("demo")
 
 
+def test_demo_factual_recall_picture(demo):
+    """Factual recall ("The capital of Veloria is" -> " Marrowby", corrupt: another country): the information
+    enters at the subject token and has to reach the final position through attention."""
+    from workbench.tasks import factual_pairs
+
+    pairs = factual_pairs(phrasings="train").by_template()["fact/0"][:8]
+    r = sweep(demo, pairs, site=["resid_pre", "attn_out", "mlp_out", "resid_post"], progress=False)
+    assert (r.clean[0] > 1).all() and (
+        r.corrupt[0] < -1
+    ).all()  # the model knows the facts; the swap flips them
+    assert not r.warnings
+    grid = r.values()  # [site, layer, position]
+    clean, corrupt = demo.to_tokens(list(pairs.clean)), demo.to_tokens(list(pairs.corrupt))
+    subject = int((clean != corrupt).any(0).nonzero().squeeze())
+    resid, attn, mlp, post = grid
+    # layer 0: the subject token is all that differs; patching it there is running the clean prompt
+    assert resid[0, subject] == pytest.approx(1.0, abs=1e-4) and resid[0].abs().sum() == pytest.approx(
+        1.0, abs=1e-3
+    )
+    # the final position's last residual decides the answer alone
+    assert post[-1, -1] == pytest.approx(1.0, abs=1e-4)
+    # along the layers the information leaves the subject position for the final one
+    assert resid[-1, -1] > resid[0, -1] + 0.2 and resid[-1, subject] < resid[0, subject] - 0.2
+    # attention moves it: its strongest cell is at the final position
+    assert int(attn.abs().flatten().argmax()) % attn.shape[1] == attn.shape[1] - 1
+
+
 def test_demo_ioi_resid_pre_picture(demo):
     from workbench.tasks import ioi_pairs
 
     pairs = ioi_pairs(8, templates=0)
-    r = sweep(demo, pairs, site="resid_pre", progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a model that does not solve IOI is warned about; skipped below
+        r = sweep(demo, pairs, site="resid_pre", progress=False)
+    gap = r.baseline("clean") - r.baseline("corrupt")
+    if gap < 1:
+        pytest.skip(
+            f"this demo model does not solve IOI (clean - corrupt logit difference {gap:.3f} < 1 logit)"
+        )
     grid = r.values()[0]  # [layer, position], normalised logit difference
     clean, corrupt = demo.to_tokens(list(pairs.clean)), demo.to_tokens(list(pairs.corrupt))
     differ = (clean != corrupt).any(0)

@@ -150,7 +150,7 @@ def heatmap(
     method = "Attribution patching (estimate)" if result.method == "attribution" else "Activation patching"
     site_text = f" of {SITE_LABELS.get(result.sites[0], result.sites[0])}" if n == 1 else ""
     fig.update_layout(
-        title={"text": f"{method}{site_text}, {result.direction}; {who}", "x": 0.01},
+        title={"text": f"{method}{site_text}, {result.direction}: {vtitle}; {who}", "x": 0.01},
         height=height or max(260, 22 * len(ys) + 160),
         margin={"l": 60, "r": 20, "t": 60, "b": 80},
         template="plotly_white",
