@@ -686,20 +686,7 @@ def test_removal_on_the_demo_model_ends_close_to_the_control(demo):
 
     train = demo_corpus("train", 3000)
     val = demo_corpus("validation", 300)
-    cfg = preset("demo").replace(
-        steps=80,
-        micro_batch=8,
-        warmup=5,
-        schedule={
-            "mlp_start": 5,
-            "mlp_gap": 3,
-            "qk_start": 18,
-            "qk_gap": 3,
-            "v_start": 31,
-            "v_gap": 4,
-            "final_step": 48,
-        },
-    )
+    cfg = preset("demo-quick")
     run = finetune(demo, train, cfg, val=val, progress=False)
     control = finetune(demo, train, cfg, val=val, remove=False, progress=False)
     gap = run.history.final_val_loss - control.history.final_val_loss

@@ -54,6 +54,8 @@ def test_choosing_norms_measures_their_loss_together(panel, model, tokens):
     mlp = next(t for t in panel.figure.data if t.name == "MLP")
     assert list(mlp.marker.opacity) == [0.3, 1.0]
     assert panel.preset.value == 0  # not a prefix of the paper's order
+    boxes = {t.name: t.marker.color for t in panel.figure.data if t.type == "box"}
+    assert boxes["ln2.1"] == boxes["ln_final"] != boxes["ln2.0"]  # the chosen norms' distributions stand out
 
 
 def test_preset_and_kind_buttons(panel, model):

@@ -173,11 +173,13 @@ def preview(
     bounds = [(i * chunk, min(len(tokens), (i + 1) * chunk)) for i in range(n_chunks)]
     norms = norm_modules(n_layers)
 
-    # Work units, in order: the statistics pass over every chunk (it calibrates the scales), then per chunk a
-    # pass that caches block outputs (it also measures "final" alone), the single sites, the cumulative steps.
+    # Work units, in order: the statistics pass over every chunk (it calibrates the scales), then per chunk the
+    # single sites and the cumulative steps.
     units = [("stats", c, None) for c in range(n_chunks)]
     variants = [("single", s) for s in single_sites] + [("cumulative", k) for k in range(len(steps))]
-    if skip or "final" in single_sites:
+    # Freezing only the final norm runs every block unchanged: done first, it caches their outputs for the
+    # chunk's other passes (with a single chunk the statistics pass already has them).
+    if "final" in single_sites or (skip and n_chunks > 1):
         variants = [("single", "final")] + [v for v in variants if v != ("single", "final")]
     units += [("variant", c, v) for c in range(n_chunks) for v in variants]
 

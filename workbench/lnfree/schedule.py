@@ -5,21 +5,24 @@ path, then every v path, then the final norm, with a fixed number of optimizer s
 group. `RemovalSchedule` holds those numbers; `FinetuneConfig` the rest of the run (batch, learning-rate
 schedule, auxiliary loss). Presets:
 
-======================  ==========  ==========  ==========  ==========  ===========  ===========
-preset                  gpt2        gpt2-medium gpt2-large  gpt2-xl     demo (CPU)   smoke (tests)
-======================  ==========  ==========  ==========  ==========  ===========  ===========
-micro-batch x accum     32 x 16     22 x 23     28 x 18     18 x 28     16 x 1       4 x 1
-sequence length         1024        1024        1024        1024        128          32
-peak -> min LR          6e-4->3e-4  6e-4->3e-4  3e-4->4e-5  1e-4->2e-5  6e-4->3e-4   1e-3->5e-4
-warmup                  25          10          15          20          20           2
-aux weight              0.1         0.1         0.03        0.01        0.1          0.1
-EMA momentum            0.9         0.9         0.912       0.942       0.9          0.9
-steps (cosine horizon)  300 (300)   500 (500)   600 (1200)  800 (1200)  300 (300)    24 (24)
-MLP start / gap         20 / 2      20 / 2      30 / 4      50 / 4      20 / 10      2 / 1
-q/k start / gap         44 / 2      68 / 2      174 / 4     242 / 4     70 / 10      6 / 1
-v start / gap           68 / 3      116 / 3     318 / 6     434 / 6     120 / 15     10 / 1
-final norm at           104         188         534         722         190          14
-======================  ==========  ==========  ==========  ==========  ===========  ===========
+======================  ==========  ==========  ==========  ==========  ===========  ==========  ==========
+preset                  gpt2        gpt2-medium gpt2-large  gpt2-xl     demo (CPU)   demo-quick  smoke
+======================  ==========  ==========  ==========  ==========  ===========  ==========  ==========
+micro-batch x accum     32 x 16     22 x 23     28 x 18     18 x 28     16 x 1       8 x 1       4 x 1
+sequence length         1024        1024        1024        1024        128          128         32
+peak -> min LR          6e-4->3e-4  6e-4->3e-4  3e-4->4e-5  1e-4->2e-5  6e-4->3e-4   6e-4->3e-4  1e-3->5e-4
+warmup                  25          10          15          20          20           5           2
+aux weight              0.1         0.1         0.03        0.01        0.1          0.1         0.1
+EMA momentum            0.9         0.9         0.912       0.942       0.9          0.9         0.9
+steps (cosine horizon)  300 (300)   500 (500)   600 (1200)  800 (1200)  300 (300)    80 (80)     24 (24)
+MLP start / gap         20 / 2      20 / 2      30 / 4      50 / 4      20 / 10      5 / 3       2 / 1
+q/k start / gap         44 / 2      68 / 2      174 / 4     242 / 4     70 / 10      18 / 3      6 / 1
+v start / gap           68 / 3      116 / 3     318 / 6     434 / 6     120 / 15     31 / 4      10 / 1
+final norm at           104         188         534         722         190          48          14
+======================  ==========  ==========  ==========  ==========  ===========  ==========  ==========
+
+"demo" fits the demo model (4 layers) on a CPU in minutes; "demo-quick" is its CI-sized version and "smoke" a
+mechanics check for tiny models. Their numbers are not comparable with the paper's.
 
 All paper presets use weight decay 0.01, gradient clipping at 1.0, bf16 autocast on GPUs and full fine-tuning of
 every weight (norm weights and biases stay trainable). Gradient checkpointing was on for Small and Medium.
@@ -170,6 +173,10 @@ PRESETS: dict[str, FinetuneConfig] = {
     "demo": FinetuneConfig(
         steps=300, micro_batch=16, grad_accum=1, seq_len=128, lr=6e-4, min_lr=3e-4, warmup=20,
         schedule=RemovalSchedule(20, 10, 70, 10, 120, 15, 190), aux_weight=0.1,
+    ),
+    "demo-quick": FinetuneConfig(
+        steps=80, micro_batch=8, grad_accum=1, seq_len=128, lr=6e-4, min_lr=3e-4, warmup=5,
+        schedule=RemovalSchedule(5, 3, 18, 3, 31, 4, 48), aux_weight=0.1,
     ),
     "smoke": FinetuneConfig(
         steps=24, micro_batch=4, grad_accum=1, seq_len=32, lr=1e-3, min_lr=5e-4, warmup=2,

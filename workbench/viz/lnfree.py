@@ -117,7 +117,9 @@ def _cumulative(fig, result, k: int | None, row: int, col: int) -> None:
     fig.update_yaxes(title_text="loss change (nats)", row=row, col=col)
 
 
-def _distributions(fig, stats, scales, norms: list[str], row: int, col: int, max_points: int = 4000) -> None:
+def _distributions(
+    fig, stats, scales, norms: list[str], row: int, col: int, max_points: int = 4000, highlight=frozenset()
+) -> None:
     import torch
 
     first = torch.zeros_like(stats.eot)
@@ -131,7 +133,7 @@ def _distributions(fig, stats, scales, norms: list[str], row: int, col: int, max
             go.Box(
                 y=body.tolist(),
                 name=norm,
-                marker_color="#7a8ca3",
+                marker_color="#1f3b73" if norm in highlight else "#9aa9bd",
                 boxpoints=False,
                 showlegend=False,
                 hovertemplate=f"{norm}<br>per-token scale %{{y:.4g}}<extra></extra>",
@@ -222,7 +224,8 @@ def preview_figure(
 ) -> go.Figure:
     """Four panels: loss change from freezing each norm alone (per layer and kind, `selected` highlighted), the
     cumulative curve in the removal order (`k` marks the preset "paper order up to step k"), per-token scale
-    distributions with position 0 and end-of-text marked, and the mean per-token error of each frozen scale.
+    distributions with position 0 and end-of-text marked (the norms of `selected` sites darker), and the mean
+    per-token error of each frozen scale.
 
     `frozen_loss`, when given, is the measured loss with the `selected` sites frozen together (in the title)."""
     selected = set(selected or [])
@@ -243,7 +246,7 @@ def preview_figure(
     )
     _single_bars(fig, result, selected, 1, 1)
     _cumulative(fig, result, k, 1, 2)
-    _distributions(fig, stats, result.scales, norms, 2, 1)
+    _distributions(fig, stats, result.scales, norms, 2, 1, highlight={norm_module(s) for s in selected})
     _errors(fig, result, 3, 1)
     if title is None:
         title = f"{result.model}: zero-shot LayerNorm removal preview (base loss {result.base_loss:.4f} nats)"
