@@ -10,11 +10,17 @@ Compared, alternating in one process:
   swapped for its cached output, the same KV cache reuse, the same chunks), with KL and L2 computed alike.
 - a peer: plain batched forward passes of the full prompt with a forward pre-hook (what a hand-rolled sweep
   does), logits at the last position only. On CPU it is timed on one chunk and scaled to all rows (noted).
+
+The row reports wall-time medians; the notes add the ratio of process CPU time, which is the steadier measure of
+the work done when other jobs share the machine.
 """
 
 from __future__ import annotations
 
+import gc
+import statistics
 import sys
+import time
 import warnings
 
 import torch
@@ -109,6 +115,28 @@ def plain_full_forward(hf, tokens, layer, vecs, chunk):
     return torch.cat(out)
 
 
+def wall_and_cpu_medians(fns: dict, repeats: int) -> tuple[dict[str, float], dict[str, float]]:
+    """Median wall and process CPU seconds of each function, measured round-robin. On a shared machine the CPU
+    time (all threads of this process) is the steadier measure of work; wall time is what a user waits."""
+    wall: dict[str, list[float]] = {k: [] for k in fns}
+    cpu: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            w, c = time.perf_counter(), time.process_time()
+            fn()
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            wall[name].append(time.perf_counter() - w)
+            cpu[name].append(time.process_time() - c)
+    return (
+        {k: statistics.median(v) for k, v in wall.items()},
+        {k: statistics.median(v) for k, v in cpu.items()},
+    )
+
+
 def run(size: str = "cpu") -> list[dict]:
     from workbench.models.toy import random_model
     from workbench.plateau import probe, reference_stats
@@ -165,7 +193,7 @@ def run(size: str = "cpu") -> list[dict]:
     diff = float((kl_plain.cpu() - kl_engine).abs().max())
     l2_diff = float((l2_plain.cpu() - res.l2[0, :, 1:].reshape(-1)).abs().max())
 
-    times = interleaved_medians({"engine": engine, "lower": lower_bound}, repeats=opts["repeats"], warmup=0)
+    times, cpu = wall_and_cpu_medians({"engine": engine, "lower": lower_bound}, repeats=opts["repeats"])
     peer_rows = min(256, n_rows) if device == "cpu" else n_rows
     peer_t = interleaved_medians(
         {"peer": lambda: plain_full_forward(hf, tok, LAYER, vecs[:peer_rows], 256)}, repeats=1, warmup=0
@@ -175,6 +203,9 @@ def run(size: str = "cpu") -> list[dict]:
     note = (
         f"{n_rows} perturbed runs ({len(FAMILIES)} families x {N_PER_FAMILY} directions x {N_SIZES} sizes), prompt of "
         f"{opts['n_tokens']} tokens, {device}, chunks of {chunk} rows; max |KL diff| {diff:.2g}, max |L2 diff| {l2_diff:.2g}"
+    )
+    note += (
+        f"; CPU-time ratio {cpu['engine'] / cpu['lower']:.2f} ({cpu['engine']:.1f} s vs {cpu['lower']:.1f} s)"
     )
     if peer_rows < n_rows:
         note += f"; full-forward peer timed on {peer_rows} rows and scaled x{n_rows // peer_rows}"
