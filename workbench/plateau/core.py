@@ -23,7 +23,6 @@ import torch
 
 from workbench.errors import InputError, SiteError
 from workbench.models.sites import SITES
-from workbench.results import Provenance
 from workbench.runner import CancelToken, ProgressCallback, chunk_size, parse_budget, run_chunked
 
 WRITE_SITES = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out")
@@ -33,13 +32,6 @@ MAX_CHUNK_TOKENS = 8192
 """At most this many positions (rows x positions each row runs) per trace; within it the memory budget decides.
 Fewer, larger traces cost less per row (per-trace and per-op overheads dominate small models), while very
 large batches of long rows gain nothing and use much memory."""
-
-
-def provenance(model_name: str, **options) -> Provenance:
-    """`Provenance.capture` with version strings as plain `str` (torch's version object does not reload with
-    ``torch.load(weights_only=True)``)."""
-    prov = Provenance.capture(model_name, **options)
-    return dataclasses.replace(prov, versions={k: str(v) for k, v in prov.versions.items()})
 
 
 @dataclasses.dataclass(frozen=True)

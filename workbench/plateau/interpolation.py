@@ -18,7 +18,6 @@ from workbench.plateau.core import (
     Where,
     clean_bases,
     kl_divergence,
-    provenance,
     reference_rows,
     resolve_positions,
     run_rows,
@@ -254,7 +253,7 @@ def interpolate(
         layer=where.layer,
         read_site=where.read_site,
         read_layer=where.read_layer,
-        provenance=provenance(
+        provenance=Provenance.capture(
             model.name,
             prompts_a=list(texts_a),
             prompts_b=list(texts_b),
@@ -390,7 +389,7 @@ def slice_2d(
         layer=where.layer,
         read_site=where.read_site,
         read_layer=where.read_layer,
-        provenance=provenance(
+        provenance=Provenance.capture(
             model.name,
             prompts=list(texts),
             layer=where.layer,

@@ -17,7 +17,6 @@ from workbench.plateau.core import (
     Where,
     clean_bases,
     kl_divergence,
-    provenance,
     reference_rows,
     resolve_positions,
     run_rows,
@@ -507,7 +506,7 @@ def probe(
         read_site=where.read_site,
         read_layer=where.read_layer,
         warnings=tuple(dict.fromkeys(notes)),
-        provenance=provenance(
+        provenance=Provenance.capture(
             model.name,
             prompts=list(texts),
             layer=where.layer,

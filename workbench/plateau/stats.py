@@ -18,7 +18,6 @@ from typing import Any, ClassVar
 import torch
 
 from workbench.errors import InputError
-from workbench.plateau.core import provenance
 from workbench.results import Provenance, Result
 from workbench.runner import CancelToken, ProgressCallback, run_chunked
 
@@ -176,7 +175,7 @@ def stats_from_activations(
         site=site,
         layer=layer,
         warnings=tuple(notes),
-        provenance=provenance(model_name, site=site, layer=layer, shrinkage=shrinkage, **options),
+        provenance=Provenance.capture(model_name, site=site, layer=layer, shrinkage=shrinkage, **options),
     )
 
 
