@@ -17,7 +17,7 @@ import os
 import random
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -416,7 +416,7 @@ class ReplicaRecipe:
     last position, 50% split with seed 0). `epochs` is ours: see the notebook for why fewer than the copied 5000
     suffice. Training is deterministic for a given recipe on a given machine (seeded init, fixed thread count)."""
 
-    epochs: int = 1000
+    epochs: int = 5000
     lr: float = 5e-4
     weight_decay: float = 1.0
     betas: tuple[float, float] = (0.9, 0.98)
@@ -511,9 +511,11 @@ def train_replica(
     *,
     progress: bool = True,
     cancel: CancelToken | None = None,
+    on_eval: Callable[[int, PairTransformer], None] | None = None,
 ) -> tuple[PairTransformer, ReplicaReport]:
     """Train a `PairTransformer` on the ground-truth labels of the train half. Returns the model (eval mode)
-    and its `ReplicaReport`. Takes a few minutes on two CPU cores for the default recipe."""
+    and its `ReplicaReport`. `on_eval(epoch, model)` is called at every evaluation (e.g. to keep snapshots); it
+    must not change the model. The default recipe takes about 10 minutes on two idle CPU cores."""
     is_train = train_test_split(recipe.frac_train, recipe.split_seed).flatten()
     tokens = all_pairs()
     truth = labels.labels.flatten()
@@ -545,6 +547,8 @@ def train_replica(
                     history["train"].append(agreement(predicted, truth, is_train))
                     history["test"].append(agreement(predicted, truth, ~is_train))
                     history["agree"].append(agreement(predicted, labels.model_labels))
+                    if on_eval is not None:
+                        on_eval(epoch, model)
                 if epoch == recipe.epochs:
                     break
                 if cancel is not None:
@@ -566,14 +570,29 @@ def train_replica(
         recipe=dataclasses.asdict(recipe),
         epochs=torch.tensor(history["epoch"]),
         train_loss=torch.tensor(history["loss"], dtype=torch.float64),
-        train_accuracy=torch.tensor(history["train"]),
-        test_accuracy=torch.tensor(history["test"]),
-        agreement=torch.tensor(history["agree"]),
+        train_accuracy=torch.tensor(history["train"], dtype=torch.float64),
+        test_accuracy=torch.tensor(history["test"], dtype=torch.float64),
+        agreement=torch.tensor(history["agree"], dtype=torch.float64),
         seconds=seconds,
         cache_key=recipe.key(labels.labels),
         provenance=Provenance.capture("casper-pair-replica", **dataclasses.asdict(recipe)),
     )
     return model, report
+
+
+def initialisation_left(model: PairTransformer, recipe: ReplicaRecipe) -> dict[str, float]:
+    """For each weight matrix, how much of the replica's random initialisation is still in it: the coefficient
+    of the trained weights' projection on their initial values (rebuilt from the recipe's seed). AdamW's decoupled
+    weight decay alone shrinks it by ``exp(-lr * weight_decay * epochs)``."""
+    torch.manual_seed(recipe.init_seed)
+    initial = PairTransformer().state_dict()
+    out = {}
+    for name, trained in model.state_dict().items():
+        start = initial[name].double().flatten()
+        if name.endswith("mask") or start.norm() == 0:
+            continue  # the mask buffer and the zero-initialised biases
+        out[name] = (trained.double().flatten() @ start / (start @ start)).item()
+    return out
 
 
 def replica_path(labels: PairLabels, recipe: ReplicaRecipe, cache: str | os.PathLike | None = None) -> Path:
@@ -603,10 +622,18 @@ def load_replica(
                 f"ignoring the unreadable cached replica {file} ({exc}); training it again", stacklevel=2
             )
     model, report = train_replica(labels, recipe, progress=progress)
-    _atomic_save(
-        {"model": model.state_dict(), "epoch": recipe.epochs, "report": _report_to_dict(report)}, file
-    )
+    save_replica(model, report, file)
     return model, report
+
+
+def save_replica(model: PairTransformer, report: ReplicaReport, file: str | os.PathLike) -> Path:
+    """Write a replica as `load_replica` caches it (the original's checkpoint format plus the report)."""
+    file = Path(file)
+    _atomic_save(
+        {"model": model.state_dict(), "epoch": report.recipe["epochs"], "report": _report_to_dict(report)},
+        file,
+    )
+    return file
 
 
 def _report_to_dict(report: ReplicaReport) -> dict:
@@ -791,20 +818,29 @@ def fit_pca(x: torch.Tensor) -> PCA:
 @dataclass(frozen=True)
 class AndGate:
     """Class 1 iff two linear filters of resid_mid both pass: ``x @ directions[i] > thresholds[i]`` for i = 0 (alpha)
-    and 1 (beta). Both directions lie in the plane of the first two principal components.
+    and 1 (beta). Both directions lie in the span of the first k principal components (k = 2 in the solution).
 
-    pca: the PCA whose first two components span the plane. normals [2, 2] and corner [2]: the two boundary lines
-    in that plane (unit normals pointing into class 1, and where they cross). directions [2, d]: the filters in
-    resid_mid space. thresholds [2]. moves [2, d]: the dual directions; adding ``k * moves[0]`` to resid_mid changes
-    the alpha filter by k and leaves beta unchanged (and vice versa).
+    pca: the PCA of resid_mid. normals [2, k] (unit, pointing into class 1) and offsets [2]: the two boundaries in
+    the coordinates of the first k components (``normals[i] @ pc_coords > offsets[i]``). directions [2, d] and
+    thresholds [2]: the same filters in resid_mid space. moves [2, d]: adding ``s * moves[0]`` to resid_mid changes
+    the alpha filter by s and leaves beta unchanged (and vice versa).
     """
 
     pca: PCA
     normals: torch.Tensor
-    corner: torch.Tensor
+    offsets: torch.Tensor
     directions: torch.Tensor
     thresholds: torch.Tensor
     moves: torch.Tensor
+
+    @property
+    def n_components(self) -> int:
+        return self.normals.shape[1]
+
+    @property
+    def corner(self) -> torch.Tensor:
+        """Where the two boundaries cross, in PC coordinates [k] (the point nearest the mean if k > 2)."""
+        return torch.linalg.pinv(self.normals) @ self.offsets
 
     def filters(self, x: torch.Tensor) -> torch.Tensor:
         """Signed filter margins [..., 2]: positive where a filter passes."""
@@ -815,12 +851,19 @@ class AndGate:
         return (self.filters(x) > 0).all(-1).long()
 
     def basis(self) -> torch.Tensor:
-        """[d, d] rows: moves[0], moves[1], then principal components 3.. d: resid_mid minus its mean is
-        ``coords @ basis`` where coords are (alpha, beta, PC3, ...) up to constants. The scrubbing basis."""
-        return torch.cat([self.moves, self.pca.components[2:]])
+        """The scrubbing basis [d, d]: rows moves[0], moves[1], then the rest of the span of the first k components
+        (orthogonal to both filters), then components k+1...; resid_mid minus its mean is ``coords @ basis``, and
+        coords[0], coords[1] are the two filter values (up to constants)."""
+        k = self.n_components
+        rest = torch.linalg.svd(self.normals, full_matrices=True).Vh[
+            2:
+        ]  # [k - 2, k]: null space of the normals
+        return torch.cat([self.moves, rest @ self.pca.components[:k], self.pca.components[k:]])
 
     def boundary_line(self, extent: float = 1.0, n: int = 2) -> torch.Tensor:
-        """The corner's two arms in the PC1-PC2 plane for plotting: [2 arms, n points, 2]."""
+        """The corner's two arms in the PC1-PC2 plane for plotting: [2 arms, n points, 2] (k = 2 only)."""
+        if self.n_components != 2:
+            raise InputError("the boundary is a pair of lines only for a gate fitted on two components")
         arms = []
         for i in range(2):
             along = torch.stack([-self.normals[i, 1], self.normals[i, 0]])  # along boundary i
@@ -834,7 +877,7 @@ class AndGate:
 
 def _fit_corners(u: torch.Tensor, y: torch.Tensor, w: torch.Tensor, b: torch.Tensor, steps: int):
     """Adam on the cross-entropy of a smooth AND, sigmoid(u.w0 - b0) * sigmoid(u.w1 - b1), for several starts at
-    once: u [n, 2], y [n], w [start, 2, 2], b [start, 2]."""
+    once: u [n, k], y [n], w [start, 2, k], b [start, 2]."""
     w, b = w.clone().requires_grad_(True), b.clone().requires_grad_(True)
     optimizer = torch.optim.Adam([w, b], lr=0.05)
     for _ in range(steps):
@@ -847,27 +890,34 @@ def _fit_corners(u: torch.Tensor, y: torch.Tensor, w: torch.Tensor, b: torch.Ten
     return w.detach(), b.detach()
 
 
-def fit_and_gate(x: torch.Tensor, labels: torch.Tensor, pca: PCA | None = None, seed: int = 0) -> AndGate:
-    """Fit the corner boundary: class 1 iff two half-planes of the first two principal components both hold.
+def fit_and_gate(
+    x: torch.Tensor, labels: torch.Tensor, *, n_components: int = 2, pca: PCA | None = None, seed: int = 0
+) -> AndGate:
+    """Fit the corner boundary: class 1 iff two half-spaces of the first `n_components` principal components
+    both hold (two half-planes of PC1-PC2, the solution's corner, for the default 2).
 
-    x [pair, d] resid_mid; labels [pair] or [A, B]. Maximises a smooth AND (product of two sigmoids) by gradient
-    descent from 24 starting orientations and keeps the one with the best hard accuracy.
+    x [pair, d] resid_mid of all pairs; labels [pair] or [A, B]. Maximises a smooth AND (product of two sigmoids)
+    by gradient descent from 24 starting orientations and keeps the one with the best hard accuracy.
     """
     pca = pca or fit_pca(x)
-    u = pca.transform(x)[:, :2]
+    k = n_components
+    if not 2 <= k <= x.shape[-1]:
+        raise InputError(f"n_components must be between 2 and {x.shape[-1]}, got {k}")
+    u = pca.transform(x)[:, :k]
     y = labels.flatten().double()
-    scale = u.std(0).mean()
+    scale = u[:, :2].std(0).mean()
     u = u / scale
     generator = torch.Generator().manual_seed(seed)
-    # 24 starts (8 orientations x 3 opening angles): w [start, filter, 2], b [start, filter]. They are screened
-    # on a subset of the points; the best is refined on all of them.
+    # 24 starts (8 orientations x 3 opening angles in the PC1-PC2 plane): w [start, filter, k], b [start, filter].
+    # They are screened on a subset of the points; the best is refined on all of them.
     theta = 2 * math.pi * torch.arange(8, dtype=torch.float64) / 8
     gaps = torch.tensor([math.pi / 3, math.pi / 2, 2 * math.pi / 3], dtype=torch.float64)
     angles = torch.stack([theta.repeat(3), (theta[None] + gaps[:, None]).flatten()], dim=1)
-    w = 4.0 * torch.stack([angles.cos(), angles.sin()], dim=-1)
-    b = (
-        w * (u.mean(0) + 0.1 * torch.randn(len(angles), 1, 2, generator=generator, dtype=torch.float64))
-    ).sum(-1)
+    w = torch.zeros(len(angles), 2, k, dtype=torch.float64)
+    w[..., :2] = 4.0 * torch.stack([angles.cos(), angles.sin()], dim=-1)
+    w[..., 2:] = 0.5 * torch.randn(len(angles), 2, k - 2, generator=generator, dtype=torch.float64)
+    start = u.mean(0) + 0.1 * torch.randn(len(angles), 1, k, generator=generator, dtype=torch.float64)
+    b = (w * start).sum(-1)
     subset = torch.randperm(len(u), generator=generator)[:3000]
     with _Threads(1):  # small tensors: one thread is faster, and far faster on a busy machine
         w, b = _fit_corners(u[subset], y[subset], w, b, steps=300)
@@ -880,19 +930,16 @@ def fit_and_gate(x: torch.Tensor, labels: torch.Tensor, pca: PCA | None = None, 
     # Undo the scaling: w.u/scale - b > 0  <=>  (w/|w|).u > b*scale/|w|.
     norms = w.norm(dim=1)
     normals, offsets = w / norms[:, None], b * scale / norms
-    corner = torch.linalg.solve(normals, offsets)
-    components = pca.components[:2]
+    components = pca.components[:k]
     directions = normals @ components
     thresholds = offsets + directions @ pca.mean
-    moves = torch.linalg.inv(normals).T @ components  # normals @ moves.T = identity in the plane
+    # moves: in the span, dual to the directions (directions @ moves.T = identity).
+    moves = torch.linalg.solve(normals @ normals.T, normals) @ components
     # Order the filters so that alpha is the one that varies more with A (the first token).
-    gate = AndGate(pca, normals, corner, directions, thresholds, moves)
-    grid = gate.filters(x).view(P, P, 2)
+    grid = (x.double() @ directions.T - thresholds).view(P, P, 2)
     a_share = grid.mean(1).var(0) / (grid.mean(1).var(0) + grid.mean(0).var(0))
-    if a_share[1] > a_share[0]:
-        flip = [1, 0]
-        gate = AndGate(pca, normals[flip], corner, directions[flip], thresholds[flip], moves[flip])
-    return gate
+    order = [1, 0] if a_share[1] > a_share[0] else [0, 1]
+    return AndGate(pca, normals[order], offsets[order], directions[order], thresholds[order], moves[order])
 
 
 def mlp_fold(run: PairRun, fractions: torch.Tensor | list[float], pca: PCA | None = None) -> torch.Tensor:
@@ -965,14 +1012,14 @@ def additive_fit(grid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float,
 SCRUB_SITE = "blocks.0.hook_resid_mid"
 SCHEMES = ("[1]", "[1*]", "[1+2]", "[1+3a]", "[1+3b]", "[1+2+3a]", "[1+2+3b]", "[1+2+3a+3b]")
 SCHEME_DESCRIPTIONS = {
-    "[1]": "every direction but the two filters (PC3..PC128) resampled from a random pair",
-    "[1*]": "as [1], but PC3 kept: PC4..PC128 resampled",
+    "[1]": "every coordinate but the two filters resampled from a random pair",
+    "[1*]": "as [1], but coordinate 3 kept (PC3 for a gate in two components)",
     "[1+2]": "[1], and each filter coordinate resampled from a pair on which that filter gives the same result",
     "[1+3a]": "[1], and the alpha coordinate resampled among all pairs whose beta filter fails",
     "[1+3b]": "[1], and the beta coordinate resampled among all pairs whose alpha filter fails",
-    "[1+2+3a]": "[1+2], except that where beta fails, alpha comes from any pair whose beta fails",
-    "[1+2+3b]": "[1+2], except that where alpha fails, beta comes from any pair whose alpha fails",
-    "[1+2+3a+3b]": "[1+2+3a], then beta from any pair whose (resampled) alpha fails, where it fails",
+    "[1+2+3a]": "[1+2], but alpha drawn within three groups: beta fails; beta and alpha pass; beta passes, alpha fails",
+    "[1+2+3b]": "[1+2], but beta drawn within three groups: alpha fails; alpha and beta pass; alpha passes, beta fails",
+    "[1+2+3a+3b]": "[1+2+3a], then beta as in [1+2+3b] but grouped by the alpha outcome after resampling alpha",
 }
 
 

@@ -20,22 +20,30 @@ def _grid(x) -> list:
     return x.reshape(113, 113).tolist() if x.numel() == 113 * 113 else x.tolist()
 
 
-def _map_axes(fig: go.Figure, n: int) -> None:
-    for i in range(1, n + 1):
-        fig.update_xaxes(title_text="B", row=1, col=i, constrain="domain")
+def _map_axes(fig: go.Figure, n: int, cols: int) -> None:
+    for i in range(n):
+        row, col = i // cols + 1, i % cols + 1
+        fig.update_xaxes(title_text="B", row=row, col=col, constrain="domain")
         fig.update_yaxes(
-            title_text="A" if i == 1 else None,
+            title_text="A" if col == 1 else None,
             autorange="reversed",
-            row=1,
-            col=i,
-            scaleanchor=f"x{i if i > 1 else ''}",
+            scaleanchor=f"x{i + 1 if i else ''}",
+            row=row,
+            col=col,
         )
 
 
-def label_maps(maps: Mapping[str, torch.Tensor], title: str | None = None, height: int = 360) -> go.Figure:
-    """Binary label maps [A, B] side by side, keyed by their titles."""
-    fig = make_subplots(rows=1, cols=len(maps), subplot_titles=list(maps), horizontal_spacing=0.04)
-    for i, grid in enumerate(maps.values(), start=1):
+def label_maps(
+    maps: Mapping[str, torch.Tensor], title: str | None = None, height: int | None = None, cols: int = 3
+) -> go.Figure:
+    """Binary label maps [A, B] keyed by their titles, `cols` per row."""
+    n = len(maps)
+    cols = min(cols, n)
+    rows = -(-n // cols)
+    fig = make_subplots(
+        rows=rows, cols=cols, subplot_titles=list(maps), horizontal_spacing=0.06, vertical_spacing=0.12
+    )
+    for i, grid in enumerate(maps.values()):
         fig.add_trace(
             go.Heatmap(
                 z=_grid(grid),
@@ -45,11 +53,13 @@ def label_maps(maps: Mapping[str, torch.Tensor], title: str | None = None, heigh
                 showscale=False,
                 hovertemplate="A=%{y} B=%{x}: label %{z}<extra></extra>",
             ),
-            row=1,
-            col=i,
+            row=i // cols + 1,
+            col=i % cols + 1,
         )
-    _map_axes(fig, len(maps))
-    fig.update_layout(title=title, height=height, width=max(360, 330 * len(maps)), margin=dict(t=70, b=40))
+    _map_axes(fig, n, cols)
+    fig.update_layout(
+        title=title, height=height or 60 + 320 * rows, width=max(380, 330 * cols), margin=dict(t=70, b=40)
+    )
     return fig
 
 
@@ -121,7 +131,7 @@ def training_curves(report, title: str | None = None) -> go.Figure:
         secondary_y=True,
     )
     fig.update_yaxes(title_text="fraction of pairs", range=[0.5, 1.005], secondary_y=False)
-    fig.update_yaxes(title_text="loss", type="log", secondary_y=True)
+    fig.update_yaxes(title_text="train loss", type="log", dtick=1, exponentformat="power", secondary_y=True)
     fig.update_xaxes(title_text="epoch (full-batch step)")
     fig.update_layout(title=title or "Training the replica", height=380)
     return fig
@@ -158,7 +168,8 @@ def pca_scatter(
     ranges: tuple[tuple[float, float], tuple[float, float]] | None = None,
     figure: go.Figure | None = None,
 ) -> go.Figure:
-    """Points [pair, 2] in the PC1-PC2 plane coloured by label, with the AND gate's corner boundary if given.
+    """Points [pair, 2] in the PC1-PC2 plane coloured by label, with the AND gate's corner boundary if given
+    (and fitted on two components).
 
     `figure`: a FigureWidget to update in place (same trace layout), for sliders.
     """
@@ -176,7 +187,7 @@ def pca_scatter(
                 name=f"class {cls}",
             )
         )
-    if gate is not None:
+    if gate is not None and gate.n_components == 2:
         span = float((pts.max(0).values - pts.min(0).values).max())
         arms = gate.boundary_line(extent=2 * span)
         xs = arms[0, :, 0].flip(0).tolist() + arms[1, :, 0].tolist()
@@ -210,7 +221,9 @@ def pca_scatter(
 def filter_maps(margins: torch.Tensor, names: Sequence[str] = ("alpha", "beta"), title=None) -> go.Figure:
     """Filter margins [A, B, 2] (value minus threshold; positive = passes) as two diverging heatmaps."""
     m = torch.as_tensor(margins).double().reshape(113, 113, -1)
-    fig = make_subplots(rows=1, cols=m.shape[-1], subplot_titles=[f"filter {n}" for n in names])
+    fig = make_subplots(
+        rows=1, cols=m.shape[-1], subplot_titles=[f"filter {n}" for n in names], horizontal_spacing=0.15
+    )
     for i in range(m.shape[-1]):
         bound = m[..., i].abs().max().item()
         fig.add_trace(
@@ -220,14 +233,14 @@ def filter_maps(margins: torch.Tensor, names: Sequence[str] = ("alpha", "beta"),
                 zmin=-bound,
                 zmax=bound,
                 colorscale="RdBu",
-                colorbar=dict(x=1.0 if i else 0.45, len=0.9, title="margin" if i else None),
+                colorbar=dict(x=1.0 if i else 0.425, len=0.9, thickness=15),
                 hovertemplate="A=%{y} B=%{x}: %{z:.3f}<extra></extra>",
             ),
             row=1,
             col=i + 1,
         )
-    _map_axes(fig, m.shape[-1])
-    fig.update_layout(title=title, height=380, width=820)
+    _map_axes(fig, m.shape[-1], m.shape[-1])
+    fig.update_layout(title=title, height=380, width=860)
     return fig
 
 
@@ -273,7 +286,7 @@ def scrub_bars(
     for value, name, dash in ((baseline, "baseline", "dash"), (goal, "goal", "dot")):
         if value is not None:
             fig.add_hline(
-                y=value, line_dash=dash, annotation_text=f"{name} {value:.1%}", annotation_position="right"
+                y=value, line_dash=dash, annotation_text=f"{name} {value:.1%}", annotation_position="top left"
             )
     fig.update_yaxes(title_text="agreement with the full model's labels", range=[max(0.0, low - 0.05), 1.01])
     fig.update_layout(title=title, height=420)
