@@ -182,6 +182,8 @@ def _trace_rows(model, where: Where, rows: list[Base], vecs, ref_logp, ref_read,
     ids whose log-probs to return."""
     site, layer = where.target(model.cfg.n_layers)
     device = model.device
+    # model.dtype is the client's: an NDIF model's meta weights say float32 where the server runs bfloat16, so
+    # what enters the trace is cast there, to the dtype of the activation it replaces
     vecs = vecs.to(device=device, dtype=model.dtype)
     cached = rows[0].kv is not None
     tokens = _stack([b.tokens for b in rows])
@@ -197,10 +199,14 @@ def _trace_rows(model, where: Where, rows: list[Base], vecs, ref_logp, ref_read,
         if site == "resid_pre":
             resid_in[:, -1] = vecs
     with torch.no_grad(), model.trace(tokens.to(device), **kw):
-        for below in range(layer if resid_in is not None else 0):
-            model.submodule("block", below).skip(resid_in)
+        if resid_in is not None:
+            first = model.submodule("block", 0)
+            skipped = resid_in.to(first.input.dtype)
+            for below in range(layer):
+                model.submodule("block", below).skip(skipped)
         if resid_in is None or site != "resid_pre":
-            model.site(site, layer).value[:, -1] = vecs
+            target = model.site(site, layer).value
+            target[:, -1] = vecs.to(target.dtype)
         read = model.site(where.read_site, where.read_layer).value[:, -1].float()
         logp = torch.log_softmax(model.site("logits").value[:, -1].float(), dim=-1)
         # nnsight hands back saved tensors, not containers: one name per output
