@@ -179,7 +179,7 @@ def module_loss(
     for start in range(0, len(tokens), batch_size):
         batch = tokens[start : start + batch_size].to(device)
         with autocast():
-            logits = module(input_ids=batch).logits[:, :-1].float()
+            logits = module(input_ids=batch, attention_mask=torch.ones_like(batch)).logits[:, :-1].float()
         loss = F.cross_entropy(
             logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum"
         )
@@ -345,11 +345,15 @@ def finetune(
             ce_sum, aux_sum = 0.0, 0.0
             for micro in rows.split(config.micro_batch):
                 batch = micro.to(device)
-                labels = batch.clone()
+                targets = batch[:, 1:].clone()
                 if config.mask_eot_targets and eot is not None:
-                    labels[labels == eot] = -100
+                    # not trained to predict end-of-text, as the paper's collator
+                    targets[targets == eot] = -100
                 with autocast():
-                    ce = module(input_ids=batch, labels=labels).loss
+                    logits = module(input_ids=batch, attention_mask=torch.ones_like(batch)).logits[:, :-1]
+                    ce = F.cross_entropy(
+                        logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100
+                    )
                     aux = _aux_loss(captured.pop("x"), batch, eot, final_norm) if remove else ce.new_zeros(())
                     loss = (ce + config.aux_weight * aux) / config.grad_accum
                 loss.backward()
