@@ -568,6 +568,83 @@ def test_every_panel_shows_remote_jobs_in_its_status_line(ndif, remote_model, to
     assert "Stopped" in panel.status_text
 
 
+# -- panels: a repeated remote run is served from the cache ------------------------------------------------
+def _patching_panel(model):
+    from workbench.widgets.patching import PatchingExplorer
+
+    return PatchingExplorer(model, CLEAN, CORRUPT, ANSWERS)
+
+
+def _plateau_panel(model):
+    from workbench.widgets.plateau import PlateauProbe
+
+    panel = PlateauProbe(model, DOCS[0], prompt_b=DOCS[1])
+    panel.n_directions_box.value, panel.n_sizes_box.value = 2, 4
+    return panel
+
+
+def _lnfree_panel(model):
+    from workbench.widgets.lnfree import LNRemovalPreview
+
+    return LNRemovalPreview(model, DOCS, n_rows=None, seq_len=16)
+
+
+PANELS = {  # name: (build, second action, what the panel shows)
+    "patching": (_patching_panel, lambda p: p.drill(1, 0), lambda p: (p.grid, p.heads)),
+    "plateau": (
+        _plateau_panel,
+        lambda p: (setattr(p.view_box, "value", "Interpolation"), p.run()),
+        lambda p: (p.plateau, p.interpolation),
+    ),
+    "lnfree": (_lnfree_panel, lambda p: p.select(["final"]), lambda p: (p.preview, p.selection_loss)),
+}
+
+
+@pytest.mark.filterwarnings("ignore:The covariance", "ignore:The clean and corrupt logit differences")
+@pytest.mark.parametrize("name", PANELS)
+def test_panel_reruns_on_a_remote_model_come_from_the_cache(name, ndif, remote_model, local_model):
+    """Run and a second action (drill-down, interpolation, frozen selection), twice: the repeat sends no job
+    and shows the same results, which are the local model's."""
+    build, second, shown = PANELS[name]
+    panels = [build(remote_model), build(remote_model), build(local_model)]
+    jobs, results = [], []
+    for panel in panels:
+        panel.background = False
+        before = ndif.stats()["requests"]
+        panel.run()
+        second(panel)
+        assert panel.status_text.startswith("Done"), panel.status_text
+        jobs.append(ndif.stats()["requests"] - before)
+        results.append(shown(panel))
+    assert jobs[0] >= 2 and jobs[1:] == [0, 0], jobs
+    assert remote.RESULTS.hits >= 2 and len(remote.RESULTS) >= 2
+    assert all(r is not None for r in results[0])
+    assert_same(results[0], results[1])
+    assert_same(results[0], results[2])
+
+
+@pytest.mark.filterwarnings("ignore:The covariance", "ignore:The clean and corrupt logit differences")
+@pytest.mark.parametrize("name", PANELS)
+def test_panel_reruns_on_a_local_model_run_again(name, local_model, monkeypatch):
+    """Local models are never cached: each panel's run calls its engine again."""
+    import importlib
+
+    remote.RESULTS.clear()
+    build, second, _ = PANELS[name]
+    module = importlib.import_module(f"workbench.widgets.{name}")
+    engine = {"patching": "sweep", "plateau": "probe", "lnfree": "preview"}[name]
+    real, calls = getattr(module, engine), []
+    monkeypatch.setattr(module, engine, lambda *a, **k: calls.append(1) or real(*a, **k))
+    for _ in range(2):
+        panel = build(local_model)
+        panel.background = False
+        panel.run()
+        second(panel)
+        assert panel.status_text.startswith("Done"), panel.status_text
+    assert len(remote.RESULTS) == 0 and remote.RESULTS.hits == 0
+    assert len(calls) == (4 if name == "patching" else 2), calls  # patching: the sweep and the drill-down
+
+
 # -- every engine, unchanged, through the dry run and through (mock) NDIF ------------------------------------
 CLEAN = "When Mary and John went to the store , John gave a drink to"
 CORRUPT = "When Mary and John went to the store , Mary gave a drink to"
@@ -687,14 +764,6 @@ def test_engine_on_ndif_gives_the_local_numbers(engine, ndif, remote_model, loca
     assert_same(local_results(engine), got)
 
 
-# Engines that write float32 tensors into the activations of a model served in bfloat16 fail on the server.
-_PLATEAU_DTYPE = (
-    "plateau.core._trace_rows casts its vectors and the cached residual it feeds through skip() to model.dtype, "
-    "float32 for the client's meta model; the server's bfloat16 LayerNorm then refuses them"
-)
-BF16_FAILURES = {"plateau.probe": _PLATEAU_DTYPE, "plateau.interpolate": _PLATEAU_DTYPE}
-
-
 @pytest.fixture(scope="module")
 def remote_model_bf16(tiny_dir_bf16):
     return load_model(tiny_dir_bf16, remote=True)
@@ -702,14 +771,28 @@ def remote_model_bf16(tiny_dir_bf16):
 
 @pytest.mark.filterwarnings("ignore:The covariance", "ignore:The clean and corrupt logit differences")
 @pytest.mark.parametrize("engine", ENGINES)
-def test_engine_runs_on_a_bfloat16_server(engine, ndif, remote_model_bf16, request):
+def test_engine_runs_on_a_bfloat16_server(engine, ndif, remote_model_bf16):
     """NDIF serves large models in bfloat16 while the client's (meta) model says float32: tensors an engine
     brings into a trace must take the dtype of the activation they meet."""
-    if engine in BF16_FAILURES:
-        request.applymarker(pytest.mark.xfail(raises=RemoteError, strict=True, reason=BF16_FAILURES[engine]))
     with RemoteRunner() as runner:
         ENGINES[engine](remote_model_bf16)
     assert runner.last.state == "COMPLETED"
+
+
+@pytest.mark.filterwarnings("ignore:The covariance")
+@pytest.mark.parametrize("engine", ["plateau.probe", "plateau.interpolate"])
+def test_plateau_on_a_bfloat16_server_is_close_to_the_float32_run(
+    engine, ndif, remote_model_bf16, local_results
+):
+    """The perturbed rows and the skipped blocks' residual are cast on the server, to bfloat16: the measured
+    changes stay within bfloat16 rounding of the local float32 ones."""
+    with RemoteRunner():
+        got = ENGINES[engine](remote_model_bf16)
+    want = local_results(engine)
+    for field in ("kl", "l2"):
+        a, b = getattr(got, field), getattr(want, field)
+        assert a.dtype == torch.float32 and a.shape == b.shape
+        assert torch.allclose(a, b, rtol=0.05, atol=2e-3), f"{field}: max diff {(a - b).abs().max():.2e}"
 
 
 @pytest.mark.parametrize("where", ["ndif", "dry run"])

@@ -13,6 +13,7 @@ import threading
 import ipywidgets as widgets
 import plotly.graph_objects as go
 
+from workbench import remote
 from workbench.errors import InputError
 from workbench.lnfree.evaluation import evaluate_loss
 from workbench.lnfree.preview import preview
@@ -205,7 +206,8 @@ class LNRemovalPreview(Panel):
         options = {**self._estimator_options(), **self._data_options()}
 
         def compute(progress, cancel):
-            return preview(self.model, self.data, progress=progress, cancel=cancel, **options)
+            # remote models: a repeated preview is served from the result cache, not resubmitted
+            return remote.call(preview, self.model, self.data, progress=progress, cancel=cancel, **options)
 
         def on_result(result):
             self.preview = result
@@ -234,7 +236,8 @@ class LNRemovalPreview(Panel):
         scales = self.preview.scales
 
         def compute(progress, cancel):
-            return evaluate_loss(
+            return remote.call(
+                evaluate_loss,
                 self.model,
                 self.data,
                 freeze=selected,

@@ -17,6 +17,7 @@ import html
 import ipywidgets as widgets
 import plotly.graph_objects as go
 
+from workbench import remote
 from workbench.errors import InputError, WorkbenchError
 from workbench.patching import METRICS, Metric, sweep
 from workbench.patching.inputs import BLOCK_SITES, SITE_LABELS
@@ -275,7 +276,8 @@ class PatchingExplorer(Panel):
 
     def _compute(self, kwargs: dict):
         def compute(progress, cancel):
-            return sweep(self.model, **kwargs, progress=progress, cancel=cancel)
+            # remote models: a repeated sweep or drill-down is served from the result cache, not resubmitted
+            return remote.call(sweep, self.model, **kwargs, progress=progress, cancel=cancel)
 
         if self.remote_status is None:
             return compute

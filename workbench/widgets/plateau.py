@@ -17,6 +17,7 @@ import ipywidgets as widgets
 import plotly.graph_objects as go
 import torch
 
+from workbench import remote
 from workbench.errors import InputError, WorkbenchError
 from workbench.plateau import (
     DEFAULT_FAMILIES,
@@ -257,8 +258,14 @@ class PlateauProbe(Panel):
     def _reference(self, site: str, layer: int, progress, cancel) -> RefStats | None:
         key = (site, layer)
         if key not in self._references and self.reference_data is not None:
-            self._references[key] = reference_stats(
-                self.model, self.reference_data, layer=layer, site=site, progress=progress, cancel=cancel
+            self._references[key] = remote.call(
+                reference_stats,
+                self.model,
+                self.reference_data,
+                layer=layer,
+                site=site,
+                progress=progress,
+                cancel=cancel,
             )
         return self._references.get(key)
 
@@ -318,7 +325,7 @@ class PlateauProbe(Panel):
                 kwargs = self._interp_kwargs()
 
                 def compute(progress, cancel):
-                    return interpolate(self.model, **kwargs, progress=progress, cancel=cancel)
+                    return remote.call(interpolate, self.model, **kwargs, progress=progress, cancel=cancel)
 
                 self.start(compute, self._show_interpolation, label="Interpolating")
                 return
@@ -334,7 +341,10 @@ class PlateauProbe(Panel):
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # the result's warnings are shown in the notes line instead
                 ref = self._reference(kwargs["site"], kwargs["layer"], False, cancel)
-                return probe(self.model, prompts, **kwargs, reference=ref, progress=progress, cancel=cancel)
+                # remote models: a repeated run is served from the result cache, not resubmitted
+                return remote.call(
+                    probe, self.model, prompts, **kwargs, reference=ref, progress=progress, cancel=cancel
+                )
 
         self.start(compute, self._show_probe, label="Probing")
 
