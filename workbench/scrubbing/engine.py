@@ -203,7 +203,7 @@ class ScrubResult(Result):
     donors: tuple[tuple[torch.Tensor, ...], ...]
     provenance: Provenance
 
-    viz_module: ClassVar[str] = "workbench.viz.casper"
+    viz_module: ClassVar[str] = "workbench.viz.scrubbing"
 
     def __getitem__(self, name: str) -> float:
         try:
@@ -439,8 +439,6 @@ def scrub(
         metric=repr(metric),
         hypotheses={h.name: h.describe() for h in hypotheses},
     )
-    # torch.__version__ is a str subclass that torch.load(weights_only=True) refuses; keep plain strings
-    provenance = dataclasses.replace(provenance, versions={k: str(v) for k, v in provenance.versions.items()})
     return ScrubResult(
         names=tuple(names),
         descriptions=tuple(h.describe() for h in hypotheses),

@@ -1,4 +1,4 @@
-"""Figures for Casper's challenge 1 (the MNIST CNN) and for causal-scrubbing results.
+"""Figures for Casper's challenge 1 (the MNIST CNN); causal-scrubbing results are drawn by `workbench.viz.scrubbing`.
 
 Pure functions: tensors or results in, plotly figures out; nothing here runs a model. Scatter plots of the 60k
 images draw a fixed random subset (`max_points`) so that notebooks stay light; the statistics they illustrate are
@@ -512,38 +512,3 @@ def detector_contributions(
     fig.update_yaxes(title_text="contribution to logit diff (no biases)", row=1, col=1)
     fig.update_layout(barmode="relative", bargap=0.1, height=400, width=1000)
     return fig
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# causal scrubbing
-
-
-def scrub_bars(result, *, published: dict[str, float] | None = None, title: str | None = None) -> go.Figure:
-    """Behaviour kept per hypothesis of a `ScrubResult`, with the clean run first (and published values, if any)."""
-    names = ["clean", *result.names]
-    kept = [result.clean_score, *result.kept.tolist()]
-    fig = go.Figure(
-        go.Bar(x=names, y=kept, name="ours", text=[f"{v:.1%}" for v in kept], textposition="outside")
-    )
-    if published:
-        fig.add_trace(
-            go.Bar(
-                x=list(published),
-                y=list(published.values()),
-                name="published",
-                text=[f"{v:.1%}" for v in published.values()],
-                textposition="outside",
-            )
-        )
-    fig.update_yaxes(range=[0, 1.12], tickformat=".0%", title_text="behaviour kept")
-    fig.update_layout(title=title, barmode="group", height=420, width=800)
-    return fig
-
-
-def plot(result, **kwargs) -> go.Figure:
-    """Default figure for results that name this module as their `viz_module`."""
-    from workbench.scrubbing import ScrubResult
-
-    if isinstance(result, ScrubResult):
-        return scrub_bars(result, **kwargs)
-    raise TypeError(f"no default figure for {type(result).__name__}")
