@@ -475,3 +475,17 @@ def test_traces_from_several_threads_take_turns():
         t.join()
     assert not errors, errors
     assert len(results) == 20 and all(torch.allclose(r, expected) for r in results)
+
+
+def test_demo_model_loads_without_the_weights_bar(capfd, tmp_path):
+    from transformers.utils import logging as hf_logging
+
+    bars_on = hf_logging.is_progress_bar_enabled()
+    load_model("demo")
+    assert "Loading weights" not in capfd.readouterr().err
+    assert hf_logging.is_progress_bar_enabled() == bars_on  # the switch is restored
+    model = random_model("gpt2", seed=3)
+    model.module.save_pretrained(tmp_path)
+    model.tokenizer.save_pretrained(tmp_path)
+    load_model(str(tmp_path), device="cpu", dispatch=True)
+    assert ("Loading weights" in capfd.readouterr().err) == bars_on  # other loads show it as before

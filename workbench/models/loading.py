@@ -13,6 +13,7 @@ that attention patterns can be read.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
 from pathlib import Path
@@ -97,6 +98,7 @@ def load_model(
             attn_implementation=attn_implementation,
             dispatch=True,
             prepend_bos=prepend_bos,
+            quiet=True,
         )
     if isinstance(model, (str, os.PathLike)):
         return _from_name(
@@ -171,8 +173,34 @@ def _hub_error(name: str, err: Exception) -> ModelLoadError:
     return ModelLoadError(f"Could not load {name!r}: {text.splitlines()[0] if text else type(err).__name__}")
 
 
+@contextlib.contextmanager
+def _no_loading_bar():
+    """Hide transformers' "Loading weights" progress bar for the duration (restored afterwards): for the demo
+    model it is noise under every notebook cell that loads it."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    if was_enabled:
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+
+
 def _from_directory(
-    name_or_dir, *, name, device, dtype, remote, attn_implementation, dispatch, prepend_bos, revision=None
+    name_or_dir,
+    *,
+    name,
+    device,
+    dtype,
+    remote,
+    attn_implementation,
+    dispatch,
+    prepend_bos,
+    revision=None,
+    quiet=False,
 ):
     from nnsight import TransformersModel
     from transformers import AutoConfig, AutoTokenizer
@@ -197,7 +225,7 @@ def _from_directory(
         # GPUs, with the local-GPU default (bfloat16 above 2B parameters); `dtype=` overrides.
         kwargs["dtype"] = _resolve_dtype(dtype, torch.device("cuda"), _approx_params(hf_config))
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), _no_loading_bar() if quiet else contextlib.nullcontext():
             warnings.filterwarnings("ignore", message=".*generation flags.*")
             nn_model = TransformersModel(name_or_dir, **kwargs)
     except (OSError, ValueError) as err:
