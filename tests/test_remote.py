@@ -8,7 +8,6 @@ local run. nnsight is pointed at it through its host setting (``nnsight.CONFIG.A
 
 from __future__ import annotations
 
-import inspect
 import socket
 import time
 import warnings
@@ -19,9 +18,9 @@ from ndif_mock import MockNDIF
 
 from workbench import remote
 from workbench.errors import Cancelled, RemoteError
-from workbench.models import WorkbenchModel, load_model
+from workbench.models import load_model
 from workbench.models.toy import random_model
-from workbench.remote import RemoteRunner, backend_for
+from workbench.remote import RemoteRunner
 from workbench.remote import runner as runner_module
 from workbench.widgets.base import Panel
 from workbench.widgets.remote import ModelPicker, RemoteStatus, tracked
@@ -30,35 +29,6 @@ SERVED = "mock/tiny-gpt2"
 SERVED_BF16 = "mock/tiny-gpt2-bf16"
 KEY = "mock-key"
 PROMPT = "When Mary and John went to the store , John gave a drink to"
-
-
-# -- the model layer's hooks for remote models -------------------------------------------------------------
-def _routed_trace(self, *inputs, **kwargs):
-    """`WorkbenchModel.trace` with remote traces routed through `workbench.remote.backend_for` (the change
-    proposed for workbench/models/model.py; used here until it lands)."""
-    remote_setting = kwargs.pop("remote", self.remote)
-    if remote_setting and "backend" not in kwargs:
-        kwargs["backend"] = backend_for(self, remote_setting)
-    if self.is_transformer:
-        kwargs.setdefault("use_cache", False)
-    return self.nnsight.trace(*inputs, **kwargs)
-
-
-_model_device = WorkbenchModel.device
-
-
-@property
-def _cpu_for_ndif(self):
-    """`WorkbenchModel.device` giving the CPU for NDIF models (inputs start here), not their meta weights'."""
-    return torch.device("cpu") if self.remote is True else _model_device.fget(self)
-
-
-@pytest.fixture(autouse=True)
-def model_layer_hooks(monkeypatch):
-    if "backend_for" not in inspect.getsource(WorkbenchModel.trace):
-        monkeypatch.setattr(WorkbenchModel, "trace", _routed_trace)
-    if "remote is True" not in inspect.getsource(_model_device.fget):
-        monkeypatch.setattr(WorkbenchModel, "device", _cpu_for_ndif)
 
 
 # -- engines used in these tests (trace bodies must live in a file: nnsight reads their source) ----------
@@ -555,9 +525,7 @@ def test_status_line_renders_each_state():
 
 
 def test_every_panel_shows_remote_jobs_in_its_status_line(ndif, remote_model, tokens):
-    """With the Panel hook (see the remote hook patch), panels need no remote code at all."""
-    if "RemoteRunner" not in inspect.getsource(Panel.start):
-        pytest.skip("Panel.start does not activate a RemoteRunner yet")
+    """Panels need no remote code: `Panel.start` reports remote jobs in the status line."""
     ndif.scenario(gate=True)
     panel = RemoteEcho()
     panel.start(lambda progress, cancel: remote.call(resid, remote_model, tokens, 1), lambda r: None)
