@@ -107,7 +107,7 @@ class CasperCNN(nn.Module):
 
     @property
     def logit_diff_bias(self) -> float:
-        return float(self.fc2.bias[1] - self.fc2.bias[0])
+        return float((self.fc2.bias[1] - self.fc2.bias[0]).detach())
 
 
 def load_mnist_cnn(
