@@ -134,7 +134,7 @@ def heatmap(
                 zmax=base + reach,
                 coloraxis=None,
                 showscale=i == n - 1,
-                colorbar={"title": {"text": vtitle, "side": "right"}},
+                colorbar={"title": {"text": vtitle, "side": "right", "font": {"size": 11}}},
                 name=site,
                 xgap=1,
                 ygap=1,
@@ -150,9 +150,11 @@ def heatmap(
     method = "Attribution patching (estimate)" if result.method == "attribution" else "Activation patching"
     site_text = f" of {SITE_LABELS.get(result.sites[0], result.sites[0])}" if n == 1 else ""
     fig.update_layout(
-        title={"text": f"{method}{site_text}, {result.direction}: {vtitle}; {who}", "x": 0.01},
-        height=height or max(260, 22 * len(ys) + 160),
-        margin={"l": 60, "r": 20, "t": 60, "b": 80},
+        # two lines: one line is wider than a default-width figure (700 px) and plotly clips it
+        title={"text": f"{method}{site_text}, {result.direction}:<br>{vtitle}; {who}", "x": 0.01},
+        # tall enough for the colour bar's title, which runs along the bar
+        height=height or max(480, 22 * len(ys) + 180),
+        margin={"l": 60, "r": 20, "t": 80, "b": 80},
         template="plotly_white",
     )
     return fig

@@ -136,7 +136,10 @@ class PatchingExplorer(Panel):
             description="Metric",
         )
         self.normalize_box = widgets.Checkbox(
-            value=normalize, description="normalise (0 = corrupt, 1 = clean)"
+            value=normalize,
+            description="normalise (0 = corrupt, 1 = clean)",
+            indent=False,
+            layout=widgets.Layout(width="auto"),  # the default width cuts the label
         )
         self.pair_box = widgets.Dropdown(options=[("mean", -1)], value=-1, description="Pair")
         self.direction_help = widgets.HTML(self._help_text())
@@ -328,7 +331,7 @@ class PatchingExplorer(Panel):
                 for trace in self.figure.data:
                     trace.on_click(self._on_click)
             if self.heads is not None:
-                fig = heatmap(self.heads, **view, height=max(220, 60 * len(self.heads.heads or ()) + 160))
+                fig = heatmap(self.heads, **view, height=max(480, 60 * len(self.heads.heads or ()) + 180))
                 layer, position, head = self._drill_cell
                 where = self.grid.position_labels[position] if head is None else f"head {head}"
                 fig.update_layout(title={"text": f"Drill-down: layer {layer}, {where}"})

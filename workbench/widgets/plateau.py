@@ -109,6 +109,7 @@ class PlateauProbe(Panel):
             value=False,
             description="also perturb random activations N(mean, cov) (plateau test)",
             indent=False,
+            layout=widgets.Layout(width="auto"),  # the default width cuts the label
         )
         self.n_directions_box = widgets.BoundedIntText(value=16, min=1, max=512, description="Directions")
         self.max_size_box = widgets.FloatText(value=1.0, description="Max size")
