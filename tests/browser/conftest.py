@@ -68,7 +68,10 @@ def _write_settings(settings: Path) -> None:
 def lab(tmp_path_factory) -> LabServer:
     """JupyterLab on 127.0.0.1 with a random token, rooted at the repository (Voila included)."""
     if not CHROMIUM.exists():
-        pytest.skip(f"{CHROMIUM} is missing (bash scripts/test.sh installs Debian's chromium)")
+        pytest.skip(
+            f"no Chromium at {CHROMIUM}: `bash scripts/test.sh` installs Debian's chromium (as root or with sudo); "
+            "CHROMIUM=/path/to/chromium names another build"
+        )
     pytest.importorskip("playwright.sync_api", reason="python playwright is not installed")
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     home = tmp_path_factory.mktemp("lab")
@@ -87,7 +90,7 @@ def lab(tmp_path_factory) -> LabServer:
         "JUPYTERLAB_WORKSPACES_DIR": str(home / "workspaces"),
         "HF_HUB_OFFLINE": "1",
         "TRANSFORMERS_OFFLINE": "1",
-        "OMP_NUM_THREADS": "2",
+        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),  # a shared 2-core machine
     }
     log = ARTIFACTS / "lab-server.log"
     with open(log, "w") as out:

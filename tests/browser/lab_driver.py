@@ -4,6 +4,7 @@ notebook generation, "Run All", and plotly clicks at a data point's screen posit
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import time
@@ -13,7 +14,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 ARTIFACTS = ROOT / "test-artifacts" / "browser"
-CHROMIUM = Path("/usr/bin/chromium")
+# Debian's chromium (scripts/test.sh installs it); $CHROMIUM names another Chromium build
+CHROMIUM = Path(os.environ.get("CHROMIUM", "/usr/bin/chromium"))
 CHROME_ARGS = [
     "--headless=new",
     "--no-sandbox",  # runs as root in containers
