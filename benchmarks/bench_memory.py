@@ -37,7 +37,7 @@ N_TRACES, WARMUP = 200, 10
 GROWTH_TARGET_MB = 50.0
 SIZES = {
     # budget case: model shape, pairs x positions, budget; growth cases: model shape and layer override, batch
-    "smoke": dict(shape="tiny", n_pairs=2, n_pos=6, budget=2**20, growth=("tiny", None), batch=(2, 8), traces=20),
+    "smoke": dict(shape="tiny", n_pairs=2, n_pos=6, budget=2**20, growth=("tiny", None), batch=(2, 8), traces=8),
     "cpu": dict(shape="gpt2-small", n_pairs=4, n_pos=16, budget=32 * 2**20, growth=("gpt2-small", 2), batch=(4, 16), traces=N_TRACES),
     "gpu": dict(shape="gpt2-small", n_pairs=8, n_pos=16, budget=64 * 2**20, growth=("gpt2-small", None), batch=(8, 64), traces=N_TRACES),
 }  # fmt: skip
