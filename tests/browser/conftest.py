@@ -116,6 +116,8 @@ def lab(tmp_path_factory) -> LabServer:
     try:
         _wait_for(f"{server.url}/api/status?token={token}", proc, log)
         yield server
+        if proc.poll() is None and Path("/proc").is_dir():
+            (ARTIFACTS / "lab-server-peak-rss.txt").write_text(f"{server.peak_rss_mb():.0f} MB\n")
     finally:
         proc.terminate()
         try:

@@ -51,10 +51,10 @@ class LabServer:
         sep = "&" if "?" in path else "?"
         return f"{self.url}/{path}{sep}token={self.token}"
 
-    def rss_mb(self) -> float:
-        """Resident memory of the server process (MB), read from /proc."""
+    def peak_rss_mb(self) -> float:
+        """Peak resident memory of the server process (MB, VmHWM from /proc): its share of Binder's 2 GB."""
         status = Path(f"/proc/{self.process.pid}/status").read_text()
-        return int(re.search(r"VmRSS:\s+(\d+)", status).group(1)) / 1024
+        return int(re.search(r"VmHWM:\s+(\d+)", status).group(1)) / 1024
 
 
 @dataclass
