@@ -69,6 +69,11 @@ def test_reproduces_the_model_card_numbers(recorded, measured):
         for key, tol in _TOLERANCE.items():
             if key in values:
                 assert measured[name][key] == pytest.approx(values[key], abs=tol), (name, key)
+    for got, want in zip(
+        measured["ioi_heldout_by_template"], recorded["ioi_heldout_by_template"], strict=True
+    ):
+        assert (got["template"], got["order"]) == (want["template"], want["order"])
+        assert got["accuracy"] == pytest.approx(want["accuracy"], abs=0.005)
     for name in ("patching_train_template", "patching_heldout_template"):
         got, want = torch.tensor(measured[name]["grid"]), torch.tensor(recorded[name]["grid"])
         assert torch.allclose(got, want, atol=0.01), name
@@ -79,9 +84,18 @@ def test_model_card_is_written_from_the_recorded_numbers(recorded):
     assert (DEMO_DIR / "MODEL_CARD.md").read_text() == ev.model_card(recorded, info, DEMO_DIR)
 
 
-def test_targets(measured):
-    missed = {k: t for k, t in measured["targets"].items() if not t["met"]}
-    assert not missed, f"the model card reports missed targets: {missed}"
+# Targets the committed model misses, as its card says. Listed here so that any other miss fails, and so that
+# this list must be updated (with the card) when a retrained model meets them.
+KNOWN_MISSES = {"ioi_heldout.accuracy"}
+
+
+def test_targets(measured, recorded):
+    missed = {k for k, t in measured["targets"].items() if not t["met"]}
+    assert missed == KNOWN_MISSES, {k: measured["targets"][k] for k in missed ^ KNOWN_MISSES}
+    assert all(recorded["targets"][k]["met"] is False for k in KNOWN_MISSES)
+    card = (DEMO_DIR / "MODEL_CARD.md").read_text()
+    assert all(f"`{k}` | >= {measured['targets'][k]['at_least']} |" in card for k in KNOWN_MISSES)
+    assert f"**Missed targets: {', '.join(sorted(KNOWN_MISSES))}.**" in card
 
 
 def _cell(result: dict, label: str, layer: int) -> float:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import re
 import sys
 import types
@@ -27,6 +28,8 @@ from workbench.tasks import (
     single_token_id,
     single_token_words,
 )
+from workbench.tasks import corpus as corpus_mod
+from workbench.tasks import ioi as ioi_mod
 from workbench.tasks import world as world_mod
 from workbench.tasks.induction import HELDOUT_SEED
 from workbench.tasks.ioi import template_ids
@@ -164,8 +167,7 @@ def test_corpus_has_no_heldout_templates_or_name_pairs(train_docs):
 def test_corpus_has_no_heldout_fact_phrasings(train_docs):
     text = "\n".join(train_docs)
     for t in world_mod.FACT_TEMPLATES:
-        prompts = [t.prompt(c) for c in world_mod.COUNTRIES]
-        found = sum(p in text for p in prompts)
+        found = sum(t.sentence(c) in text for c in world_mod.COUNTRIES)
         assert (found == 0) if t.split == "heldout" else (found > 0), t.text
 
 
@@ -230,10 +232,9 @@ def test_ioi_bad_arguments(kwargs, match):
 
 def test_factual_pairs(tok):
     pairs = factual_pairs()
-    n_prompts = len(
-        [t for t in world_mod.FACT_TEMPLATES if t.split == "train" and not t.text.startswith("{")]
-    )
-    assert len(pairs) == n_prompts * len(world_mod.COUNTRIES)
+    # the phrasings that name the country before the answer ("The {answer} is the currency of ..." does not)
+    assert len(pairs) == 9 * len(world_mod.COUNTRIES)
+    assert all(c.split()[-1] != "The" for c in pairs.clean)
     assert pairs.clean[0] == "The capital of Veloria is" and pairs.answers[0][0] == " Marrowby"
     for clean, corrupt, (good, bad), info in zip(pairs.clean, pairs.corrupt, pairs.answers, pairs.info):
         assert info["country"] != info["corrupt_country"]
@@ -351,3 +352,13 @@ def test_load_corpus_reads_a_stream(monkeypatch):
 def test_load_corpus_bad_arguments(name, n, match):
     with pytest.raises(InputError, match=match):
         load_corpus(name, n_docs=n)
+
+
+def test_corpus_ioi_stories_answer_the_indirect_object_of_a_train_pair():
+    rng, held = random.Random(0), set(NAME_PAIRS["heldout"])
+    for _ in range(2000):
+        doc = corpus_mod._ioi_document(rng)
+        names = [w for w in re.findall(r"[A-Z][a-z]+", doc) if w in ioi_mod.NAMES]
+        assert len(set(names)) == 2 and tuple(sorted(set(names))) not in held, doc
+        answer = names[-1]
+        assert names.count(answer) == 2 and names[:-1].count(answer) == 1, doc  # the name said once before

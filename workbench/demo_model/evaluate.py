@@ -27,8 +27,8 @@ from workbench.tasks import (
     factual_pairs,
     induction_sequences,
     ioi_pairs,
-    pack,
 )
+from workbench.tasks.ioi import template_ids
 from workbench.tasks.pairs import PairTokens, single_token_id
 
 # (name, description, arguments of ioi_pairs); the seeds differ from the corpus's, so these are fresh samples
@@ -118,11 +118,24 @@ def induction_metrics(model, tok, n: int = INDUCTION_N, length: int = INDUCTION_
 
 @torch.no_grad()
 def validation_loss(model, tok, n_docs: int = VALIDATION_DOCS) -> float:
-    """Mean next-token cross-entropy (nats) on the demo corpus's validation split, packed as in training."""
-    rows = pack(tok, demo_corpus("validation", n_docs), model.config.n_positions)
-    losses = [model(input_ids=r, labels=r).loss.item() for r in rows.split(64)]
-    weights = [len(r) for r in rows.split(64)]
-    return sum(x * w for x, w in zip(losses, weights)) / sum(weights)
+    """Mean next-token cross-entropy (nats per predicted token) on the demo corpus's validation split, one
+    document per row after ``<|endoftext|>`` as in training."""
+    bos, n_ctx = tok.bos_token_id, model.config.n_positions
+    docs = [
+        [bos, *ids][:n_ctx]
+        for ids in tok(demo_corpus("validation", n_docs), add_special_tokens=False).input_ids
+    ]
+    total, count = 0.0, 0
+    for start in range(0, len(docs), 64):
+        rows = docs[start : start + 64]
+        ids = torch.full((len(rows), max(map(len, rows))), bos)
+        labels = torch.full_like(ids, -100)
+        for i, r in enumerate(rows):
+            ids[i, : len(r)] = labels[i, : len(r)] = torch.tensor(r)
+        n = sum(len(r) - 1 for r in rows)
+        total += model(input_ids=ids, labels=labels).loss.item() * n
+        count += n
+    return total / count
 
 
 @torch.no_grad()
@@ -204,6 +217,11 @@ def evaluate(model_dir: Path | str = DEMO_DIR) -> dict:
             "description": desc,
             **pair_metrics(model, tok, ioi_pairs(IOI_N, seed=IOI_SEED, **kwargs)),
         }
+    results["ioi_heldout_by_template"] = [
+        {"template": t, "order": o, **pair_metrics(model, tok, ioi_pairs(200, templates=t, order=o, seed=IOI_SEED,
+                                                                        name_pairs="heldout"))}
+        for t in template_ids("heldout") for o in ("ABBA", "BABA")
+    ]  # fmt: skip
     results["ioi_heldout_abc"] = {
         "description": "held-out templates x held-out name pairs, ABC corruption (corrupt prompts)",
         **pair_metrics(model, tok, _corrupt_as_clean(ioi_pairs(IOI_N, seed=IOI_SEED, corruption="abc",
@@ -265,6 +283,10 @@ def model_card(results: dict, info: dict, model_dir: Path | str = DEMO_DIR) -> s
         f"{results[k]['logit_diff']:.2f} | {pct(results[k]['top1'])} |"
         for k in ("ioi_heldout", "ioi_heldout_templates", "ioi_heldout_names", "ioi_train")
     )
+    by_template = "\n".join(
+        f"| {r['template']} | {r['order']} | {pct(r['accuracy'])} | {r['logit_diff']:.2f} |"
+        for r in results["ioi_heldout_by_template"]
+    )
     abc = results["ioi_heldout_abc"]
     fact_rows = "\n".join(
         f"| {results[k]['description']} | {results[k]['n']} | {pct(results[k]['top1'])} | "
@@ -308,11 +330,11 @@ currency of the invented world is a single token with its leading space.
 |---|---|
 | command | `{info["command"]}` |
 | seed | {cfg["seed"]} |
-| steps x batch x context | {cfg["steps"]} x {cfg["batch_size"]} x {cfg["n_ctx"]} = {info["train_tokens"]:,} tokens ({cfg["induction_rows"]} of {cfg["batch_size"]} rows per batch are repeated random tokens) |
+| data | {cfg["steps"]} steps x {cfg["batch_size"]} rows of at most {cfg["n_ctx"]} tokens, {info["train_tokens"]:,} tokens in all; per batch {cfg["batch_size"] - cfg["induction_rows"] - cfg.get("repeat_rows", 0)} corpus documents (one per row), {cfg["induction_rows"]} rows of repeated random tokens and {cfg.get("repeat_rows", 0)} of a corpus document written twice |
 | optimiser | AdamW, lr {cfg["lr"]} (warm-up {cfg["warmup"]} steps, cosine to a tenth), weight decay {cfg["weight_decay"]}, betas (0.9, 0.95), clip 1.0 |
 | wall time | {info["wall_time_s"] / 60:.1f} minutes on {info["threads"]} CPU threads (torch {info["versions"]["torch"]}) |
 | final training loss | {info["final_train_loss"]:.3f} (mean of the last 50 steps, includes the random-token rows) |
-| validation loss | {results["validation_loss"]:.3f} nats/token on {VALIDATION_DOCS} documents of the validation split |
+| validation loss | {results["validation_loss"]:.3f} nats/token on {VALIDATION_DOCS} documents of the validation split, one per row as in training |
 
 ## Evaluation
 
@@ -322,6 +344,13 @@ logit difference = mean of logit(IO) - logit(S); top-1 = the indirect object is 
 | set | n | accuracy | logit diff | top-1 |
 |---|---|---|---|---|
 {ioi_rows}
+
+By held-out template and name order (200 prompts each, held-out name pairs; "ABBA": the indirect object is
+named first; templates are `workbench.tasks.ioi.TEMPLATES[i]`):
+
+| template | order | accuracy | logit diff |
+|---|---|---|---|
+{by_template}
 
 On the ABC-corrupted versions of the held-out prompts (IO, S and the repeated S replaced by three other names,
 so neither answer is in the prompt) the mean logit difference is {abc["logit_diff"]:.2f}: the clean answers

@@ -4,9 +4,10 @@
     python -m workbench.demo_model.train --config smoke --out /tmp/demo-smoke   # seconds
 
 Training data is the demo corpus (`workbench.tasks.demo_corpus("train")`: IOI stories, invented-world facts
-and narrative text) packed into rows that start with ``<|endoftext|>``, plus a fixed fraction of rows of
-repeated random tokens so that induction works on arbitrary tokens. Everything is seeded and the data order
-is fixed, so a run on the same software reproduces the weights. Then evaluate and write the model card:
+and narrative text), one document per row after ``<|endoftext|>`` (so every row starts as the prompts do and
+no document sees another's names), plus a few rows per batch of repeated random tokens so that induction
+works on arbitrary tokens. Everything is seeded and the data order is fixed, so a run on the same software
+reproduces the weights. Then evaluate and write the model card:
 
     python -m workbench.demo_model.evaluate --write-card
 """
@@ -29,7 +30,7 @@ from tqdm.auto import tqdm
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
 from workbench.demo_model import DEMO_DIR
-from workbench.tasks import demo_corpus, pack, single_token_words
+from workbench.tasks import demo_corpus, single_token_words
 from workbench.tasks.induction import ordinary_token_ids, repeated_tokens
 
 EOT = "<|endoftext|>"
@@ -41,24 +42,25 @@ class TrainConfig:
     n_ctx: int = 128
     n_layer: int = 4
     n_head: int = 4
-    d_model: int = 192
-    batch_size: int = 16
-    steps: int = 1500
-    lr: float = 2e-3
+    d_model: int = 128
+    batch_size: int = 32  # rows: one document each, plus the induction rows
+    steps: int = 8000
+    lr: float = 1e-3
     warmup: int = 100
     weight_decay: float = 0.1
-    induction_rows: int = 2  # rows of repeated random tokens in every batch
+    induction_rows: int = 4  # rows of repeated random tokens in every batch
+    repeat_rows: int = 4  # rows of a training document written twice in every batch
     n_docs: int = 120_000  # training documents (cycled if the steps need more)
     tokenizer_docs: int = 20_000  # documents the tokenizer is trained on
     seed: int = 0
-    threads: int = 2
+    threads: int = 1
 
 
 CONFIGS = {
     "full": TrainConfig(),
     "smoke": TrainConfig(
         vocab_size=2048, n_ctx=64, n_layer=2, n_head=2, d_model=32, batch_size=4, steps=5, warmup=2,
-        induction_rows=1, n_docs=300, tokenizer_docs=300,
+        induction_rows=1, repeat_rows=1, n_docs=300, tokenizer_docs=300,
     ),
 }  # fmt: skip
 
@@ -112,18 +114,48 @@ def build_model(cfg: TrainConfig, vocab_size: int, eot_id: int) -> GPT2LMHeadMod
     return GPT2LMHeadModel(config)
 
 
-def induction_rows(vocab: torch.Tensor, n: int, n_ctx: int, bos: int, gen: torch.Generator) -> torch.Tensor:
-    """[n, n_ctx] rows made of back-to-back ``BOS r r`` segments with random copy lengths 5..40."""
+def doc_batches(n_tokens: list[int], text_rows: int, gen: torch.Generator) -> list[list[int]]:
+    """One epoch of batches of document indices: a seeded shuffle, then documents of similar length batched
+    together (within windows of 64 batches) so that little of each batch is padding."""
+    order = torch.randperm(len(n_tokens), generator=gen).tolist()
+    window = 64 * text_rows
+    batches = []
+    for start in range(0, len(order) - text_rows + 1, window):
+        chunk = sorted(order[start : start + window], key=lambda i: n_tokens[i])
+        batches += [chunk[k : k + text_rows] for k in range(0, len(chunk) - text_rows + 1, text_rows)]
+    return [batches[i] for i in torch.randperm(len(batches), generator=gen).tolist()]
+
+
+def make_batch(rows: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded input ids [row, pos] and labels (-100 on padding). Causal attention never lets a real
+    token see the padding after it, so no attention mask is needed."""
+    width = max(map(len, rows))
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    labels = torch.full((len(rows), width), -100, dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = torch.tensor(r)
+        labels[i, : len(r)] = ids[i, : len(r)]
+    return ids, labels
+
+
+def induction_rows(
+    vocab: torch.Tensor, n: int, max_len: int, bos: int, gen: torch.Generator
+) -> list[list[int]]:
+    """`n` rows ``BOS r r`` of random tokens with copy lengths drawn from 5..30 (at most max_len tokens)."""
     rows = []
     for _ in range(n):
-        parts, used = [], 0
-        while used < n_ctx:
-            length = int(torch.randint(5, 41, (1,), generator=gen))
-            seg = repeated_tokens(vocab, 1, length, bos, gen)[0]
-            parts.append(seg)
-            used += len(seg)
-        rows.append(torch.cat(parts)[:n_ctx])
-    return torch.stack(rows)
+        length = min(int(torch.randint(5, 31, (1,), generator=gen)), (max_len - 1) // 2)
+        rows.append(repeated_tokens(vocab, 1, length, bos, gen)[0].tolist())
+    return rows
+
+
+def repeated_docs(data: list[list[int]], n: int, max_len: int, gen: torch.Generator) -> list[list[int]]:
+    """`n` rows ``BOS d d`` of random training documents `d` (token ids after their BOS), cut to fit."""
+    rows = []
+    for i in torch.randint(len(data), (n,), generator=gen).tolist():
+        doc = data[i][1 : 1 + (max_len - 1) // 2]
+        rows.append([data[i][0], *doc, *doc])
+    return rows
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -153,7 +185,8 @@ def _train(cfg: TrainConfig, out_dir: Path, progress: bool, eval_every: int) -> 
 
     docs = demo_corpus("train", cfg.n_docs)
     tok = train_tokenizer(docs[: cfg.tokenizer_docs], cfg.vocab_size, cfg.n_ctx)
-    data = pack(tok, docs, cfg.n_ctx)
+    bos = tok.bos_token_id
+    data = [[bos, *ids][: cfg.n_ctx] for ids in tok(docs, add_special_tokens=False).input_ids]
     model = build_model(cfg, len(tok), tok.bos_token_id)
     n_params = sum(p.numel() for p in model.parameters())
 
@@ -166,23 +199,23 @@ def _train(cfg: TrainConfig, out_dir: Path, progress: bool, eval_every: int) -> 
     )
     gen = torch.Generator().manual_seed(cfg.seed)
     vocab = ordinary_token_ids(tok)
-    text_rows = cfg.batch_size - cfg.induction_rows
-    order, cursor, epoch = torch.randperm(len(data), generator=gen), 0, 0
-    losses, evals = [], []
+    text_rows = cfg.batch_size - cfg.induction_rows - cfg.repeat_rows
+    n_tokens = [len(d) for d in data]
+    batches, epoch = doc_batches(n_tokens, text_rows, gen), 0
+    losses, evals, n_seen = [], [], 0
     model.train()
     bar = tqdm(range(cfg.steps), desc="training demo model", disable=not progress)
     for step in bar:
-        if cursor + text_rows > len(order):
-            order, cursor, epoch = torch.randperm(len(data), generator=gen), 0, epoch + 1
-        batch = data[order[cursor : cursor + text_rows]]
-        cursor += text_rows
-        if cfg.induction_rows:
-            batch = torch.cat(
-                [batch, induction_rows(vocab, cfg.induction_rows, cfg.n_ctx, tok.bos_token_id, gen)]
-            )
+        if not batches:
+            batches, epoch = doc_batches(n_tokens, text_rows, gen), epoch + 1
+        rows = [data[i] for i in batches.pop()]
+        rows += induction_rows(vocab, cfg.induction_rows, cfg.n_ctx, bos, gen)
+        rows += repeated_docs(data, cfg.repeat_rows, cfg.n_ctx, gen)
+        ids, labels = make_batch(rows, bos)
+        n_seen += sum(map(len, rows))
         for group in opt.param_groups:
             group["lr"] = lr_at(step, cfg)
-        loss = model(input_ids=batch, labels=batch).loss
+        loss = model(input_ids=ids, labels=labels).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -210,8 +243,8 @@ def _train(cfg: TrainConfig, out_dir: Path, progress: bool, eval_every: int) -> 
         "config": dataclasses.asdict(cfg),
         "n_params": n_params,
         "vocab_size": len(tok),
-        "train_tokens": cfg.steps * cfg.batch_size * cfg.n_ctx,
-        "corpus_rows": len(data),
+        "train_tokens": n_seen,
+        "corpus_docs": len(data),
         "epochs_started": epoch + 1,
         "final_train_loss": sum(tail) / len(tail),
         "wall_time_s": round(time.time() - start, 1),

@@ -21,13 +21,13 @@ from workbench.tasks import ioi, world
 from workbench.tasks.pairs import as_tokenizer
 
 SPLIT_SEEDS = {"train": 0, "validation": 1}
-MIXTURE = {"ioi": 0.4, "facts": 0.2, "story": 0.4}
+MIXTURE = {"ioi": 0.4, "facts": 0.15, "story": 0.45}
 """Fraction of documents of each kind."""
 
 ADJECTIVES = (
     "old", "new", "small", "big", "red", "blue", "green", "quiet", "bright", "heavy", "warm", "cold",
     "dark", "tall", "busy", "happy", "tired", "clever", "strange", "empty", "wooden", "famous", "little",
-    "young", "careful", "friendly",
+    "young", "careful", "friendly", "hungry",
 )  # fmt: skip
 PEOPLE = (
     "the farmer", "the old man", "a young woman", "the teacher", "the children", "my brother", "her sister",
@@ -43,6 +43,7 @@ NOUNS = (
 VERBS_T = (
     "found", "carried", "painted", "sold", "bought", "cleaned", "fixed", "opened", "watched", "lost",
     "borrowed", "cooked", "built", "washed", "read", "wrote", "dropped", "hid", "picked up", "moved",
+    "brought", "offered", "lent",
 )  # fmt: skip
 VERBS_I = (
     "slept", "laughed", "waited", "smiled", "arrived early", "walked home", "sang quietly", "sat down",
@@ -99,7 +100,7 @@ class _Writer:
         return f"{self.pick(('by', 'across', 'along'))} the {self.pick(('river', 'bridge', 'road', 'hill'))}"
 
     def sentence(self) -> str:
-        kind = self.rng.randrange(9)
+        kind = self.rng.randrange(10)
         cap = _capitalise
         if kind == 0:
             return f"{self.pick(TIMES)} {self.subject()} {self.pick(VERBS_T)} {self.thing()} {self.where()}."
@@ -133,7 +134,24 @@ class _Writer:
                 noun=self.pick(NOUNS), adj=self.pick(ADJECTIVES), place=self.pick(ioi.PLACES)
             )
             return f'"{said}" said {self.subject()}.'
-        return cap(f"{self.subject()} and {self.subject()} {self.pick(VERBS_T)} {self.thing()} together.")
+        if kind == 8:
+            return cap(f"{self.subject()} and {self.subject()} {self.pick(VERBS_T)} {self.thing()} together.")
+        # Words of the held-out IOI templates and fact phrasings, in other sentences: held-out prompts then test
+        # new frames made of known words, not untrained embeddings.
+        return cap(
+            self.pick(
+                (
+                    f"Because it was {self.pick(WEATHER)}, {self.subject()} {self.pick(VERBS_I)}.",
+                    f"As {self.subject()} {self.pick(VERBS_I)}, {self.subject()} {self.pick(VERBS_T)} {self.thing()}.",
+                    f"{self.subject()} met {self.subject()} {self.where()}.",
+                    f"The government met {self.where()}.",
+                    f"{self.subject()} sits {self.where()} every day.",
+                    f"Shops {self.where()} take coins.",
+                    f"{self.subject()} made a payment for {self.thing()}.",
+                    "Most of the students learn a new song every week.",
+                )
+            )
+        )
 
     def paragraph(self, lo: int = 2, hi: int = 5) -> str:
         return " ".join(self.sentence() for _ in range(self.rng.randint(lo, hi)))
@@ -161,7 +179,7 @@ def _fact_document(rng: random.Random) -> str:
     facts = []
     for _ in range(rng.randint(1, 3)):
         t, c = rng.choice(train), rng.choice(world.COUNTRIES)
-        facts.append(_capitalise(t.text.format(country=c, answer=world.fact(c, t.relation))))
+        facts.append(_capitalise(t.sentence(c)))
     return " ".join(facts)
 
 

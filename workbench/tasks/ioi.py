@@ -77,6 +77,21 @@ TEMPLATES: tuple[Template, ...] = tuple(
         "After a long day at the {place}, {A} and {B} sat down, and {S} passed a {object} to",
         "Then, {A} and {B} walked home from the {place}. {S} gave the {object} to",
     )
+) + tuple(
+    # More training frames (after the held-out ones, so that template indices above stay as they were).
+    Template(t, "train")
+    for t in (
+        "When {A} and {B} came back from the {place}, {S} gave a {object} to",
+        "Before {A} and {B} left the {place}, {S} handed a {object} to",
+        "Since {A} and {B} were tired at the {place}, {S} gave the {object} to",
+        "At the {place}, {A} and {B} found a {object}, and {S} gave it to",
+        "{A} and {B} went to the {place}, and {S} sent a {object} to",
+        "While {A} and {B} were sitting in the {place}, {S} passed a {object} to",
+        "On Sunday {A} and {B} played in the {place}. {S} threw the {object} to",
+        "That evening {A} and {B} cooked at the {place}, and {S} showed a {object} to",
+        "When {A} and {B} got home from the {place}, {S} wanted to give a {object} to",
+        "After {A} and {B} cleaned the {place}, {S} decided to hand a {object} to",
+    )
 )
 
 _PAIR_SPLIT_SEED = 11  # fixes which name combinations are held out; never change it (the demo model used it)
@@ -156,6 +171,7 @@ def ioi_pairs(
     ids = template_ids(templates)
     pool = _name_pool(name_pairs)
     rng = random.Random(seed)
+    abc_rng = random.Random(f"abc/{seed}")  # own stream: the clean prompts do not depend on the corruption
     clean, corrupt, answers, labels, info = [], [], [], [], []
     for i in range(n):
         t = ids[i % len(ids)]
@@ -166,7 +182,7 @@ def ioi_pairs(
         if corruption == "swap":
             corrupt.append(fill(t, s, io, o, place, obj))
         else:
-            x, y, z = rng.sample([m for m in NAMES if m not in (io, s)], 3)
+            x, y, z = abc_rng.sample([m for m in NAMES if m not in (io, s)], 3)
             corrupt.append(fill(t, x, y, o, place, obj, s2=z))
         answers.append((" " + io, " " + s))
         labels.append(f"ioi/{t}")

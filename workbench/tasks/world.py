@@ -60,11 +60,21 @@ class FactTemplate:
     text: str
     split: str  # "train" (in the corpus) or "heldout" (evaluation only)
 
+    @property
+    def has_prompt(self) -> bool:
+        """Whether the country comes before the answer, so that the text before the answer is a prompt."""
+        return "{country}" in self.text.split("{answer}")[0]
+
     def prompt(self, country: str) -> str:
-        head = self.text.split("{answer}")[0].rstrip()
-        if not head:
-            raise InputError(f"the phrasing {self.text!r} starts with the answer; it has no prompt form")
-        return head.format(country=country)
+        if not self.has_prompt:
+            raise InputError(
+                f"the phrasing {self.text!r} names the country after the answer; it has no prompt form"
+            )
+        return self.text.split("{answer}")[0].rstrip().format(country=country)
+
+    def sentence(self, country: str) -> str:
+        """The full statement of the fact about `country`."""
+        return self.text.format(country=country, answer=fact(country, self.relation))
 
 
 FACT_TEMPLATES: tuple[FactTemplate, ...] = (
@@ -96,7 +106,7 @@ def fact(country: str, relation: str) -> str:
 
 
 def prompt_templates(relations: str | Sequence[str] = "all", phrasings: str = "train") -> list[int]:
-    """Indices into `FACT_TEMPLATES` that have a prompt form (the answer comes last), filtered by relation
+    """Indices into `FACT_TEMPLATES` that have a prompt form (the country comes before the answer), filtered by relation
     ("all", one relation, or a list) and phrasing split ("train", "heldout", "all")."""
     rels = (
         RELATIONS if relations == "all" else ([relations] if isinstance(relations, str) else list(relations))
@@ -109,7 +119,7 @@ def prompt_templates(relations: str | Sequence[str] = "all", phrasings: str = "t
     return [
         i
         for i, t in enumerate(FACT_TEMPLATES)
-        if t.relation in rels and phrasings in ("all", t.split) and not t.text.startswith("{answer}")
+        if t.relation in rels and phrasings in ("all", t.split) and t.has_prompt
     ]
 
 
