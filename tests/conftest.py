@@ -21,6 +21,12 @@ def shared_data_dir() -> Path | None:
 
 
 @pytest.fixture(scope="session")
+def shared_data() -> Path | None:
+    """`shared_data_dir()` as a fixture (test modules cannot import this conftest: tests/browser has its own)."""
+    return shared_data_dir()
+
+
+@pytest.fixture(scope="session")
 def casper_dir() -> Path:
     """The Casper challenge files (weights, labels, MNIST). Missing data fails in CI and skips elsewhere."""
     base = shared_data_dir()

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import nbformat
 import pytest
-from conftest import shared_data_dir
 from nbclient import NotebookClient
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,12 +40,12 @@ def test_notebook_has_no_outputs(path):
 
 @pytest.mark.notebook
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.name for p in NOTEBOOKS])
-def test_notebook_runs(path, tmp_path):
+def test_notebook_runs(path, shared_data):
     nb = nbformat.read(path, as_version=4)
     _inject_ci_parameters(nb)
     env_before = dict(os.environ)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    data = shared_data_dir()
+    data = shared_data
     if data is not None and (data / "casper").is_dir():  # the Casper tutorials read the challenge files here
         os.environ.setdefault("WORKBENCH_CASPER_DIR", str(data / "casper"))
     try:
