@@ -4,7 +4,6 @@ implementation on the same weights; baselines, normalisation, metrics, errors, r
 from __future__ import annotations
 
 import dataclasses
-import warnings
 
 import pytest
 import torch
@@ -725,14 +724,12 @@ def test_demo_ioi_resid_pre_picture(demo):
     from workbench.tasks import ioi_pairs
 
     pairs = ioi_pairs(8, templates=0)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # a model that does not solve IOI is warned about; skipped below
-        r = sweep(demo, pairs, site="resid_pre", progress=False)
+    r = sweep(demo, pairs, site="resid_pre", progress=False)
     gap = r.baseline("clean") - r.baseline("corrupt")
-    if gap < 1:
-        pytest.skip(
-            f"this demo model does not solve IOI (clean - corrupt logit difference {gap:.3f} < 1 logit)"
-        )
+    assert gap > 1, (
+        f"the demo model does not solve IOI (clean - corrupt logit difference {gap:.3f} < 1 logit)"
+    )
+    assert not r.warnings
     grid = r.values()[0]  # [layer, position], normalised logit difference
     clean, corrupt = demo.to_tokens(list(pairs.clean)), demo.to_tokens(list(pairs.corrupt))
     differ = (clean != corrupt).any(0)
