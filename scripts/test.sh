@@ -18,7 +18,7 @@ if ! command -v chromium >/dev/null 2>&1; then
 fi
 
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1
-.venv/bin/python -m pytest "$@"
+.venv/bin/python -m pytest --durations=15 "$@"
 
 # The model layer absorbs the transformers 4 / 5 differences: check it against transformers 4 too.
 tf4=.cache/transformers4
