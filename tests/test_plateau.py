@@ -666,7 +666,9 @@ def demo():
     model = load_model("demo")
     from workbench.tasks import demo_corpus, pack
 
-    ref = quiet(reference_stats, model, pack(model, demo_corpus("validation", 1000), 64, 60), progress=False)
+    # Reference rows shaped like the prompts (one document each, as the demo model was trained): packed rows of
+    # several documents are outside its training distribution and blur the statistics.
+    ref = quiet(reference_stats, model, pack(model, demo_corpus("validation", 2000), 12, 320), progress=False)
     prompts = pack(model, demo_corpus("validation", 3000)[2000:], 12, 8)
     return model, ref, prompts
 
