@@ -8,6 +8,7 @@ import importlib
 import nnsight
 import pytest
 import torch
+import transformers
 
 from workbench.errors import InputError, ModelLoadError, SiteError, UnsupportedModelError
 from workbench.models import SITES, load_model
@@ -488,4 +489,5 @@ def test_demo_model_loads_without_the_weights_bar(capfd, tmp_path):
     model.module.save_pretrained(tmp_path)
     model.tokenizer.save_pretrained(tmp_path)
     load_model(str(tmp_path), device="cpu", dispatch=True)
-    assert ("Loading weights" in capfd.readouterr().err) == bars_on  # other loads show it as before
+    if int(transformers.__version__.split(".")[0]) >= 5:  # transformers 4 has no such bar
+        assert ("Loading weights" in capfd.readouterr().err) == bars_on  # other loads show it as before
