@@ -5,8 +5,8 @@
 
 Training data is the demo corpus (`workbench.tasks.demo_corpus("train")`: IOI stories, invented-world facts
 and narrative text), one document per row after ``<|endoftext|>`` (so every row starts as the prompts do and
-no document sees another's names), plus a few rows per batch of repeated random tokens so that induction
-works on arbitrary tokens. Everything is seeded and the data order is fixed, so a run on the same software
+no document sees another's names), plus a few rows per batch of repeated random tokens and of a document
+written twice, so that induction heads form and work on arbitrary tokens. Everything is seeded and the data order is fixed, so a run on the same software
 reproduces the weights. Then evaluate and write the model card:
 
     python -m workbench.demo_model.evaluate --write-card
