@@ -3,6 +3,7 @@ notebook generation, "Run All", and plotly clicks at a data point's screen posit
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -149,6 +150,21 @@ def open_and_run(page, lab: LabServer, path: Path) -> None:
     for i in range(n_code):
         cells.nth(i).wait_for(state="visible")  # Lab may still be adding cells to the page
         run_cell(page, cells.nth(i), name=f"{path.stem}-cell{i}")
+
+
+@contextlib.contextmanager
+def notebook_page(browser, lab: LabServer, path: Path, ready, name: str):
+    """A page with the notebook at `path` opened in Lab and run, once `ready(page)` (a locator) is visible;
+    yields (page, console) and closes the page and the kernels afterwards."""
+    console = Console()
+    page = new_page(browser, console)
+    try:
+        open_and_run(page, lab, path)
+        wait_visible(page, ready(page), name)
+        yield page, console
+    finally:
+        page.close()
+        shutdown_kernels(lab)
 
 
 def run_cell(page, cell, name: str) -> None:

@@ -8,14 +8,10 @@ import pytest
 from lab_driver import (
     LOAD_DEMO,
     SLOW_MS,
-    Console,
-    new_page,
-    open_and_run,
+    notebook_page,
     output_of,
     screenshot,
-    shutdown_kernels,
     slide,
-    wait_visible,
     write_notebook,
 )
 
@@ -35,13 +31,14 @@ CELLS = [
 def panel(chromium, lab, test_notebooks):
     """The notebook opened in Lab and run; yields (page, console)."""
     path = write_notebook(test_notebooks / "lnfree.ipynb", CELLS, "LNRemovalPreview")
-    console = Console()
-    page = new_page(chromium, console)
-    open_and_run(page, lab, path)
-    wait_visible(page, title(page).filter(has_text="zero-shot LayerNorm removal preview"), "lnfree-0")
-    yield page, console
-    page.close()
-    shutdown_kernels(lab)
+    with notebook_page(
+        chromium,
+        lab,
+        path,
+        lambda page: title(page).filter(has_text="zero-shot LayerNorm removal preview"),
+        "lnfree-0",
+    ) as opened:
+        yield opened
 
 
 def figure(page):

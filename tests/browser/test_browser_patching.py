@@ -8,16 +8,12 @@ import pytest
 from lab_driver import (
     LOAD_DEMO,
     SLOW_MS,
-    Console,
     click_plot_point,
-    new_page,
-    open_and_run,
+    notebook_page,
     output_of,
     plot_texts,
     screenshot,
     select_containing,
-    shutdown_kernels,
-    wait_visible,
     write_notebook,
 )
 from playwright.sync_api import expect
@@ -42,13 +38,10 @@ CELLS = [
 def panel(chromium, lab, test_notebooks):
     """The notebook opened in Lab and run; yields (page, console)."""
     path = write_notebook(test_notebooks / "patching.ipynb", CELLS, "PatchingExplorer")
-    console = Console()
-    page = new_page(chromium, console)
-    open_and_run(page, lab, path)
-    wait_visible(page, page.locator(".wb-patching-figure .xtick"), "patching-0")
-    yield page, console
-    page.close()
-    shutdown_kernels(lab)
+    with notebook_page(
+        chromium, lab, path, lambda page: page.locator(".wb-patching-figure .xtick"), "patching-0"
+    ) as opened:
+        yield opened
 
 
 def heatmap(page):

@@ -7,15 +7,11 @@ import pytest
 from lab_driver import (
     LOAD_DEMO,
     SLOW_MS,
-    Console,
     click_plot_point,
-    new_page,
-    open_and_run,
+    notebook_page,
     output_of,
     screenshot,
-    shutdown_kernels,
     slide,
-    wait_visible,
     write_notebook,
 )
 
@@ -36,13 +32,14 @@ CELLS = [
 def panel(chromium, lab, test_notebooks):
     """The notebook opened in Lab and run; yields (page, console)."""
     path = write_notebook(test_notebooks / "plateau.ipynb", CELLS, "PlateauProbe")
-    console = Console()
-    page = new_page(chromium, console)
-    open_and_run(page, lab, path)
-    wait_visible(page, title(page).filter(has_text="Response to perturbations"), "plateau-0")
-    yield page, console
-    page.close()
-    shutdown_kernels(lab)
+    with notebook_page(
+        chromium,
+        lab,
+        path,
+        lambda page: title(page).filter(has_text="Response to perturbations"),
+        "plateau-0",
+    ) as opened:
+        yield opened
 
 
 def figure(page):
