@@ -22,31 +22,11 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from benchmarks.bench_lnfree import SIZES as LN_SIZES
-from benchmarks.bench_lnfree import _sigma
+from benchmarks.bench_lnfree import SIZES, _sigma, make_case
 from benchmarks.bench_lnfree import lower_bound as single_lower_bound
 from benchmarks.common import interleaved_medians, peak_memory_mb, row
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-SIZES = {
-    "smoke": ("tiny", (2, 12)),
-    "cpu": ("gpt2-small", LN_SIZES["cpu"]),
-    "gpu": ("gpt2-small", LN_SIZES["gpu"]),
-}
-
-
-def make_case(size: str, seed: int = 0, device=None):
-    from workbench.models.toy import random_model
-
-    shape, (rows, n_pos) = SIZES[size]
-    model = random_model("gpt2", shape=shape, seed=seed, device=device)
-    g = torch.Generator().manual_seed(seed)
-    tokens = torch.randint(1, model.cfg.d_vocab, (rows, n_pos), generator=g)
-    tokens[:, 0] = (
-        model.cfg.d_vocab - 1 if shape.startswith("gpt2-") else 0
-    )  # end-of-text first, as in bench_lnfree
-    return model, tokens
 
 
 def _frozen(ln, x, y, scale):

@@ -11,7 +11,7 @@ Columns:
 - TransformerLens: `get_act_patch_resid_pre` on a `TransformerBridge` over a copy of the same weights (skipped
   when transformer_lens is not installed).
 
-Run: ``python -m benchmarks.bench_patching [cpu|gpu]``.
+Run: ``python -m benchmarks.bench_patching [cpu|gpu|smoke]`` (smoke: a tiny model, to check the code runs).
 """
 
 from __future__ import annotations
@@ -28,22 +28,29 @@ from benchmarks.common import interleaved_medians, median_time, peak_memory_mb, 
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-N_PAIRS, N_POS = 8, 16
+SIZES = {
+    "smoke": ("tiny", 2, 6),
+    "cpu": ("gpt2-small", 8, 16),
+    "gpu": ("gpt2-small", 8, 16),
+}  # shape, pairs, pos
 
 
-def make_case(seed: int = 0, device=None):
+def make_case(size: str = "cpu", seed: int = 0, device=None):
     from workbench.models.toy import random_model
 
-    model = random_model("gpt2", shape="gpt2-small", seed=seed, device=device)
+    shape, n_pairs, n_pos = SIZES[size]
+    model = random_model("gpt2", shape=shape, seed=seed, device=device)
     g = torch.Generator().manual_seed(seed)
     vocab = model.cfg.d_vocab
-    clean = torch.randint(1, vocab, (N_PAIRS, N_POS), generator=g)
+    clean = torch.randint(1, vocab, (n_pairs, n_pos), generator=g)
     clean[:, 0] = 0  # BOS
     corrupt = clean.clone()
-    for i in range(N_PAIRS):
-        where = torch.randperm(N_POS - 2, generator=g)[:2] + 1
+    for i in range(n_pairs):
+        where = torch.randperm(n_pos - 2, generator=g)[:2] + 1
         corrupt[i, where] = torch.randint(1, vocab, (2,), generator=g)
-    answers = torch.randint(1, vocab, (N_PAIRS, 2), generator=g)
+    answers = torch.stack(
+        [torch.randperm(vocab - 1, generator=g)[:2] + 1 for _ in range(n_pairs)]
+    )  # distinct
     return model, clean, corrupt, answers
 
 
@@ -153,11 +160,13 @@ def transformer_lens_sweep(bridge, clean, corrupt, answers) -> torch.Tensor:
 
 
 def run(size: str = "cpu", repeats: int = 3) -> list[dict]:
+    if size not in SIZES:
+        raise ValueError(f"size must be one of {list(SIZES)}")
     torch.manual_seed(0)
-    if size == "cpu":
+    if size != "gpu":
         torch.set_num_threads(min(2, torch.get_num_threads()))
     device = "cuda" if size == "gpu" and torch.cuda.is_available() else "cpu"
-    model, clean, corrupt, answers = make_case(device=device)
+    model, clean, corrupt, answers = make_case(size, device=device)
     fns = {
         "workbench": lambda: workbench_sweep(model, clean, corrupt, answers),
         "lower bound": lambda: lower_bound(model.module, clean, corrupt, answers),
@@ -187,7 +196,7 @@ def run(size: str = "cpu", repeats: int = 3) -> list[dict]:
     )
     return [
         row(
-            f"patching/resid_pre sweep gpt2-small-shape {N_PAIRS}x{N_POS} tokens ({device})",
+            f"patching/resid_pre sweep {SIZES[size][0]}-shape {len(clean)}x{clean.shape[1]} tokens ({device})",
             median_s=times["workbench"],
             lower_bound_s=times["lower bound"],
             peers=peers,

@@ -2,6 +2,7 @@
 
     python -m benchmarks.bench_plateau            # CPU size (about two minutes on 2 cores)
     python -m benchmarks.bench_plateau gpu
+    python -m benchmarks.bench_plateau smoke      # a tiny model: checks that the code runs
 
 Compared, alternating in one process:
 - `workbench.plateau.probe` (nnsight): 2048 perturbed runs, the earlier positions' keys and values reused, the
@@ -28,7 +29,11 @@ import torch
 from benchmarks.common import interleaved_medians, peak_memory_mb, row
 
 N_PER_FAMILY, FAMILIES, N_SIZES, LAYER = 16, ("isotropic", "cov_random", "cov_mixture", "toward_real"), 32, 1
-SIZES = {"cpu": dict(n_tokens=16, repeats=2), "gpu": dict(n_tokens=32, repeats=5)}
+SIZES = {
+    "smoke": dict(shape="tiny", n_tokens=8, repeats=1),  # checks that the code runs; the numbers mean nothing
+    "cpu": dict(shape="gpt2-small", n_tokens=16, repeats=2),
+    "gpu": dict(shape="gpt2-small", n_tokens=32, repeats=5),
+}
 BUDGET = "1GB"  # memory budget per chunk of rows, for the engine and (as the same chunk size) the lower bound
 
 
@@ -147,15 +152,16 @@ def run(size: str = "cpu") -> list[dict]:
         raise ValueError(f"size must be one of {list(SIZES)}")
     opts = SIZES[size]
     torch.manual_seed(0)
-    if size == "cpu":
+    if size != "gpu":
         torch.set_num_threads(min(2, torch.get_num_threads()))
     device = "cuda" if size == "gpu" and torch.cuda.is_available() else "cpu"
-    model = random_model("gpt2", "gpt2-small", seed=0, device=device, dtype=torch.float32)
+    model = random_model("gpt2", opts["shape"], seed=0, device=device, dtype=torch.float32)
     hf = model.module.eval()
+    vocab, d_model = model.cfg.d_vocab, model.cfg.d_model
     g = torch.Generator().manual_seed(0)
-    tokens = torch.randint(1, 50257, (1, opts["n_tokens"]), generator=g)
+    tokens = torch.randint(1, vocab, (1, opts["n_tokens"]), generator=g)
     tokens[0, 0] = 0
-    corpus = torch.randint(1, 50257, (32, 33), generator=g)  # 1024 activations: enough for a baseline here
+    corpus = torch.randint(1, vocab, (32, 33), generator=g)  # 1024 activations: enough for a baseline here
     corpus[:, 0] = 0
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -175,7 +181,9 @@ def run(size: str = "cpu") -> list[dict]:
     res = first["res"]
     n_rows = res.kl[..., 1:].numel()
     vecs = (
-        (res.x0[0] + sizes[1:, None, None] * res.scale * res.directions[0]).transpose(0, 1).reshape(-1, 768)
+        (res.x0[0] + sizes[1:, None, None] * res.scale * res.directions[0])
+        .transpose(0, 1)
+        .reshape(-1, d_model)
     )
     vecs = vecs.to(device)
     tok = tokens.to(device)
@@ -211,7 +219,8 @@ def run(size: str = "cpu") -> list[dict]:
         note += f"; full-forward peer timed on {peer_rows} rows and scaled x{n_rows // peer_rows}"
     return [
         row(
-            "plateau_probe_64dirs_32sizes_gpt2small",
+            f"plateau/probe {N_PER_FAMILY * len(FAMILIES)} directions x {N_SIZES} sizes {opts['shape']}-shape "
+            f"{opts['n_tokens']} tokens ({device})",
             median_s=times["engine"],
             lower_bound_s=times["lower"],
             peers={"plain full-prompt forward (hooks)": peer_s},

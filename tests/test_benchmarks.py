@@ -69,6 +69,23 @@ def test_rows_follow_the_schema(report):
     assert budget["agrees"] is True  # the budgeted grid equals the unbudgeted one
 
 
+def test_every_timing_case_runs_and_agrees_with_its_references(tmp_path):
+    """The timing cases at smoke size (tiny models): the harness runs each and every workbench result equals
+    its plain-PyTorch lower bound and peers."""
+    out = tmp_path / "smoke.json"
+    names = ["patching", "patching_more", "lnfree", "lnfree_more", "plateau"]
+    code = harness.main(
+        ["--size", "smoke", "--only", *names, "--repeats", "1", "--in-process", "--out", str(out)]
+    )
+    report = json.loads(out.read_text())
+    assert code == 0 and report["errors"] == [] and report["skipped"] == []
+    assert {r["module"] for r in report["cases"]} == set(names)
+    for r in report["cases"]:
+        assert r["agrees"] is True and r["max_abs_diff"] < 1e-4, r["case"]
+        assert r["meets_target"] is None  # smoke timings mean nothing: no verdict
+        assert r["median_s"] > 0 and r["lower_bound_s"] > 0, r["case"]
+
+
 def test_table_prints_every_case(report):
     text = harness.table(report["cases"])
     for i, r in enumerate(report["cases"], 1):

@@ -4,6 +4,7 @@ errors in the status line with the last picture kept, and `.code()` that reprodu
 from __future__ import annotations
 
 import dataclasses
+import warnings
 
 import pytest
 import torch
@@ -62,6 +63,15 @@ def test_run_draws_the_layer_position_heatmap(explorer, model):
     assert explorer.pair_box.options[-1] == ("pair 1", 1)
     assert {"wb-patching-figure"} <= set(explorer.figure._dom_classes)
     assert "wb-patching-run" in explorer.run_button._dom_classes
+
+
+def test_baseline_warnings_show_in_the_panel_only(explorer):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        explorer.run()
+    shown = explorer.warning_line.value
+    assert explorer.grid.warnings and all(w.split(":")[0] in shown for w in explorer.grid.warnings)
+    assert not [w for w in caught if "logit" in str(w.message)], "a warning the panel shows must not be repeated"
 
 
 def test_switching_metric_normalisation_and_pair_redraws_without_running(explorer, monkeypatch):

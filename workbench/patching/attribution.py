@@ -27,6 +27,7 @@ from workbench.patching.sweep import (
     bytes_per_row,
     halves,
     make_result,
+    warn_baselines,
     read_caches,
     setup,
 )
@@ -151,7 +152,9 @@ def attribute(
                 raw[mi, :, si, li] = base_m[mi].view(n, 1, 1) + contrib.cpu()
     if s.heads is None:
         raw = raw.squeeze(-1)
-    return make_result(model, s, "attribution", raw, clean_m, corrupt_m, {"memory_budget": memory_budget})
+    return warn_baselines(
+        make_result(model, s, "attribution", raw, clean_m, corrupt_m, {"memory_budget": memory_budget})
+    )
 
 
 def _plain_versions(p: Provenance) -> Provenance:

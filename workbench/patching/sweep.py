@@ -263,7 +263,7 @@ def make_result(model, s: Setup, method: str, raw, clean, corrupt, options: dict
 
 
 def baseline_warnings(s: Setup, clean: torch.Tensor, corrupt: torch.Tensor) -> tuple[str, ...]:
-    """Sentences about baselines that make normalised values unreliable; each is also issued as a warning.
+    """Sentences about baselines that make normalised values unreliable (`warn_baselines` issues them).
 
     Checks the primary metric: a mean clean - corrupt gap below 1 logit for the logit difference (normalising
     divides by it, so noise is amplified), and pairs whose gap has the opposite sign to the mean's.
@@ -284,9 +284,14 @@ def baseline_warnings(s: Setup, clean: torch.Tensor, corrupt: torch.Tensor) -> t
             f"For pair{'s' * (len(flipped) > 1)} {', '.join(map(str, flipped))} the clean - corrupt gap of "
             f"{s.metric} has the opposite sign to the mean's: the mean hides a disagreement (see per-pair views)."
         )
-    for message in out:
-        warnings.warn(message, stacklevel=4)
     return tuple(out)
+
+
+def warn_baselines(result: PatchingResult) -> PatchingResult:
+    """Issue each of `result.warnings` as a UserWarning pointing at the caller of `sweep` / `attribute`."""
+    for message in result.warnings:
+        warnings.warn(message, stacklevel=3)
+    return result
 
 
 def sweep(
@@ -305,6 +310,7 @@ def sweep(
     batch_size: int | None = None,
     progress=True,
     cancel: CancelToken | None = None,
+    warn: bool = True,
 ) -> PatchingResult:
     """Activation patching over sites x layers x positions (x heads), for several prompt pairs at once.
 
@@ -331,6 +337,8 @@ def sweep(
         memory_budget: bytes or "2GB"; "auto" = a quarter of free memory. batch_size: at most this many
             patched runs per forward pass (default 128 on CPU, 1024 on GPU, or fewer to fit the budget).
         progress: True for a progress bar, or a callback(done, total). cancel: a `CancelToken`.
+        warn: issue the result's baseline warnings (`PatchingResult.warnings`) as UserWarnings; panels that
+            show them pass False.
 
     Returns:
         `PatchingResult` with raw values [metric, pair, site, layer, position(, head)] and both baselines.
@@ -370,7 +378,7 @@ def sweep(
         len(units), run_unit, chunk=1, progress=progress, desc=f"patching {'+'.join(s.sites)}", cancel=cancel
     )
     shape = (len(s.metrics), n, len(s.sites), len(s.layers), len(s.groups)) + ((n_heads,) if s.heads else ())
-    return make_result(
+    result = make_result(
         model,
         s,
         "exact",
@@ -379,3 +387,4 @@ def sweep(
         corrupt_m,
         {"memory_budget": memory_budget, "batch_size": chunk},
     )
+    return warn_baselines(result) if warn else result

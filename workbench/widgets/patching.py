@@ -280,7 +280,8 @@ class PatchingExplorer(Panel):
     def _compute(self, kwargs: dict):
         def compute(progress, cancel):
             # remote models: a repeated sweep or drill-down is served from the result cache, not resubmitted
-            return remote.call(sweep, self.model, **kwargs, progress=progress, cancel=cancel)
+            # (warn=False: the panel shows the baseline warnings itself)
+            return remote.call(sweep, self.model, **kwargs, progress=progress, cancel=cancel, warn=False)
 
         if self.remote_status is None:
             return compute
