@@ -24,7 +24,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import interleaved_medians, peak_memory_mb, row
+from benchmarks.common import interleaved_medians, peak_memory_mb, prepare, row
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -139,12 +139,7 @@ def lower_bound(hf_model, tokens, scales: dict[str, float], skip: bool = True) -
 
 
 def run(size: str = "cpu", repeats: int = 3) -> list[dict]:
-    if size not in SIZES:
-        raise ValueError(f"size must be one of {list(SIZES)}")
-    torch.manual_seed(0)
-    if size != "gpu":
-        torch.set_num_threads(min(2, torch.get_num_threads()))
-    device = "cuda" if size == "gpu" and torch.cuda.is_available() else "cpu"
+    device = prepare(size, SIZES)
     model, tokens = make_case(size, device=device)
     model.dispatch()
     losses, scales = {}, {}

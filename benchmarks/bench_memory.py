@@ -29,7 +29,7 @@ import time
 
 import torch
 
-from benchmarks.common import peak_memory_mb, row
+from benchmarks.common import peak_memory_mb, prepare, row
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -305,12 +305,7 @@ def backward_growth_case(model, tokens, device: str, label: str, n: int) -> dict
 
 def run(size: str = "cpu") -> list[dict]:
     """The budget case times each sweep once; the growth cases time every one of their 200 traces."""
-    if size not in SIZES:
-        raise ValueError(f"size must be one of {list(SIZES)}")
-    torch.manual_seed(0)
-    if size != "gpu":
-        torch.set_num_threads(min(2, torch.get_num_threads()))
-    device = "cuda" if size == "gpu" and torch.cuda.is_available() else "cpu"
+    device = prepare(size, SIZES)
     rows = [budget_case(size, device)]
     gc.collect()
     model, tokens = growth_model(size, device)

@@ -24,7 +24,7 @@ from functools import partial
 
 import torch
 
-from benchmarks.common import interleaved_medians, median_time, peak_memory_mb, row
+from benchmarks.common import interleaved_medians, median_time, peak_memory_mb, prepare, row
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -160,12 +160,7 @@ def transformer_lens_sweep(bridge, clean, corrupt, answers) -> torch.Tensor:
 
 
 def run(size: str = "cpu", repeats: int = 3) -> list[dict]:
-    if size not in SIZES:
-        raise ValueError(f"size must be one of {list(SIZES)}")
-    torch.manual_seed(0)
-    if size != "gpu":
-        torch.set_num_threads(min(2, torch.get_num_threads()))
-    device = "cuda" if size == "gpu" and torch.cuda.is_available() else "cpu"
+    device = prepare(size, SIZES)
     model, clean, corrupt, answers = make_case(size, device=device)
     fns = {
         "workbench": lambda: workbench_sweep(model, clean, corrupt, answers),

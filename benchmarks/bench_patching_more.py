@@ -33,7 +33,7 @@ import sys
 
 import torch
 
-from benchmarks.common import interleaved_medians, median_time, peak_memory_mb, row
+from benchmarks.common import interleaved_medians, median_time, peak_memory_mb, prepare, row
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -578,13 +578,8 @@ def attribution_case(case: Case, shape: str, repeats: int) -> dict:
 
 
 def run(size: str = "cpu", repeats: int = 2) -> list[dict]:
-    if size not in SIZES:
-        raise ValueError(f"size must be one of {list(SIZES)}")
+    device = prepare(size, SIZES)
     opts = SIZES[size]
-    torch.manual_seed(0)
-    if size != "gpu":
-        torch.set_num_threads(min(2, torch.get_num_threads()))
-    device = "cuda" if size == "gpu" and torch.cuda.is_available() else "cpu"
     rows = []
     for i, shape in enumerate(opts["shapes"]):
         case = make_case(shape, opts["n_pairs"], opts["n_pos"], device=device)

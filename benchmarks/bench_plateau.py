@@ -26,7 +26,7 @@ import warnings
 
 import torch
 
-from benchmarks.common import interleaved_medians, peak_memory_mb, row
+from benchmarks.common import interleaved_medians, peak_memory_mb, prepare, row
 
 N_PER_FAMILY, FAMILIES, N_SIZES, LAYER = 16, ("isotropic", "cov_random", "cov_mixture", "toward_real"), 32, 1
 SIZES = {
@@ -148,13 +148,8 @@ def run(size: str = "cpu") -> list[dict]:
     from workbench.plateau.core import _bytes_per_row
     from workbench.runner import chunk_size, parse_budget
 
-    if size not in SIZES:
-        raise ValueError(f"size must be one of {list(SIZES)}")
+    device = prepare(size, SIZES)
     opts = SIZES[size]
-    torch.manual_seed(0)
-    if size != "gpu":
-        torch.set_num_threads(min(2, torch.get_num_threads()))
-    device = "cuda" if size == "gpu" and torch.cuda.is_available() else "cpu"
     model = random_model("gpt2", opts["shape"], seed=0, device=device, dtype=torch.float32)
     hf = model.module.eval()
     vocab, d_model = model.cfg.d_vocab, model.cfg.d_model

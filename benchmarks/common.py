@@ -1,6 +1,7 @@
 """Timing and memory helpers shared by the benchmark cases.
 
-Every case module `benchmarks/bench_<name>.py` exposes ``run(size: str) -> list[dict]`` (size "cpu" or "gpu")
+Every case module `benchmarks/bench_<name>.py` exposes ``run(size: str) -> list[dict]`` (size "cpu", "gpu" or
+"smoke")
 and returns one row per case with the keys of `row()`. Machines are noisy: cases time the workbench, the
 plain-PyTorch lower bound and the peers in one process, alternating, and report ratios.
 """
@@ -17,21 +18,20 @@ from collections.abc import Callable
 import torch
 
 
+def prepare(size: str, sizes) -> str:
+    """Check `size` against a case's `sizes`, seed torch, keep CPU sizes to 2 threads (the reference machine's
+    cores); return the device to run on."""
+    if size not in sizes:
+        raise ValueError(f"size must be one of {list(sizes)}")
+    torch.manual_seed(0)
+    if size != "gpu":
+        torch.set_num_threads(min(2, torch.get_num_threads()))
+    return "cuda" if size == "gpu" and torch.cuda.is_available() else "cpu"
+
+
 def median_time(fn: Callable[[], object], repeats: int = 3, warmup: int = 1) -> float:
     """Median wall time of `fn()` in seconds, after `warmup` untimed calls."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return interleaved_medians({"fn": fn}, repeats=repeats, warmup=warmup)["fn"]
 
 
 def interleaved_medians(
