@@ -71,7 +71,9 @@ def test_baseline_warnings_show_in_the_panel_only(explorer):
         explorer.run()
     shown = explorer.warning_line.value
     assert explorer.grid.warnings and all(w.split(":")[0] in shown for w in explorer.grid.warnings)
-    assert not [w for w in caught if "logit" in str(w.message)], "a warning the panel shows must not be repeated"
+    assert not [w for w in caught if "logit" in str(w.message)], (
+        "a warning the panel shows must not be repeated"
+    )
 
 
 def test_switching_metric_normalisation_and_pair_redraws_without_running(explorer, monkeypatch):

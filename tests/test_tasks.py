@@ -354,7 +354,7 @@ def test_load_corpus_bad_arguments(name, n, match):
         load_corpus(name, n_docs=n)
 
 
-def test_corpus_ioi_stories_answer_the_indirect_object_of_a_train_pair():
+def test_composed_ioi_stories_answer_the_indirect_object_of_a_train_pair():
     rng, held = random.Random(0), set(NAME_PAIRS["heldout"])
     for _ in range(2000):
         doc = corpus_mod._ioi_document(rng)

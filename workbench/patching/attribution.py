@@ -27,9 +27,9 @@ from workbench.patching.sweep import (
     bytes_per_row,
     halves,
     make_result,
-    warn_baselines,
     read_caches,
     setup,
+    warn_baselines,
 )
 from workbench.results import Provenance
 from workbench.runner import CancelToken, chunk_size, parse_budget, run_chunked

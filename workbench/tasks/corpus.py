@@ -1,9 +1,10 @@
 """Text corpora: the bundled demo corpus (generated, seeded) and a loader for real corpora.
 
 The demo corpus is what the demo model is trained on and what calibration or loss evaluation on it should
-use. Each document is one of: an IOI story (train templates and train name pairs only, with the answer), a few
-facts about the invented world (train phrasings only), or a short narrative paragraph from a small grammar
-whose people, places and things overlap with the tasks. Held-out IOI templates, held-out name pairs and
+use. Each document is one of: an IOI story (half on train templates, half composed from openings, scenes and
+actions so that the model learns the task rather than the templates' wording; train name pairs only; with the
+answer), a few facts about the invented world (train phrasings only), or a short narrative paragraph from a
+small grammar whose people, places and things overlap with the tasks. Held-out IOI templates, held-out name pairs and
 held-out fact phrasings never occur in it. The train and validation splits are drawn from the same mixture
 with different fixed seeds; any prefix of a split is reproducible (``demo_corpus("train", 100)`` is the start
 of ``demo_corpus("train", 1000)``).
@@ -161,11 +162,64 @@ def _capitalise(s: str) -> str:
     return s[:1].upper() + s[1:]
 
 
+# Pieces of IOI stories beyond the fixed training templates: an opening, what the two people did at a place,
+# and what the subject then gave. None of them is a held-out template's frame or verb, so the held-out templates
+# stay new sentences; the variety makes the model learn the task rather than the training templates' wording.
+IOI_OPENINGS = ("When", "After", "While", "Before", "Since", "Once", "Just after")
+IOI_SCENES = (
+    "{A} and {B} went to the {place}", "{A} and {B} were working at the {place}", "{A} and {B} arrived at the {place}",
+    "{A} and {B} were walking to the {place}", "{A} and {B} visited the {place}", "{A} and {B} were at the {place}",
+    "{A} and {B} cleaned the {place}", "{A} and {B} came back from the {place}", "{A} and {B} left the {place}",
+    "{A} and {B} played in the {place}", "{A} and {B} cooked at the {place}", "{A} and {B} got a {object} at the {place}",
+    "{A} and {B} were sitting in the {place}", "{A} and {B} found a {object} near the {place}",
+)  # fmt: skip
+IOI_ACTIONS = (
+    "{S} gave a {object} to", "{S} handed the {object} to", "{S} passed a {object} to", "{S} threw a {object} to",
+    "{S} sent a {object} to", "{S} mailed the {object} to", "{S} showed a {object} to", "{S} gave it to",
+    "{S} decided to give a {object} to", "{S} wanted to give the {object} to", "{S} said to", "{S} waved to",
+)  # fmt: skip
+
+
+IOI_PLACE_FIRST = (
+    "At the {place}",
+    "In the {place}",
+    "Outside the {place}",
+    "Near the {place}",
+    "Back at the {place}",
+)
+IOI_ACTIVITIES = (
+    "talked for a while", "had lunch", "played a game", "looked around", "stood by the door", "sat together",
+    "read the news", "worked all morning", "laughed a lot", "found a {object}", "cleaned up", "had a long talk",
+)  # fmt: skip
+IOI_LINKS = (". ", ", and ", ", and then ", ", so ", ". Later, ", ". After that, ")
+
+
+def _ioi_story(rng: random.Random, io: str, s: str, order: str) -> str:
+    """An IOI story put together from `IOI_OPENINGS`, `IOI_SCENES`, `IOI_PLACE_FIRST`, `IOI_ACTIVITIES` and
+    `IOI_ACTIONS`, ending before the answer."""
+    a, b = (io, s) if order == "ABBA" else (s, io)
+    fill = dict(A=a, B=b, S=s, place=rng.choice(ioi.PLACES), object=rng.choice(ioi.OBJECTS))
+    action = rng.choice(IOI_ACTIONS).format(**fill)
+    r = rng.random()
+    if r < 0.35:
+        where, what = rng.choice(IOI_PLACE_FIRST).format(**fill), rng.choice(IOI_ACTIVITIES).format(**fill)
+        link = rng.choice(IOI_LINKS)
+        return f"{where}, {a} and {b} {what}{link}{_capitalise(action) if link.startswith('.') else action}"
+    scene = rng.choice(IOI_SCENES).format(**fill)
+    if r < 0.75:
+        return f"{rng.choice(IOI_OPENINGS)} {scene}, {action}"
+    return f"{_capitalise(scene)}{rng.choice(('. ', ', and then ', ', so '))}{action}"
+
+
 def _ioi_document(rng: random.Random) -> str:
-    t = rng.choice(ioi.template_ids("train"))
     io, s = rng.sample(rng.choice(ioi.NAME_PAIRS["train"]), 2)
     order = rng.choice(("ABBA", "BABA"))
-    text = ioi.fill(t, io, s, order, rng.choice(ioi.PLACES), rng.choice(ioi.OBJECTS)) + f" {io}."
+    if rng.random() < 0.5:
+        t = rng.choice(ioi.template_ids("train"))
+        story = ioi.fill(t, io, s, order, rng.choice(ioi.PLACES), rng.choice(ioi.OBJECTS))
+    else:
+        story = _ioi_story(rng, io, s, order)
+    text = f"{story} {io}."
     # Generic sentences around the story carry no names, so the story alone determines the answer.
     if rng.random() < 0.3:
         text = _Writer(rng, names=False).sentence() + " " + text

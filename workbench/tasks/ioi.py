@@ -48,49 +48,53 @@ class Template:
     split: str  # "train" or "heldout"
 
 
-TEMPLATES: tuple[Template, ...] = tuple(
-    Template(t, "train")
-    for t in (
-        "When {A} and {B} went to the {place}, {S} gave a {object} to",
-        "When {A} and {B} got a {object} at the {place}, {S} decided to give it to",
-        "After {A} and {B} went to the {place}, {S} gave a {object} to",
-        "Then, {A} and {B} were working at the {place}. {S} decided to give a {object} to",
-        "Then, {A} and {B} had a long argument, and afterwards {S} said to",
-        "While {A} and {B} were walking to the {place}, {S} handed a {object} to",
-        "After the lunch, {A} and {B} went to the {place}. {S} gave a {object} to",
-        "Friends {A} and {B} found a {object} at the {place}. {S} gave it to",
-        "Afterwards, {A} and {B} went to the {place}. {S} gave a {object} to",
-        "The {place} was busy when {A} and {B} arrived, so {S} passed the {object} to",
-        "Yesterday {A} and {B} cleaned the {place}, and then {S} threw a {object} to",
-        "When {A} and {B} arrived at the {place}, {S} sent a {object} to",
-        "Once {A} and {B} had left the {place}, {S} mailed a {object} to",
-        "In the morning {A} and {B} visited the {place}, where {S} showed a {object} to",
-        "When {A} and {B} were at the {place}, {S} wanted to give a {object} to",
-        "Then, {A} and {B} had a lot of fun at the {place}. {S} gave a {object} to",
+TEMPLATES: tuple[Template, ...] = (
+    tuple(
+        Template(t, "train")
+        for t in (
+            "When {A} and {B} went to the {place}, {S} gave a {object} to",
+            "When {A} and {B} got a {object} at the {place}, {S} decided to give it to",
+            "After {A} and {B} went to the {place}, {S} gave a {object} to",
+            "Then, {A} and {B} were working at the {place}. {S} decided to give a {object} to",
+            "Then, {A} and {B} had a long argument, and afterwards {S} said to",
+            "While {A} and {B} were walking to the {place}, {S} handed a {object} to",
+            "After the lunch, {A} and {B} went to the {place}. {S} gave a {object} to",
+            "Friends {A} and {B} found a {object} at the {place}. {S} gave it to",
+            "Afterwards, {A} and {B} went to the {place}. {S} gave a {object} to",
+            "The {place} was busy when {A} and {B} arrived, so {S} passed the {object} to",
+            "Yesterday {A} and {B} cleaned the {place}, and then {S} threw a {object} to",
+            "When {A} and {B} arrived at the {place}, {S} sent a {object} to",
+            "Once {A} and {B} had left the {place}, {S} mailed a {object} to",
+            "In the morning {A} and {B} visited the {place}, where {S} showed a {object} to",
+            "When {A} and {B} were at the {place}, {S} wanted to give a {object} to",
+            "Then, {A} and {B} had a lot of fun at the {place}. {S} gave a {object} to",
+        )
     )
-) + tuple(
-    Template(t, "heldout")
-    for t in (
-        "Later that day, {A} and {B} met at the {place}, and {S} brought a {object} to",
-        "Because {A} and {B} were hungry at the {place}, {S} offered a {object} to",
-        "As {A} and {B} waited at the {place}, {S} lent a {object} to",
-        "After a long day at the {place}, {A} and {B} sat down, and {S} passed a {object} to",
-        "Then, {A} and {B} walked home from the {place}. {S} gave the {object} to",
+    + tuple(
+        Template(t, "heldout")
+        for t in (
+            "Later that day, {A} and {B} met at the {place}, and {S} brought a {object} to",
+            "Because {A} and {B} were hungry at the {place}, {S} offered a {object} to",
+            "As {A} and {B} waited at the {place}, {S} lent a {object} to",
+            "After a long day at the {place}, {A} and {B} sat down, and {S} passed a {object} to",
+            "Then, {A} and {B} walked home from the {place}. {S} gave the {object} to",
+        )
     )
-) + tuple(
-    # More training frames (after the held-out ones, so that template indices above stay as they were).
-    Template(t, "train")
-    for t in (
-        "When {A} and {B} came back from the {place}, {S} gave a {object} to",
-        "Before {A} and {B} left the {place}, {S} handed a {object} to",
-        "Since {A} and {B} were tired at the {place}, {S} gave the {object} to",
-        "At the {place}, {A} and {B} found a {object}, and {S} gave it to",
-        "{A} and {B} went to the {place}, and {S} sent a {object} to",
-        "While {A} and {B} were sitting in the {place}, {S} passed a {object} to",
-        "On Sunday {A} and {B} played in the {place}. {S} threw the {object} to",
-        "That evening {A} and {B} cooked at the {place}, and {S} showed a {object} to",
-        "When {A} and {B} got home from the {place}, {S} wanted to give a {object} to",
-        "After {A} and {B} cleaned the {place}, {S} decided to hand a {object} to",
+    + tuple(
+        # More training frames (after the held-out ones, so that template indices above stay as they were).
+        Template(t, "train")
+        for t in (
+            "When {A} and {B} came back from the {place}, {S} gave a {object} to",
+            "Before {A} and {B} left the {place}, {S} handed a {object} to",
+            "Since {A} and {B} were tired at the {place}, {S} gave the {object} to",
+            "At the {place}, {A} and {B} found a {object}, and {S} gave it to",
+            "{A} and {B} went to the {place}, and {S} sent a {object} to",
+            "While {A} and {B} were sitting in the {place}, {S} passed a {object} to",
+            "On Sunday {A} and {B} played in the {place}. {S} threw the {object} to",
+            "That evening {A} and {B} cooked at the {place}, and {S} showed a {object} to",
+            "When {A} and {B} got home from the {place}, {S} wanted to give a {object} to",
+            "After {A} and {B} cleaned the {place}, {S} decided to hand a {object} to",
+        )
     )
 )
 
