@@ -21,6 +21,7 @@ Run: ``python -m benchmarks.bench_memory [cpu|gpu|smoke]``.
 
 from __future__ import annotations
 
+import ctypes
 import gc
 import os
 import statistics
@@ -53,6 +54,15 @@ def _memory_mb(device: str) -> float:
     if device == "cuda":
         return torch.cuda.memory_allocated() / 2**20
     return _rss_mb()
+
+
+def _release_freed_heap() -> None:
+    """Hand memory that Python and torch have freed, but glibc's allocator keeps cached, back to the OS (CPU,
+    Linux): what stays in RSS after this is memory still in use, which is what a leak is."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: RSS then includes the allocator's cache
+        pass
 
 
 def _tracked_tensors() -> int:
@@ -147,10 +157,13 @@ def _growth(fn, device: str, n: int, traces_per_call: int = 1) -> dict:
     tensors_end = _tracked_tensors()
     gc.collect()
     after_gc = _memory_mb(device)
+    if device != "cuda":
+        _release_freed_heap()
     return {
         "peak": peak - base,
         "end": end - base,
         "after_gc": after_gc - base,
+        "retained": _memory_mb(device) - base,
         "tensors": tensors_end - tensors0,
         "tensors_after_gc": _tracked_tensors() - tensors0,
         "per_trace_s": statistics.median(times),
@@ -160,7 +173,8 @@ def _growth(fn, device: str, n: int, traces_per_call: int = 1) -> dict:
 def _growth_row(case: str, g: dict, plain: dict | None, n: int, notes: str = "") -> dict:
     text = (
         f"growth: peak {g['peak']:.1f} MB, at the end {g['end']:.1f} MB, after gc.collect() {g['after_gc']:.1f} "
-        f"MB; tensors tracked by gc: +{g['tensors']} at the end, +{g['tensors_after_gc']} after collection"
+        f"MB, retained after the allocator's cache is released {g['retained']:.1f} MB; tensors tracked by gc: "
+        f"+{g['tensors']} at the end, +{g['tensors_after_gc']} after collection"
     )
     if plain is not None:
         text += f"; plain PyTorch loop: peak {plain['peak']:.1f} MB, end {plain['end']:.1f} MB"
@@ -172,8 +186,9 @@ def _growth_row(case: str, g: dict, plain: dict | None, n: int, notes: str = "")
         lower_bound_s=plain["per_trace_s"] if plain else None,
         peak_mem_mb=g["peak"],
         agrees=None,
-        target=f"growth over {n} traces < {GROWTH_TARGET_MB:g} MB (peak above the baseline)",
-        meets_target=g["peak"] < GROWTH_TARGET_MB,
+        target=f"memory retained after {n} traces < {GROWTH_TARGET_MB:g} MB above the baseline (a leak); the peak "
+        "(working memory of a trace) is reported",
+        meets_target=g["retained"] < GROWTH_TARGET_MB,
         notes=text + "; median_s is per trace",
     )
 
