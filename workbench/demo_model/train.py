@@ -1,6 +1,6 @@
 """Train the bundled demo model: a small GPT-2 (with LayerNorm) and its own byte-level BPE tokenizer.
 
-    python -m workbench.demo_model.train                   # the committed model (about 12 minutes, 2 cores)
+    python -m workbench.demo_model.train                   # the committed model (about 15 minutes, 2 cores)
     python -m workbench.demo_model.train --config smoke --out /tmp/demo-smoke   # seconds
 
 Training data is the demo corpus (`workbench.tasks.demo_corpus("train")`: IOI stories, invented-world facts
