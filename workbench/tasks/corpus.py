@@ -4,10 +4,10 @@ The demo corpus is what the demo model is trained on and what calibration or los
 use. Each document is one of: an IOI story (half on train templates, half composed from openings, scenes and
 actions so that the model learns the task rather than the templates' wording; train name pairs only; with the
 answer), a few facts about the invented world (train phrasings only), or a short narrative paragraph from a
-small grammar whose people, places and things overlap with the tasks. Held-out IOI templates, held-out name pairs and
-held-out fact phrasings never occur in it. The train and validation splits are drawn from the same mixture
-with different fixed seeds; any prefix of a split is reproducible (``demo_corpus("train", 100)`` is the start
-of ``demo_corpus("train", 1000)``).
+small grammar whose people, places and things overlap with the tasks. Held-out IOI templates, held-out name
+pairs and held-out fact phrasings never occur in it. The train and validation splits are drawn from the same
+mixture with different fixed seeds; any prefix of a split is reproducible (``demo_corpus("train", 100)`` is the
+start of ``demo_corpus("train", 1000)``).
 """
 
 from __future__ import annotations
