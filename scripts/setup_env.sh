@@ -17,7 +17,7 @@ py=.venv/bin/python
 pip=(.venv/bin/python -m pip --quiet --disable-pip-version-check)
 
 stamp=".venv/.installed${extras:+-$extras}"
-fingerprint="$(cat pyproject.toml scripts/setup_env.sh | sha256sum | cut -c1-16)"
+fingerprint="$(cat pyproject.toml constraints.txt scripts/setup_env.sh | sha256sum | cut -c1-16)"
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$fingerprint" ]; then
     exit 0
 fi
@@ -38,5 +38,6 @@ fi
 # Keep every later install on the torch we chose: nnsight does not pin torch and would pull a CUDA build.
 "$py" -c "import torch; print('torch==' + torch.__version__)" > .venv/constraints.txt
 echo "[setup] installing the workbench${extras:+ with [$extras]} (constrained to $(cat .venv/constraints.txt))"
-"${pip[@]}" install -c .venv/constraints.txt -e ".${extras:+[$extras]}"
+# constraints.txt holds the versions the tests passed on (scripts/lock.py), so a new release cannot break a fresh set-up.
+"${pip[@]}" install -c .venv/constraints.txt -c constraints.txt -e ".${extras:+[$extras]}"
 echo "$fingerprint" > "$stamp"

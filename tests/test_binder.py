@@ -4,6 +4,7 @@ repo2docker builds the image in this order: `pip install -r binder/requirements.
 the image yet), copy the repository, run `binder/postBuild`, then start every session through `binder/start`.
 These tests check each piece against the environment the test suite runs in:
 
+- constraints.txt (what scripts/setup_env.sh installs) pins every dependency at the version installed here;
 - requirements.txt pins every runtime dependency of pyproject.toml (and Voila) at exactly the version installed
   here, with torch as PyTorch's CPU build from its CPU wheel index;
 - runtime.txt asks for this interpreter's Python;
@@ -96,6 +97,33 @@ def test_requirements_pin_every_runtime_dependency_at_the_tested_version():
             assert needed[name].specifier.contains(pin, prereleases=True), (
                 f"{req.name}=={pin} does not satisfy pyproject.toml's {needed[name]}"
             )
+
+
+def _lock() -> dict[str, str]:
+    """{normalised name: version} of constraints.txt, the versions scripts/setup_env.sh installs."""
+    pins = {}
+    for raw in (ROOT / "constraints.txt").read_text().splitlines():
+        line = raw.split("#", 1)[0].strip()
+        if line:
+            pins[_norm(Requirement(line).name)] = _pinned(Requirement(line))
+    return pins
+
+
+def test_constraints_lock_every_dependency_at_the_tested_version():
+    """A fresh `bash scripts/test.sh` installs exactly what these tests run on, whatever PyPI released since."""
+    lock = _lock()
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    wanted = project["dependencies"] + project["optional-dependencies"]["test"]
+    unpinned = sorted({_norm(Requirement(d).name) for d in wanted} - set(lock) - {"torch"})
+    assert not unpinned, f"constraints.txt lacks {unpinned}: run .venv/bin/python scripts/lock.py"
+    assert "torch" not in lock, (
+        "scripts/setup_env.sh chooses torch's build (CPU or CUDA); keep it out of the lock"
+    )
+    stale = {name: (pin, version(name)) for name, pin in lock.items() if version(name) != pin}
+    assert not stale, f"constraints.txt vs installed {stale}: run .venv/bin/python scripts/lock.py"
+    _, reqs = _requirements()
+    differ = {n: (_pinned(r), lock[n]) for n, r in reqs.items() if n != "torch" and _pinned(r) != lock.get(n)}
+    assert not differ, f"binder/requirements.txt vs constraints.txt: {differ}"
 
 
 def test_torch_is_the_cpu_build_from_the_cpu_index():

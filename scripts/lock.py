@@ -1,0 +1,64 @@
+"""Write constraints.txt: the exact versions the tests passed on, for every package the workbench and its test tools
+pull in (torch excepted: scripts/setup_env.sh picks its build for the machine).
+
+Run it inside .venv after upgrading a dependency and a green test run:  .venv/bin/python scripts/lock.py
+"""
+
+from __future__ import annotations
+
+import re
+from importlib.metadata import PackageNotFoundError, distribution
+from pathlib import Path
+
+import tomllib
+from packaging.requirements import Requirement
+
+ROOT = Path(__file__).resolve().parents[1]
+HEADER = """\
+# The versions the test suite last passed on (written by scripts/lock.py; do not edit by hand).
+# scripts/setup_env.sh installs with these as constraints, so a new release on PyPI cannot change what the README's
+# commands install. pyproject.toml keeps the looser ranges a user's own environment may satisfy.
+"""
+
+
+def _norm(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def closure(roots: list[str]) -> dict[str, str]:
+    """{normalised name: installed version} of the requirements `roots`, transitively."""
+    found: dict[str, str] = {}
+    seen: set[tuple[str, tuple[str, ...]]] = set()
+    todo: list[tuple[list[str], tuple[str, ...]]] = [(roots, ())]
+    while todo:
+        requires, wanted = todo.pop()
+        for raw in requires:
+            req = Requirement(raw)
+            env = [{"extra": e} for e in wanted] or [{"extra": ""}]
+            if req.marker and not any(req.marker.evaluate(e) for e in env):
+                continue
+            key = _norm(req.name)
+            if (key, tuple(req.extras)) in seen:
+                continue
+            seen.add((key, tuple(req.extras)))
+            try:
+                dist = distribution(req.name)
+            except PackageNotFoundError:
+                continue  # an optional or platform-specific requirement not installed here
+            found[key] = dist.version
+            todo.append((dist.requires or [], tuple(req.extras)))
+    return found
+
+
+def main() -> None:
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    # the project's own metadata is read from pyproject.toml: an installed copy may be stale
+    pins = closure(project["dependencies"] + project["optional-dependencies"]["test"])
+    pins.pop("torch", None)
+    lines = [f"{name}=={pins[name]}" for name in sorted(pins)]
+    (ROOT / "constraints.txt").write_text(HEADER + "\n".join(lines) + "\n")
+    print(f"constraints.txt: {len(lines)} packages")
+
+
+if __name__ == "__main__":
+    main()
