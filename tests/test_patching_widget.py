@@ -91,6 +91,8 @@ def test_switching_metric_normalisation_and_pair_redraws_without_running(explore
     assert torch.allclose(torch.tensor(explorer.figure.data[0].z), per_pair, atol=1e-6)
     assert "pair 1" in explorer.figure.layout.title.text
     assert explorer.grid is grid
+    # redraws update the heatmap in place: a click still runs one drill-down, not one per redraw
+    assert [len(t._click_callbacks) for t in explorer.figure.data] == [1]
 
 
 def test_click_drills_into_heads_at_that_cell(explorer, model):

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import threading
 
+import numpy as np
 import plotly.graph_objects as go
 import pytest
+from plotly.subplots import make_subplots
 
 from workbench.errors import InputError
 from workbench.runner import run_chunked
@@ -74,7 +77,53 @@ def test_show_code_toggle(panel):
     assert panel.code_view.layout.display == "none"
 
 
-def test_replace_figure():
+def _shown(fig) -> dict:
+    """A figure as the browser gets it, without the trace ids a FigureWidget adds."""
+    spec = json.loads(fig.to_json())
+    for trace in spec["data"]:
+        trace.pop("uid", None)
+    return spec
+
+
+def _grid(z, title, n_sites=1):
+    fig = make_subplots(rows=1, cols=n_sites) if n_sites > 1 else go.Figure()
+    for i in range(n_sites):
+        where = {"row": 1, "col": i + 1} if n_sites > 1 else {}
+        fig.add_trace(go.Heatmap(z=np.asarray(z) + i, zmid=0.0, customdata=np.zeros((2, 2))), **where)
+    fig.update_layout(title={"text": title}, template="plotly_white")
+    return fig
+
+
+def test_replace_figure_with_a_new_structure():
     fw = go.FigureWidget(go.Figure(go.Bar(y=[1, 2])))
-    replace_figure(fw, go.Figure(go.Heatmap(z=[[1, 2], [3, 4]]), layout={"title": {"text": "new"}}))
+    new = go.Figure(go.Heatmap(z=[[1, 2], [3, 4]]), layout={"title": {"text": "new"}})
+    replace_figure(fw, new)
     assert fw.data[0].type == "heatmap" and fw.layout.title.text == "new"
+    assert _shown(fw) == _shown(new)
+    # fewer subplots: the extra axes and subplot titles go
+    fw = go.FigureWidget()
+    replace_figure(fw, _grid([[1, 2], [3, 4]], "three", n_sites=3))
+    assert fw.layout.xaxis3 is not None and len(fw.data) == 3
+    replace_figure(fw, _grid([[0, 0], [0, 0]], "one"))
+    assert "xaxis3" not in fw.layout.to_plotly_json() and _shown(fw) == _shown(_grid([[0, 0], [0, 0]], "one"))
+
+
+def test_replace_figure_updates_values_in_place():
+    """Same structure: the traces stay (with their click handlers) and only the changed values are set."""
+    fw = go.FigureWidget()
+    replace_figure(fw, _grid([[1, 2], [3, 4]], "first", n_sites=2))
+    traces, template = list(fw.data), fw.layout.template
+    clicks = []
+    for trace in fw.data:
+        trace.on_click(lambda *args: clicks.append(args))
+    sent = []
+    fw._send_update_msg = lambda *args, **kwargs: sent.append([args, kwargs])  # what goes to the browser
+    new = _grid([[5, 6], [7, float("nan")]], "second", n_sites=2)
+    new.data[1].zmid = 1.5
+    replace_figure(fw, new)
+    assert all(a is b for a, b in zip(fw.data, traces)) and fw.layout.template is template
+    assert _shown(fw) == _shown(new)
+    assert all(len(t._click_callbacks) == 1 for t in fw.data)
+    assert sent, "the changes must reach the browser"
+    changed = json.dumps(sent, default=str)
+    assert "zmid" in changed and "second" in changed and "customdata" not in changed and "template" not in changed

@@ -131,7 +131,7 @@ def _distributions(
             body = body[torch.linspace(0, body.numel() - 1, max_points).long()]
         fig.add_trace(
             go.Box(
-                y=body.tolist(),
+                y=body.numpy(),  # an array: plotly checks a list point by point
                 name=norm,
                 marker_color="#1f3b73" if norm in highlight else "#9aa9bd",
                 boxpoints=False,
@@ -145,12 +145,13 @@ def _distributions(
         (first, "position 0", FIRST_COLOUR, "diamond"),
         (stats.eot & ~first, "end-of-text", EOT_COLOUR, "x"),
     ):
-        xs, ys = [], []
+        xs, ys = [], [torch.empty(0)]
         for norm in norms:
             vals = stats.norm_scales(norm)[mask]
             xs += [norm] * len(vals)
-            ys += vals.tolist()
-        if ys:
+            ys.append(vals.float())
+        ys = torch.cat(ys).numpy()
+        if len(ys):
             fig.add_trace(
                 go.Scatter(
                     x=xs,

@@ -104,13 +104,17 @@ def heatmap(
     reach = max(float(np.nanmax(np.abs(g - base))) for g in grids) or 1.0
     ids = _cell_ids(result, mode)
     n = len(result.sites)
-    fig = make_subplots(
-        rows=1,
-        cols=n,
-        shared_yaxes=True,
-        horizontal_spacing=0.04 if n > 1 else 0.0,
-        subplot_titles=[SITE_LABELS.get(s, s) for s in result.sites] if n > 1 else None,
-    )
+    if n == 1:  # make_subplots costs as much as the rest of a one-site figure, and a redraw should be fast
+        fig, cells = go.Figure(), [{}]
+    else:
+        fig = make_subplots(
+            rows=1,
+            cols=n,
+            shared_yaxes=True,
+            horizontal_spacing=0.04,
+            subplot_titles=[SITE_LABELS.get(s, s) for s in result.sites],
+        )
+        cells = [{"row": 1, "col": i + 1} for i in range(n)]
     vtitle = value_title(result, metric, normalize)
     for i, site in enumerate(result.sites):
         extra = np.stack([raws[i], spreads[i] if spreads else np.zeros_like(raws[i])], -1)
@@ -139,13 +143,12 @@ def heatmap(
                 xgap=1,
                 ygap=1,
             ),
-            row=1,
-            col=i + 1,
+            **cells[i],
         )
         fig.update_xaxes(
-            title_text=xlab, type="category", tickangle=-45 if xlab == "position" else 0, row=1, col=i + 1
+            title_text=xlab, type="category", tickangle=-45 if xlab == "position" else 0, **cells[i]
         )
-    fig.update_yaxes(title_text=ylab, type="category", autorange="reversed", row=1, col=1)
+    fig.update_yaxes(title_text=ylab, type="category", autorange="reversed", **cells[0])
     who = f"pair {pair}" if pair is not None else f"mean of {result.n_pairs} pair{'s' * (result.n_pairs > 1)}"
     method = "Attribution patching (estimate)" if result.method == "attribution" else "Activation patching"
     site_text = f" of {SITE_LABELS.get(result.sites[0], result.sites[0])}" if n == 1 else ""

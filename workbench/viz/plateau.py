@@ -76,12 +76,12 @@ def curves(
         stack = np.stack([values[b, d] for b, d in cells])
         colour = colours[g]
         shown = cells[:: max(1, math.ceil(len(cells) / max_lines))] if max_lines > 0 else []
-        xs, ys, cd = [], [], []
-        for b, d in shown:
-            xs += [*sizes.tolist(), None]
-            ys += [*values[b, d].tolist(), None]
-            cd += [[b, d]] * len(sizes) + [[b, d]]
         if shown:
+            # one trace, curves separated by NaN gaps; numpy arrays, as lists plotly validates point by point
+            n = len(sizes) + 1
+            xs = np.tile(np.append(sizes, np.nan), len(shown))
+            ys = np.concatenate([np.append(values[b, d], np.nan) for b, d in shown])
+            cd = np.repeat(np.array(shown), n, axis=0)
             fig.add_trace(
                 go.Scatter(
                     x=xs,
