@@ -126,4 +126,9 @@ def test_replace_figure_updates_values_in_place():
     assert all(len(t._click_callbacks) == 1 for t in fw.data)
     assert sent, "the changes must reach the browser"
     changed = json.dumps(sent, default=str)
-    assert "zmid" in changed and "second" in changed and "customdata" not in changed and "template" not in changed
+    assert (
+        "zmid" in changed
+        and "second" in changed
+        and "customdata" not in changed
+        and "template" not in changed
+    )
