@@ -16,6 +16,8 @@ from nbclient import NotebookClient
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted(p for p in (ROOT / "notebooks").glob("*.ipynb") if not p.name.startswith("_"))
+# what a newcomer opens first (README, Binder): it must run clean, without a warning to puzzle over
+ENTRY_POINTS = {"00_quickstart.ipynb", "dashboard.ipynb"}
 
 
 def _inject_ci_parameters(nb) -> None:
@@ -48,6 +50,8 @@ def test_notebook_runs(path, shared_data):
     data = shared_data
     if data is not None and (data / "casper").is_dir():  # the Casper tutorials read the challenge files here
         os.environ.setdefault("WORKBENCH_CASPER_DIR", str(data / "casper"))
+    if path.name in ENTRY_POINTS:
+        nb.cells.append(nbformat.v4.new_code_cell(PANEL_WARNINGS))
     try:
         client = NotebookClient(
             nb, timeout=900, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}}
@@ -56,3 +60,41 @@ def test_notebook_runs(path, shared_data):
     finally:
         os.environ.clear()
         os.environ.update(env_before)
+    if path.name in ENTRY_POINTS:
+        assert not _warnings(nb), f"{path.name} shows warnings: {_warnings(nb)}"
+
+
+# appended to the entry points: wait for every panel's run, then print what its warning lines show
+PANEL_WARNINGS = """
+import ipywidgets as _w
+from workbench.widgets.base import Panel as _Panel
+
+def _html(widget):
+    if isinstance(widget, _w.HTML):
+        yield widget.value
+    for child in getattr(widget, "children", ()):
+        yield from _html(child)
+
+_panels = {id(v): v for v in [*globals().values(), *Out.values()] if isinstance(v, _Panel)}
+_panels.update({id(p): p for v in globals().values() if isinstance(v, dict) for p in v.values() if isinstance(p, _Panel)})
+for _p in _panels.values():
+    _p.wait(600)
+print(len(_panels), "panels")
+for _p in _panels.values():
+    for _text in _html(_p):
+        if "⚠" in _text:
+            print("PANEL WARNING", type(_p).__name__, _text)
+"""
+
+
+def _warnings(nb) -> list[str]:
+    """Warnings the run printed (stderr) or a panel shows (its warning lines, marked ⚠)."""
+    found = []
+    for cell in nb.cells:
+        for out in cell.get("outputs", []):
+            if out.get("output_type") != "stream":
+                continue
+            if out.get("name") == "stderr":
+                found.append(out["text"])
+            found += [line for line in out["text"].splitlines() if line.startswith("PANEL WARNING")]
+    return found

@@ -122,7 +122,9 @@ class PatchingExplorer(Panel):
             ("head output (z), per head, all positions", "z"),
             ("attention pattern, per head, all positions", "pattern"),
         ]
-        self.site_box = widgets.Dropdown(options=site_options, value=site, description="Site")
+        self.site_box = widgets.Dropdown(
+            options=site_options, value=site, description="Site", layout=widgets.Layout(width="420px")
+        )
         self.direction_box = widgets.ToggleButtons(
             options=[("denoising", "denoising"), ("noising", "noising")],
             value={"denoise": "denoising", "noise": "noising"}.get(direction, direction),
@@ -141,7 +143,9 @@ class PatchingExplorer(Panel):
             indent=False,
             layout=widgets.Layout(width="auto"),  # the default width cuts the label
         )
-        self.pair_box = widgets.Dropdown(options=[("mean", -1)], value=-1, description="Pair")
+        self.pair_box = widgets.Dropdown(
+            options=[("mean", -1)], value=-1, description="Pair", layout=widgets.Layout(width="180px")
+        )
         self.direction_help = widgets.HTML(self._help_text())
         for w, cls in [
             (self.clean_box, "wb-patching-clean"),
