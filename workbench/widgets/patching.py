@@ -336,7 +336,7 @@ class PatchingExplorer(Panel):
                 for trace in self.figure.data:
                     trace.on_click(self._on_click)
             if self.heads is not None:
-                fig = heatmap(self.heads, **view, height=max(480, 60 * len(self.heads.heads or ()) + 180))
+                fig = heatmap(self.heads, **view)  # one row (a layer, or a head), however many heads
                 layer, position, head = self._drill_cell
                 where = self.grid.position_labels[position] if head is None else f"head {head}"
                 fig.update_layout(title={"text": f"Drill-down: layer {layer}, {where}"})
