@@ -7,6 +7,7 @@ Run it inside .venv after upgrading a dependency and a green test run:  .venv/bi
 from __future__ import annotations
 
 import re
+import sys
 from importlib.metadata import PackageNotFoundError, distribution
 from pathlib import Path
 
@@ -17,7 +18,8 @@ ROOT = Path(__file__).resolve().parents[1]
 HEADER = """\
 # The versions the test suite last passed on (written by scripts/lock.py; do not edit by hand).
 # scripts/setup_env.sh installs with these as constraints, so a new release on PyPI cannot change what the README's
-# commands install. pyproject.toml keeps the looser ranges a user's own environment may satisfy.
+# commands install. They apply to the Python the tests ran on (see the markers); on another Python, and in a user's
+# own environment, pyproject.toml's looser ranges decide.
 """
 
 
@@ -55,7 +57,9 @@ def main() -> None:
     # the project's own metadata is read from pyproject.toml: an installed copy may be stale
     pins = closure(project["dependencies"] + project["optional-dependencies"]["test"])
     pins.pop("torch", None)
-    lines = [f"{name}=={pins[name]}" for name in sorted(pins)]
+    # pinned for the Python they were tested on: on another, a pin may not exist (numpy 2.4 needs >= 3.11)
+    python = f"{sys.version_info.major}.{sys.version_info.minor}"
+    lines = [f'{name}=={pins[name]}; python_version == "{python}"' for name in sorted(pins)]
     (ROOT / "constraints.txt").write_text(HEADER + "\n".join(lines) + "\n")
     print(f"constraints.txt: {len(lines)} packages")
 
