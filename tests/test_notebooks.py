@@ -61,6 +61,10 @@ def test_notebook_runs(path, shared_data):
         os.environ.clear()
         os.environ.update(env_before)
     if path.name in ENTRY_POINTS:
+        printed = "".join(o.get("text", "") for o in nb.cells[-1].outputs if o.get("output_type") == "stream")
+        assert int(printed.split(" panels")[0]) >= 3, (
+            f"{path.name}: expected its three panels, got {printed!r}"
+        )
         assert not _warnings(nb), f"{path.name} shows warnings: {_warnings(nb)}"
 
 
