@@ -6,13 +6,13 @@ Run it inside .venv after upgrading a dependency and a green test run:  .venv/bi
 
 from __future__ import annotations
 
-import re
 import sys
 from importlib.metadata import PackageNotFoundError, distribution
 from pathlib import Path
 
 import tomllib
 from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
 ROOT = Path(__file__).resolve().parents[1]
 HEADER = """\
@@ -21,10 +21,6 @@ HEADER = """\
 # commands install. They apply to the Python the tests ran on (see the markers); on another Python, and in a user's
 # own environment, pyproject.toml's looser ranges decide.
 """
-
-
-def _norm(name: str) -> str:
-    return re.sub(r"[-_.]+", "-", name).lower()
 
 
 def closure(roots: list[str]) -> dict[str, str]:
@@ -39,7 +35,7 @@ def closure(roots: list[str]) -> dict[str, str]:
             env = [{"extra": e} for e in wanted] or [{"extra": ""}]
             if req.marker and not any(req.marker.evaluate(e) for e in env):
                 continue
-            key = _norm(req.name)
+            key = canonicalize_name(req.name)
             if (key, tuple(req.extras)) in seen:
                 continue
             seen.add((key, tuple(req.extras)))

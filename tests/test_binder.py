@@ -36,6 +36,7 @@ import nbformat
 import pytest
 import tomllib
 from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name as _norm
 from packaging.version import Version
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -61,10 +62,6 @@ def _requirements() -> tuple[list[str], dict[str, Requirement]]:
         req = Requirement(line)
         reqs[_norm(req.name)] = req
     return options, reqs
-
-
-def _norm(name: str) -> str:
-    return re.sub(r"[-_.]+", "-", name).lower()
 
 
 def _pinned(req: Requirement) -> str:

@@ -80,7 +80,6 @@ def _html(widget):
         yield from _html(child)
 
 _panels = {id(v): v for v in [*globals().values(), *Out.values()] if isinstance(v, _Panel)}
-_panels.update({id(p): p for v in globals().values() if isinstance(v, dict) for p in v.values() if isinstance(p, _Panel)})
 for _p in _panels.values():
     _p.wait(600)
 print(len(_panels), "panels")
