@@ -33,3 +33,15 @@ class RemoteError(WorkbenchError):
 
 class Cancelled(WorkbenchError):
     """A long run was cancelled by the user; partial results are discarded."""
+
+
+def warn(message: str, category: type[Warning] = UserWarning) -> None:
+    """Issue a warning attributed to the first caller outside the workbench package (the user's line)."""
+    import sys
+    import warnings
+
+    level, frame = 2, sys._getframe(1)
+    package = __name__.rpartition(".")[0] + "."
+    while frame is not None and frame.f_globals.get("__name__", "").startswith(package):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, category, stacklevel=level)

@@ -19,20 +19,19 @@ import dataclasses
 import nnsight
 import torch
 
+from workbench.core import CancelToken, Run, chunks
 from workbench.errors import InputError
 from workbench.patching.result import AttributionComparison, PatchingResult
 from workbench.patching.sweep import (
     _rank,
     baselines,
     bytes_per_row,
-    halves,
     make_result,
     read_caches,
     setup,
     warn_baselines,
 )
 from workbench.results import Provenance
-from workbench.runner import CancelToken, chunk_size, parse_budget, run_chunked
 
 
 def _grad_key(site: str) -> str:
@@ -48,7 +47,7 @@ def gradients(model, s, tokens: torch.Tensor, clean_lp: torch.Tensor, answers: t
         key=lambda k: (k[0], _rank(k[1])),
     )
     kwargs = {} if s.all_positions else {"logits_to_keep": 1}
-    cfg = model.cfg
+    cfg, metrics = model.cfg, s.metrics
     # Gradients flow to the activations only, never into the model's parameters: the backward passes stop
     # at the embedding output. A metric that does not depend on the activations keeps zero gradients.
     # (No comments inside the trace body: remote serialisation drops them, which shifts the line numbers
@@ -62,7 +61,7 @@ def gradients(model, s, tokens: torch.Tensor, clean_lp: torch.Tensor, answers: t
             acts.append(((name, layer), value))
         logits = model.site("logits").value
         last = logits[:, -1]
-        values = [m(logits if m.all_positions else last, answers, clean_lp) for m in s.metrics]
+        values = [m(logits if m.all_positions else last, answers, clean_lp) for m in metrics]
         grads = {}
         for i, value in enumerate(values):
             if not value.requires_grad:
@@ -97,6 +96,7 @@ def attribute(
     memory_budget: int | str | None = "auto",
     progress=True,
     cancel: CancelToken | None = None,
+    run: Run | None = None,
 ) -> PatchingResult:
     """Attribution-patching estimate of the grid that `sweep` computes with the same arguments.
 
@@ -105,25 +105,26 @@ def attribute(
     values are the estimated metric values of the patched runs (same axes, baselines and views as `sweep`).
     """
     s = setup(model, clean, corrupt, answers, site, direction, layers, positions, heads, metric)
-    cache = read_caches(model, s, extra=("v",) if "pattern" in s.sites else ())
+    run = Run.of(run, progress=progress, cancel=cancel, memory_budget=memory_budget)
+    # a backward pass keeps every activation of the forward pass: about three times an inference row
+    chunk = run.rows_per_chunk(
+        3 * bytes_per_row(model, s) * (len(s.layers) + 1), model.device, s.pairs.n_pairs
+    )
+    cache = read_caches(model, s, extra=("v",) if "pattern" in s.sites else (), chunk=chunk)
     clean_m, corrupt_m, clean_lp = baselines(s, cache["logits"])
-    base_half, source_half = halves(s)
+    base_half, source_half = s.halves()
     base_m = corrupt_m if s.direction == "denoising" else clean_m
     n = s.pairs.n_pairs
     tokens = s.base_tokens.to(model.device)
     answers_t = s.pairs.answers.to(model.device)
-    budget = parse_budget(memory_budget, model.device if model.remote is False else "cpu")
-    # a backward pass keeps every activation of the forward pass: about three times an inference row
-    chunk = chunk_size(3 * bytes_per_row(model, s) * (len(s.layers) + 1), budget, max_chunk=n)
-    grads: dict = {}
-
-    def run_chunk(start: int, stop: int) -> None:
-        part = gradients(model, s, tokens[start:stop], clean_lp[start:stop], answers_t[start:stop])
-        for key, g in part.items():
-            grads.setdefault(key, []).append(g)
-
-    run_chunked(n, run_chunk, chunk=chunk, progress=progress, desc="attribution patching", cancel=cancel)
-    grads = {k: torch.cat(v) for k, v in grads.items()}
+    spans = chunks(n, chunk)
+    parts = run.map(
+        spans,
+        lambda span: gradients(model, s, *(x[span[0] : span[1]] for x in (tokens, clean_lp, answers_t))),
+        desc="attribution patching",
+        weights=[b - a for a, b in spans],
+    )
+    grads = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
 
     group = model.cfg.n_heads // model.cfg.n_kv_heads
     n_heads = len(s.heads) if s.heads is not None else 1
@@ -153,7 +154,7 @@ def attribute(
     if s.heads is None:
         raw = raw.squeeze(-1)
     return warn_baselines(
-        make_result(model, s, "attribution", raw, clean_m, corrupt_m, {"memory_budget": memory_budget})
+        make_result(model, s, "attribution", raw, clean_m, corrupt_m, {"memory_budget": run.memory_budget})
     )
 
 

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 
 import torch
 
+from workbench.core import selectors
 from workbench.errors import InputError, SiteError
 
 BLOCK_SITES = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out")
@@ -186,6 +187,11 @@ def prepare_pairs(model, clean, corrupt=None, answers=None) -> Pairs:
 
 def resolve_sites(model, site) -> tuple[str, ...]:
     """Site names to patch; all block-level or all per-head (one result has one set of axes)."""
+    if site is None or not isinstance(site, (str, list, tuple)):
+        raise SiteError(
+            f"site={site!r}: give a site name such as 'resid_pre', or a list of them. Patchable sites: "
+            f"{', '.join(BLOCK_SITES + HEAD_SITES)}."
+        )
     sites = (site,) if isinstance(site, str) else tuple(site)
     if not sites:
         raise SiteError("site=[]: give at least one site, e.g. 'resid_pre'.")
@@ -208,59 +214,14 @@ def resolve_sites(model, site) -> tuple[str, ...]:
 
 
 def resolve_layers(model, layers) -> tuple[int, ...]:
-    n = model.cfg.n_layers
-    if layers is None:
-        return tuple(range(n))
-    items = [layers] if isinstance(layers, int) else list(layers)
-    out = []
-    for layer in items:
-        if not isinstance(layer, int) or not -n <= layer < n:
-            raise SiteError(f"Layer {layer!r} is out of range: {model.name} has layers 0..{n - 1}.")
-        out.append(layer % n)
-    if not out:
-        raise SiteError("layers=[]: give at least one layer, or None for all.")
-    if len(set(out)) != len(out):
-        raise SiteError(f"layers={items} lists a layer twice.")
-    return tuple(out)
+    return selectors.resolve_layers(model.cfg.n_layers, layers, model_name=model.name)
 
 
 def resolve_positions(positions, n_pos: int) -> tuple[tuple[int, ...], ...]:
-    """Position groups: each entry is the positions patched together in one run.
-
-    "each": every position on its own; "all": all positions at once; an int or a list of ints: those positions,
-    each on its own; a list containing lists: each inner list is patched together (e.g. [[3, 4], [9]]).
-    Negative indices count from the end (-1 is the last token).
-    """
-
-    def one(p) -> int:
-        if isinstance(p, bool) or not isinstance(p, int) or not -n_pos <= p < n_pos:
-            raise InputError(
-                f"Position {p!r} is out of range: the prompts have {n_pos} tokens (positions 0..{n_pos - 1}, "
-                "or -1 for the last)."
-            )
-        return p % n_pos
-
-    if isinstance(positions, str):
-        if positions == "each":
-            return tuple((t,) for t in range(n_pos))
-        if positions == "all":
-            return (tuple(range(n_pos)),)
-        raise InputError(f"positions={positions!r}: use 'each', 'all', a position, or a list of positions.")
-    items = [positions] if isinstance(positions, int) else list(positions)
-    if not items:
-        raise InputError("positions=[]: give at least one position, or 'each' / 'all'.")
-    groups = []
-    for item in items:
-        if isinstance(item, (list, tuple)):
-            group = tuple(sorted({one(p) for p in item}))
-            if not group:
-                raise InputError("positions contains an empty group.")
-            groups.append(group)
-        else:
-            groups.append((one(item),))
-    if len(set(groups)) != len(groups):
-        raise InputError(f"positions={positions!r} lists a position (group) twice.")
-    return tuple(groups)
+    """Position groups: each entry is the positions patched together in one run (see
+    `workbench.core.selectors`: "each", "together", "last", "all-but-first", positions, or groups such as
+    [[3, 4], [9]]). The old spelling "all" still means "together"."""
+    return selectors.resolve_positions(positions, n_pos, legacy_all="together")
 
 
 def resolve_heads(model, heads, sites: tuple[str, ...]) -> tuple[int, ...] | None:
@@ -268,16 +229,7 @@ def resolve_heads(model, heads, sites: tuple[str, ...]) -> tuple[int, ...] | Non
         if heads is not None:
             raise SiteError(f"heads= applies to per-head sites (z, pattern), not to {', '.join(sites)}.")
         return None
-    n = model.cfg.n_heads
-    if heads is None:
-        return tuple(range(n))
-    items = [heads] if isinstance(heads, int) else list(heads)
-    for h in items:
-        if isinstance(h, bool) or not isinstance(h, int) or not 0 <= h < n:
-            raise SiteError(f"Head {h!r} is out of range: {model.name} has heads 0..{n - 1} per layer.")
-    if not items or len(set(items)) != len(items):
-        raise SiteError(f"heads={heads!r}: give distinct heads, or None for all.")
-    return tuple(items)
+    return selectors.resolve_heads(model.cfg.n_heads, heads, model_name=model.name)
 
 
 def resolve_direction(direction: str) -> str:

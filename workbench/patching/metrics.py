@@ -22,6 +22,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from workbench.core.measures import kl_divergence
 from workbench.errors import InputError
 
 
@@ -83,7 +84,7 @@ def kl(
     logits: torch.Tensor, answers: torch.Tensor, clean_logprobs: torch.Tensor, logprobs=None
 ) -> torch.Tensor:
     """[row]: KL(P_clean || P_run) in nats at the last position; `clean_logprobs` [row, d_vocab]."""
-    return (clean_logprobs.exp() * (clean_logprobs - _logprobs(logits, logprobs))).sum(-1)
+    return kl_divergence(clean_logprobs, _logprobs(logits, logprobs))
 
 
 BUILTIN: dict[str, Metric] = {

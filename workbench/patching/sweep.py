@@ -14,96 +14,68 @@ How a sweep runs (all numbers equal, within float tolerance, to patching one cel
 from __future__ import annotations
 
 import dataclasses
-import warnings
 
 import nnsight
 import torch
 
-from workbench.errors import InputError, UnsupportedModelError
-from workbench.models.model import WorkbenchModel
+from workbench.core import CancelToken, Run
+from workbench.errors import warn as warn_user
+from workbench.models.prefix import bytes_per_row as row_bytes
+from workbench.models.prefix import enter_at
 from workbench.models.sites import SITES
-from workbench.patching.inputs import (
-    Pairs,
-    position_labels,
-    prepare_pairs,
-    resolve_direction,
-    resolve_heads,
-    resolve_layers,
-    resolve_positions,
-    resolve_sites,
-)
-from workbench.patching.metrics import Metric, resolve_metrics
+from workbench.patching.inputs import position_labels
 from workbench.patching.result import PatchingResult
-from workbench.results import Provenance
-from workbench.runner import CancelToken, chunk_size, parse_budget, run_chunked
+from workbench.patching.spec import PatchSpec
 
 _DEFAULT_MAX_ROWS = {"cpu": 128, "cuda": 1024}
+Setup = PatchSpec  # the name benchmarks used before specs
 
 
-@dataclasses.dataclass(frozen=True)
-class Setup:
-    """Everything a sweep or an attribution run needs, checked."""
-
-    pairs: Pairs
-    direction: str
-    sites: tuple[str, ...]
-    layers: tuple[int, ...]
-    groups: tuple[tuple[int, ...], ...]
-    heads: tuple[int, ...] | None
-    metrics: tuple[Metric, ...]
-    metric: str
-
-    @property
-    def all_positions(self) -> bool:
-        return any(m.all_positions for m in self.metrics)
-
-    @property
-    def base_tokens(self) -> torch.Tensor:
-        return self.pairs.corrupt if self.direction == "denoising" else self.pairs.clean
-
-
-def setup(model, clean, corrupt, answers, site, direction, layers, positions, heads, metric) -> Setup:
-    """Validate every argument before any model runs."""
-    if not isinstance(model, WorkbenchModel):
-        raise InputError(
-            f"Expected a WorkbenchModel, got {type(model).__name__}; wrap it first: "
-            "model = workbench.models.load_model(model, tokenizer)."
-        )
-    if model.adapter is None:
-        raise UnsupportedModelError(
-            f"Patching needs a transformer with standard sites; {model.name!r} is a plain module."
-        )
-    direction = resolve_direction(direction)
-    sites = resolve_sites(model, site)
-    layers = resolve_layers(model, layers)
-    heads = resolve_heads(model, heads, sites)
-    metrics, primary = resolve_metrics(metric)
-    pairs = prepare_pairs(model, clean, corrupt, answers)
-    groups = resolve_positions(positions, pairs.n_pos)
-    return Setup(pairs, direction, sites, layers, groups, heads, metrics, primary)
+def setup(model, clean, corrupt, answers, site, direction, layers, positions, heads, metric) -> PatchSpec:
+    """`PatchSpec.resolve` with positional arguments."""
+    return PatchSpec.resolve(
+        model,
+        clean,
+        corrupt,
+        answers,
+        site=site,
+        direction=direction,
+        layers=layers,
+        positions=positions,
+        heads=heads,
+        metric=metric,
+    )
 
 
 def _rank(site: str) -> float:
     return SITES[site].rank
 
 
-def read_caches(model, s: Setup, *, extra: tuple[str, ...] = ()) -> dict:
-    """One trace over [clean; corrupt]: logits (last position unless a metric needs all) and, per layer, the
-    residual entering it plus every requested site (and `extra` sites), each [2 * pair, ...]."""
-    tokens = torch.cat([s.pairs.clean, s.pairs.corrupt]).to(model.device)
+def read_caches(model, s: PatchSpec, *, extra: tuple[str, ...] = (), chunk: int | None = None) -> dict:
+    """Traces over [clean; corrupt], `chunk` rows at a time (default: all at once): logits (last position unless
+    a metric needs all) and, per layer, the residual entering it plus every requested site (and `extra` sites),
+    each [2 * pair, ...]."""
+    tokens = torch.cat([s.pairs.clean, s.pairs.corrupt])
     kwargs = {} if s.all_positions else {"logits_to_keep": 1}
     names = sorted(set(s.sites) | set(extra) | {"resid_pre"}, key=_rank)
-    with torch.no_grad(), model.trace(tokens, **kwargs):
-        cache = {}
-        for layer in sorted(s.layers):
-            for name in names:
-                cache[(name, layer)] = model.site(name, layer).value.clone()
-        cache["logits"] = model.site("logits").value.clone()
-        nnsight.save(cache)
-    return cache
+    layers = sorted(s.layers)
+    parts = []
+    for start in range(0, len(tokens), chunk or len(tokens)):
+        with (
+            torch.no_grad(),
+            model.trace(tokens[start : start + (chunk or len(tokens))].to(model.device), **kwargs),
+        ):
+            cache = {}
+            for layer in layers:
+                for name in names:
+                    cache[(name, layer)] = model.site(name, layer).value.clone()
+            cache["logits"] = model.site("logits").value.clone()
+            nnsight.save(cache)
+        parts.append(cache)
+    return parts[0] if len(parts) == 1 else {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
 
 
-def baselines(s: Setup, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def baselines(s: PatchSpec, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Clean and corrupt metric values [metric, pair] and the clean run's last-position log-probs [pair, vocab]."""
     n = s.pairs.n_pairs
     clean_logits, corrupt_logits = logits[:n], logits[n:]
@@ -116,11 +88,8 @@ def baselines(s: Setup, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
     return evaluate(clean_logits).cpu(), evaluate(corrupt_logits).cpu(), clean_lp
 
 
-def halves(s: Setup) -> tuple[slice, slice]:
-    """Which half of a [clean; corrupt] cache is the base run and which the source of patches."""
-    n = s.pairs.n_pairs
-    clean, corrupt = slice(0, n), slice(n, 2 * n)
-    return (corrupt, clean) if s.direction == "denoising" else (clean, corrupt)
+def halves(s: PatchSpec) -> tuple[slice, slice]:
+    return s.halves()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -136,7 +105,7 @@ class Rows:
     h: torch.Tensor
 
 
-def _rows(s: Setup, start: int, stop: int, device) -> Rows:
+def _rows(s: PatchSpec, start: int, stop: int, device) -> Rows:
     """Rows [start, stop) of one layer; rows are ordered pair-major, then group, then head."""
     n_heads = len(s.heads) if s.heads is not None else 1
     per_pair = len(s.groups) * n_heads
@@ -159,7 +128,7 @@ def _rows(s: Setup, start: int, stop: int, device) -> Rows:
     return Rows(tensor(pair), tensor(cell), tensor(r), tensor(t), tensor(p), tensor(h))
 
 
-def patched_logits(model, s: Setup, site: str, layer: int, rows: Rows, base_resid, source, source_v=None):
+def patched_logits(model, s: PatchSpec, site: str, layer: int, rows: Rows, base_resid, source, source_v=None):
     """Logits [row, d_vocab] (or [row, pos, d_vocab]) of the base run with `source` written at `rows`.
 
     base_resid: [pair, pos, d_model] the base run's residual entering `layer`; source: the source run's
@@ -177,8 +146,7 @@ def patched_logits(model, s: Setup, site: str, layer: int, rows: Rows, base_resi
             x = base_resid[rows.pair]
             if site == "resid_pre":
                 x[rows.r, rows.t] = source[rows.p, rows.t]
-            for below in range(layer):
-                model.submodule("block", below).skip(x)
+            enter_at(model, layer, x)
         elif site == "resid_pre":
             x = model.site("resid_pre", 0).value
             x[rows.r, rows.t] = source[rows.p, rows.t]
@@ -198,7 +166,9 @@ def patched_logits(model, s: Setup, site: str, layer: int, rows: Rows, base_resi
     return out
 
 
-def metric_values(s: Setup, logits: torch.Tensor, pair: torch.Tensor, clean_lp: torch.Tensor) -> torch.Tensor:
+def metric_values(
+    s: PatchSpec, logits: torch.Tensor, pair: torch.Tensor, clean_lp: torch.Tensor
+) -> torch.Tensor:
     """[metric, row] from logits [row, (pos,) d_vocab] of runs of pairs `pair`."""
     answers = s.pairs.answers.to(logits.device)[pair]
     last = logits if logits.dim() == 2 else logits[:, -1]
@@ -209,37 +179,17 @@ def metric_values(s: Setup, logits: torch.Tensor, pair: torch.Tensor, clean_lp: 
     ).float()
 
 
-def bytes_per_row(model, s: Setup) -> int:
+def bytes_per_row(model, s: PatchSpec) -> int:
     """A generous estimate of the peak memory of one patched run (inference, no gradients)."""
-    c, t = model.cfg, s.pairs.n_pos
-    item = torch.finfo(model.dtype).bits // 8 if model.dtype.is_floating_point else 4
-    logit_pos = t if s.all_positions else 1
-    return item * (t * (10 * c.d_model + 3 * c.d_mlp) + 4 * c.n_heads * t * t) + 4 * 4 * logit_pos * c.d_vocab
+    t = s.pairs.n_pos
+    return row_bytes(model, t, logit_pos=t if s.all_positions else 1)
 
 
-def make_result(model, s: Setup, method: str, raw, clean, corrupt, options: dict) -> PatchingResult:
-    p = s.pairs
-    prompts = (
-        {"clean": list(p.clean_text), "corrupt": list(p.corrupt_text)}
-        if p.clean_text is not None
-        else {"clean": p.clean.tolist(), "corrupt": p.corrupt.tolist()}
-    )
-    provenance = Provenance.capture(
-        model.name,
-        method=method,
-        direction=s.direction,
-        sites=list(s.sites),
-        layers=list(s.layers),
-        positions=[list(g) for g in s.groups],
-        heads=None if s.heads is None else list(s.heads),
-        metrics=[m.name for m in s.metrics],
-        answers=[list(a) for a in p.answer_tokens],
-        dtype=str(model.dtype),
-        **prompts,
-        **options,
-    )
+def make_result(model, s: PatchSpec, method: str, raw, clean, corrupt, options: dict) -> PatchingResult:
+    provenance = s.provenance(method, dtype=str(model.dtype), **options)
     # torch.__version__ is a str subclass that a weights-only load refuses: keep plain strings
     provenance = dataclasses.replace(provenance, versions={k: str(v) for k, v in provenance.versions.items()})
+    p = s.pairs
     return PatchingResult(
         method=method,
         direction=s.direction,
@@ -262,7 +212,7 @@ def make_result(model, s: Setup, method: str, raw, clean, corrupt, options: dict
     )
 
 
-def baseline_warnings(s: Setup, clean: torch.Tensor, corrupt: torch.Tensor) -> tuple[str, ...]:
+def baseline_warnings(s: PatchSpec, clean: torch.Tensor, corrupt: torch.Tensor) -> tuple[str, ...]:
     """Sentences about baselines that make normalised values unreliable (`warn_baselines` issues them).
 
     Checks the primary metric: a mean clean - corrupt gap below 1 logit for the logit difference (normalising
@@ -290,7 +240,7 @@ def baseline_warnings(s: Setup, clean: torch.Tensor, corrupt: torch.Tensor) -> t
 def warn_baselines(result: PatchingResult) -> PatchingResult:
     """Issue each of `result.warnings` as a UserWarning pointing at the caller of `sweep` / `attribute`."""
     for message in result.warnings:
-        warnings.warn(message, stacklevel=3)
+        warn_user(message)
     return result
 
 
@@ -311,6 +261,7 @@ def sweep(
     progress=True,
     cancel: CancelToken | None = None,
     warn: bool = True,
+    run: Run | None = None,
 ) -> PatchingResult:
     """Activation patching over sites x layers x positions (x heads), for several prompt pairs at once.
 
@@ -337,6 +288,7 @@ def sweep(
         memory_budget: bytes or "2GB"; "auto" = a quarter of free memory. batch_size: at most this many
             patched runs per forward pass (default 128 on CPU, 1024 on GPU, or fewer to fit the budget).
         progress: True for a progress bar, or a callback(done, total). cancel: a `CancelToken`.
+        run: a `workbench.core.Run` carrying all of these settings instead (then leave them unset).
         warn: issue the result's baseline warnings (`PatchingResult.warnings`) as UserWarnings; panels that
             show them pass False.
 
@@ -344,28 +296,24 @@ def sweep(
         `PatchingResult` with raw values [metric, pair, site, layer, position(, head)] and both baselines.
     """
     s = setup(model, clean, corrupt, answers, site, direction, layers, positions, heads, metric)
-    cache = read_caches(model, s)
+    run = Run.of(run, progress=progress, cancel=cancel, memory_budget=memory_budget, batch_size=batch_size)
+    default_max = _DEFAULT_MAX_ROWS.get(torch.device(model.device).type, 128)
+    chunk = run.rows_per_chunk(bytes_per_row(model, s), model.device, default_max)
+    cache = read_caches(model, s, chunk=chunk)
     clean_m, corrupt_m, clean_lp = baselines(s, cache["logits"])
     n = s.pairs.n_pairs
-    base_half, source_half = halves(s)
-
-    n_heads = len(s.heads) if s.heads is not None else 1
-    cells = len(s.groups) * n_heads
-    rows_per_layer = n * cells
-    device_type = torch.device(model.device).type
-    max_rows = batch_size or _DEFAULT_MAX_ROWS.get(device_type, 128)
-    budget = parse_budget(memory_budget, model.device if model.remote is False else "cpu")
-    chunk = chunk_size(bytes_per_row(model, s), budget, max_chunk=max_rows)
+    base_half, source_half = s.halves()
+    rows_per_layer = n * s.cells
     units = [
         (site, layer, start, min(start + chunk, rows_per_layer))
         for site in s.sites
         for layer in s.layers
         for start in range(0, rows_per_layer, chunk)
     ]
-    raw = torch.zeros(len(s.metrics), n, len(s.sites), len(s.layers), cells)
+    raw = torch.zeros(len(s.metrics), n, len(s.sites), len(s.layers), s.cells)
 
-    def run_unit(i: int, _stop: int) -> None:
-        site, layer, start, stop = units[i]
+    def run_unit(unit) -> None:
+        site, layer, start, stop = unit
         idx_device = cache[("resid_pre", layer)].device
         rows = _rows(s, start, stop, idx_device)
         base_resid = cache[("resid_pre", layer)][base_half]
@@ -374,10 +322,10 @@ def sweep(
         values = metric_values(s, logits, rows.pair, clean_lp).cpu()
         raw[:, rows.pair.cpu(), s.sites.index(site), s.layers.index(layer), rows.cell.cpu()] = values
 
-    run_chunked(
-        len(units), run_unit, chunk=1, progress=progress, desc=f"patching {'+'.join(s.sites)}", cancel=cancel
+    run.map(units, run_unit, desc=f"patching {'+'.join(s.sites)}")
+    shape = (len(s.metrics), n, len(s.sites), len(s.layers), len(s.groups)) + (
+        (s.n_heads,) if s.heads else ()
     )
-    shape = (len(s.metrics), n, len(s.sites), len(s.layers), len(s.groups)) + ((n_heads,) if s.heads else ())
     result = make_result(
         model,
         s,
@@ -385,6 +333,6 @@ def sweep(
         raw.view(shape),
         clean_m,
         corrupt_m,
-        {"memory_budget": memory_budget, "batch_size": chunk},
+        {"memory_budget": run.memory_budget, "batch_size": chunk},
     )
     return warn_baselines(result) if warn else result

@@ -21,6 +21,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from workbench.core.measures import kl_divergence
 from workbench.errors import InputError, SiteError
 from workbench.models.sites import SITES
 from workbench.runner import CancelToken, ProgressCallback, chunk_size, parse_budget, run_chunked
@@ -214,7 +215,7 @@ def _trace_rows(model, where: Where, rows: list[Base], vecs, ref_logp, ref_read,
             logp_out, read_out = logp.save(), read.save()
         else:
             ref_logp, ref_read = ref_logp.to(device), ref_read.to(device)
-            kl = (ref_logp.exp() * (ref_logp - logp)).sum(-1).save()  # KL(reference || perturbed)
+            kl = kl_divergence(ref_logp, logp).save()
             l2 = (read - ref_read).norm(dim=-1).save()
             top = logp.topk(top_k, dim=-1)
             top_ids, top_probs = top.indices.save(), top.values.exp().save()
@@ -309,12 +310,6 @@ def reference_rows(model, where: Where, bases: Sequence[Base], **kw) -> tuple[to
     inverse = torch.empty_like(idx)
     inverse[idx] = torch.arange(len(idx))
     return out["logp"][inverse], out["read"][inverse]
-
-
-def kl_divergence(p_logp: torch.Tensor, q_logp: torch.Tensor) -> torch.Tensor:
-    """KL(p || q) = sum_v p(v) (log p(v) - log q(v)) in nats, over the last axis, in float32."""
-    p_logp, q_logp = p_logp.float(), q_logp.float()
-    return (p_logp.exp() * (p_logp - q_logp)).sum(-1)
 
 
 def resolve_positions(positions, n_tokens: int) -> tuple[list[int], bool]:

@@ -1,0 +1,140 @@
+"""`PatchSpec`: a patching experiment resolved and checked before any model runs.
+
+`sweep` and `attribute` turn their arguments into a spec first. The spec is what runs (its tensors), what the
+result records as provenance, what keys the remote result cache, and what ``code()`` prints.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+
+from workbench.errors import InputError, UnsupportedModelError
+from workbench.models.model import WorkbenchModel
+from workbench.patching.inputs import (
+    Pairs,
+    prepare_pairs,
+    resolve_direction,
+    resolve_heads,
+    resolve_layers,
+    resolve_positions,
+    resolve_sites,
+)
+from workbench.patching.metrics import Metric, resolve_metrics
+from workbench.results import Provenance
+
+
+@dataclasses.dataclass(frozen=True)
+class PatchSpec:
+    """Everything a sweep or an attribution run needs, checked.
+
+    pairs: the tokenised prompt pairs; sites, layers, heads (per-head sites) and position groups as resolved
+    indices; metrics: every metric computed (built-ins first), `metric` the primary one's name; `positions` as
+    the caller wrote it (for the code view).
+    """
+
+    model: str
+    pairs: Pairs
+    direction: str
+    sites: tuple[str, ...]
+    layers: tuple[int, ...]
+    groups: tuple[tuple[int, ...], ...]
+    heads: tuple[int, ...] | None
+    metrics: tuple[Metric, ...]
+    metric: str
+    positions: Any = "each"
+
+    @classmethod
+    def resolve(
+        cls, model, clean, corrupt=None, answers=None, *, site, direction, layers, positions, heads, metric
+    ) -> PatchSpec:
+        """Validate every argument (see `sweep`) before any model runs."""
+        if not isinstance(model, WorkbenchModel):
+            raise InputError(
+                f"Expected a WorkbenchModel, got {type(model).__name__}; wrap it first: "
+                "model = workbench.models.load_model(model, tokenizer)."
+            )
+        if model.adapter is None:
+            raise UnsupportedModelError(
+                f"Patching needs a transformer with standard sites; {model.name!r} is a plain module."
+            )
+        direction = resolve_direction(direction)
+        sites = resolve_sites(model, site)
+        layers = resolve_layers(model, layers)
+        heads = resolve_heads(model, heads, sites)
+        metrics, primary = resolve_metrics(metric)
+        pairs = prepare_pairs(model, clean, corrupt, answers)
+        groups = resolve_positions(positions, pairs.n_pos)
+        return cls(model.name, pairs, direction, sites, layers, groups, heads, metrics, primary, positions)
+
+    # -- what runs -----------------------------------------------------------------------------------
+    @property
+    def all_positions(self) -> bool:
+        """Whether a metric reads logits at every position (else only the last position's are computed)."""
+        return any(m.all_positions for m in self.metrics)
+
+    @property
+    def base_tokens(self) -> torch.Tensor:
+        """[pair, pos] the run that is patched: corrupt when denoising, clean when noising."""
+        return self.pairs.corrupt if self.direction == "denoising" else self.pairs.clean
+
+    @property
+    def n_heads(self) -> int:
+        return len(self.heads) if self.heads is not None else 1
+
+    @property
+    def cells(self) -> int:
+        """Patched runs per pair and (site, layer): position groups x heads."""
+        return len(self.groups) * self.n_heads
+
+    def halves(self) -> tuple[slice, slice]:
+        """Which half of a [clean; corrupt] cache is the base run and which the source of patches."""
+        n = self.pairs.n_pairs
+        clean, corrupt = slice(0, n), slice(n, 2 * n)
+        return (corrupt, clean) if self.direction == "denoising" else (clean, corrupt)
+
+    # -- what it records -----------------------------------------------------------------------------
+    def arguments(self) -> dict[str, Any]:
+        """The engine call's arguments as plain data: prompts as text where given as text."""
+        p = self.pairs
+        if p.clean_text is not None:
+            clean, corrupt = list(p.clean_text), list(p.corrupt_text)
+        else:
+            clean, corrupt = p.clean.tolist(), p.corrupt.tolist()
+        user = [m for m in self.metrics if not m.builtin]
+        metric = self.metric if not user else [self.metric, *(m.name for m in user if m.name != self.metric)]
+        return {
+            "clean": clean,
+            "corrupt": corrupt,
+            "answers": [list(a) for a in p.answer_tokens],
+            "site": self.sites[0] if len(self.sites) == 1 else list(self.sites),
+            "direction": self.direction,
+            "layers": list(self.layers),
+            "positions": self.positions,
+            "heads": None if self.heads is None else list(self.heads),
+            "metric": metric,
+        }
+
+    def provenance(self, method: str, **options: Any) -> Provenance:
+        """Provenance of a result computed from this spec (`options`: run settings such as the batch size)."""
+        p = self.pairs
+        prompts = (
+            {"clean": list(p.clean_text), "corrupt": list(p.corrupt_text)}
+            if p.clean_text is not None
+            else {"clean": p.clean.tolist(), "corrupt": p.corrupt.tolist()}
+        )
+        return Provenance.capture(
+            self.model,
+            method=method,
+            direction=self.direction,
+            sites=list(self.sites),
+            layers=list(self.layers),
+            positions=[list(g) for g in self.groups],
+            heads=None if self.heads is None else list(self.heads),
+            metrics=[m.name for m in self.metrics],
+            answers=[list(a) for a in p.answer_tokens],
+            **prompts,
+            **options,
+        )
