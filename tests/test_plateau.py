@@ -515,7 +515,7 @@ def test_results_are_seeded(model, ref):
         (dict(sizes=[-1, 1]), InputError, ">= 0"),
         (dict(sizes=[1]), InputError, "two sizes"),
         (dict(positions=40), InputError, "out of range"),
-        (dict(positions="last"), InputError, "positions must be"),
+        (dict(positions="every"), InputError, "positions="),
         (dict(n_directions=0), InputError, "n_directions"),
         (dict(bases=("fake",)), InputError, "bases"),
         (dict(scale=-1.0, families=("isotropic",)), InputError, "scale"),

@@ -21,10 +21,11 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from workbench.core import CancelToken, ProgressCallback, Run, chunks, concat, selectors
 from workbench.core.measures import kl_divergence
 from workbench.errors import InputError, SiteError
+from workbench.models.prefix import bytes_per_row, enter_at, kv_cache, reuses_kv
 from workbench.models.sites import SITES
-from workbench.runner import CancelToken, ProgressCallback, chunk_size, parse_budget, run_chunked
 
 WRITE_SITES = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out")
 """Sites a plateau probe can perturb: vectors in the residual basis, [batch, pos, d_model]."""
@@ -103,9 +104,8 @@ class Base:
 
 
 def use_prefix_cache(model) -> bool:
-    """Whether to reuse the earlier positions' keys and values: for local models (a KV cache object does not
-    travel to NDIF, where the engine runs the whole prompt instead)."""
-    return model.remote is False
+    """Whether to reuse the earlier positions' keys and values (`workbench.models.prefix.reuses_kv`)."""
+    return reuses_kv(model)
 
 
 def clean_bases(
@@ -147,14 +147,8 @@ def clean_bases(
 
 
 def _bytes_per_row(model, n_pos: int, cached: bool) -> int:
-    """A generous estimate of the memory one row needs in a trace (activations, cache copies, log-probs)."""
-    cfg = model.cfg
-    act = torch.finfo(model.dtype).bits // 8
-    d_mlp = cfg.d_mlp or 4 * cfg.d_model
-    n_run = 1 if cached else n_pos  # positions the blocks compute
-    per_pos = 12 * cfg.d_model + 3 * d_mlp + 3 * cfg.n_heads * n_pos
-    kv = 4 * cfg.n_layers * cfg.n_kv_heads * cfg.d_head * n_pos if cached else 0  # stacked + concatenated
-    return act * (n_run * per_pos + kv) + 4 * 5 * cfg.d_vocab
+    """Memory of one row: with `cached`, only the last position runs, on top of n_pos - 1 cached positions."""
+    return bytes_per_row(model, n_pos, n_run=1 if cached else n_pos, kv_pos=n_pos if cached else 0)
 
 
 def _stack(tensors: list[torch.Tensor]) -> torch.Tensor:
@@ -167,14 +161,11 @@ def _stack(tensors: list[torch.Tensor]) -> torch.Tensor:
 
 def _batch_cache(model, rows: list[Base], device):
     """A fresh KV cache for a batch of rows (the model appends the new position to it)."""
-    from transformers import DynamicCache
-
-    layers = []
-    for layer in range(len(rows[0].kv)):
-        keys = _stack([b.kv[layer][0] for b in rows]).to(device)
-        values = _stack([b.kv[layer][1] for b in rows]).to(device)
-        layers.append((keys, values))
-    return DynamicCache(ddp_cache_data=layers, config=model.module.config)
+    kv = [
+        (_stack([b.kv[layer][0] for b in rows]).to(device), _stack([b.kv[layer][1] for b in rows]).to(device))
+        for layer in range(len(rows[0].kv))
+    ]
+    return kv_cache(model, kv)
 
 
 def _trace_rows(model, where: Where, rows: list[Base], vecs, ref_logp, ref_read, top_k: int, watch=None):
@@ -201,10 +192,7 @@ def _trace_rows(model, where: Where, rows: list[Base], vecs, ref_logp, ref_read,
             resid_in[:, -1] = vecs
     with torch.no_grad(), model.trace(tokens.to(device), **kw):
         if resid_in is not None:
-            first = model.submodule("block", 0)
-            skipped = resid_in.to(first.input.dtype)
-            for below in range(layer):
-                model.submodule("block", below).skip(skipped)
+            enter_at(model, layer, resid_in)
         if resid_in is None or site != "resid_pre":
             target = model.site(site, layer).value
             target[:, -1] = vecs.to(target.dtype)
@@ -241,9 +229,9 @@ def run_rows(
     watch: torch.Tensor | None = None,
     top_k: int = 5,
     memory_budget: int | float | str | None = None,
-    max_chunk_tokens: int = MAX_CHUNK_TOKENS,
     progress: bool | ProgressCallback = True,
     cancel: CancelToken | None = None,
+    run: Run | None = None,
     desc: str = "perturbed runs",
 ) -> dict[str, torch.Tensor]:
     """Run every row and return per-row outputs, in row order.
@@ -255,50 +243,36 @@ def run_rows(
             With it, returns kl [n], l2 [n], top_ids [n, k], top_probs [n, k]; without it, logp [n, d_vocab]
             and read [n, d_read] (used to compute the reference itself).
         watch: LongTensor [n_bases, m] token ids per base; adds `watch` [n, m], their log-probs.
+        memory_budget, progress, cancel: the run's settings, or `run` carrying them.
     """
+    run = Run.of(run, progress=progress, cancel=cancel, memory_budget=memory_budget)
     n = len(base_of_row)
     lengths = torch.tensor([len(b.tokens) for b in bases])[base_of_row]
     breaks = [0, *(torch.nonzero(lengths.diff()).flatten() + 1).tolist(), n]
     if len(set(lengths[breaks[:-1]].tolist())) != len(breaks) - 1:
         raise InputError("internal: rows of one token length must be contiguous")  # pragma: no cover
-    budget = parse_budget(memory_budget, model.device)
-    bar = None
-    if progress is True:
-        from tqdm.auto import tqdm
+    spans = []
+    for lo, hi in zip(breaks[:-1], breaks[1:]):
+        cached = bases[int(base_of_row[lo])].kv is not None
+        n_run = 1 if cached else int(lengths[lo])
+        chunk = run.rows_per_chunk(
+            _bytes_per_row(model, int(lengths[lo]), cached), model.device, max(1, MAX_CHUNK_TOKENS // n_run)
+        )
+        spans += [(lo + a, lo + b) for a, b in chunks(hi - lo, chunk)]
 
-        bar = tqdm(total=n, desc=desc, leave=False)
-    done = 0
-    parts: list[dict[str, torch.Tensor]] = []
-    try:
-        for lo, hi in zip(breaks[:-1], breaks[1:]):
-            cached = bases[int(base_of_row[lo])].kv is not None
-            n_run = 1 if cached else int(lengths[lo])
-            cap = max(1, max_chunk_tokens // n_run)
-            chunk = chunk_size(_bytes_per_row(model, int(lengths[lo]), cached), budget, cap)
+    def one(span: tuple[int, int]) -> dict[str, torch.Tensor]:
+        start, stop = span
+        idx = base_of_row[start:stop]
+        rows = [bases[i] for i in idx.tolist()]
+        ref_logp = ref_read = None
+        if reference is not None:
+            # rows of one base (the usual case) share one reference row: broadcast, do not copy
+            ref_idx = idx[:1] if bool((idx == idx[0]).all()) else idx
+            ref_logp, ref_read = reference[0][ref_idx], reference[1][ref_idx]
+        w = None if watch is None else watch[idx]
+        return _trace_rows(model, where, rows, vectors(start, stop), ref_logp, ref_read, top_k, w)
 
-            def one(start: int, stop: int, lo=lo) -> None:
-                nonlocal done
-                idx = base_of_row[lo + start : lo + stop]
-                rows = [bases[i] for i in idx.tolist()]
-                ref_logp = ref_read = None
-                if reference is not None:
-                    # rows of one base (the usual case) share one reference row: broadcast, do not copy
-                    ref_idx = idx[:1] if bool((idx == idx[0]).all()) else idx
-                    ref_logp, ref_read = reference[0][ref_idx], reference[1][ref_idx]
-                vecs = vectors(lo + start, lo + stop)
-                w = None if watch is None else watch[idx]
-                parts.append(_trace_rows(model, where, rows, vecs, ref_logp, ref_read, top_k, w))
-                done += stop - start
-                if bar is not None:
-                    bar.update(stop - start)
-                elif callable(progress):
-                    progress(done, n)
-
-            run_chunked(hi - lo, one, chunk=chunk, progress=False, cancel=cancel)
-    finally:
-        if bar is not None:
-            bar.close()
-    return {k: torch.cat([p[k] for p in parts]) for k in parts[0]} if parts else {}
+    return concat(run.map(spans, one, desc=desc, weights=[b - a for a, b in spans]))
 
 
 def reference_rows(model, where: Where, bases: Sequence[Base], **kw) -> tuple[torch.Tensor, torch.Tensor]:
@@ -313,26 +287,14 @@ def reference_rows(model, where: Where, bases: Sequence[Base], **kw) -> tuple[to
 
 
 def resolve_positions(positions, n_tokens: int) -> tuple[list[int], bool]:
-    """Positions as non-negative indices for a prompt of `n_tokens`; also whether position 0 was asked for.
-
-    `positions`: an int (negative counts from the end), a list of ints, or "all" (every position but 0).
-    """
-    if isinstance(positions, str):
-        if positions != "all":
-            raise InputError(f"positions must be an int, a list of ints or 'all', got {positions!r}.")
-        if n_tokens < 2:
-            raise InputError(
-                "The prompt has one token; 'all' positions excludes position 0 and leaves nothing."
-            )
-        return list(range(1, n_tokens)), False
-    items = [positions] if isinstance(positions, int) else list(positions)
-    if not items:
-        raise InputError("No positions given.")
-    out = []
-    for p in items:
-        if not isinstance(p, int) or isinstance(p, bool):
-            raise InputError(f"Positions must be integers, got {p!r}.")
-        if not -n_tokens <= p < n_tokens:
-            raise InputError(f"Position {p} is out of range for a prompt of {n_tokens} tokens.")
-        out.append(p % n_tokens)
-    return sorted(set(out)), 0 in out
+    """Positions as sorted non-negative indices for a prompt of `n_tokens`; also whether position 0 is among
+    them. `positions`: an int (negative counts from the end), a list of ints, or a word of
+    `workbench.core.selectors` ("all-but-first", "each", "last"; the old "all" means "all-but-first")."""
+    groups = selectors.resolve_positions(positions, n_tokens, legacy_all="all-but-first")
+    if any(len(g) > 1 for g in groups):
+        raise InputError(
+            f"positions={positions!r}: a plateau probe perturbs one position at a time; give positions, not "
+            "groups or 'together'."
+        )
+    out = sorted(g[0] for g in groups)
+    return out, 0 in out

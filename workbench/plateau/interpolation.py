@@ -12,6 +12,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from workbench.core import CancelToken, ProgressCallback, Run
 from workbench.errors import InputError
 from workbench.plateau import metrics
 from workbench.plateau.core import (
@@ -24,7 +25,6 @@ from workbench.plateau.core import (
 )
 from workbench.plateau.stats import as_token_rows
 from workbench.results import Provenance, Result
-from workbench.runner import CancelToken, ProgressCallback
 
 
 def _one_position(model, rows, position: int, what: str) -> list[list[int]]:
@@ -174,6 +174,7 @@ def interpolate(
     memory_budget: int | float | str | None = None,
     progress: bool | ProgressCallback = True,
     cancel: CancelToken | None = None,
+    run: Run | None = None,
 ) -> InterpolationResult:
     """Walk from prompt A's activation to prompt B's at one site and record the output along the way.
 
@@ -198,8 +199,9 @@ def interpolate(
     answer_b = torch.stack([b.clean_logp.argmax() for b in bases_b])
     watch = torch.stack([answer_a, answer_b], dim=1)
 
-    kw = dict(top_k=top_k, memory_budget=memory_budget, progress=progress, cancel=cancel)
-    ref_logp, ref_read = reference_rows(model, where, bases_a, **{**kw, "progress": False})
+    run = Run.of(run, progress=progress, cancel=cancel, memory_budget=memory_budget)
+    quiet = Run(progress=False, cancel=run.cancel, memory_budget=run.memory_budget, batch_size=run.batch_size)
+    ref_logp, ref_read = reference_rows(model, where, bases_a, top_k=top_k, run=quiet)
     alphas = torch.linspace(0, 1, n_steps)
     n_p = len(bases_a)
     order = sorted(range(n_p), key=lambda j: len(bases_a[j].tokens))
@@ -218,8 +220,9 @@ def interpolate(
         vectors,
         reference=(ref_logp, ref_read),
         watch=watch,
+        top_k=top_k,
+        run=run,
         desc="interpolation",
-        **kw,
     )
     inv = torch.empty(n_p, dtype=torch.long)
     inv[torch.tensor(order)] = torch.arange(n_p)
@@ -344,6 +347,7 @@ def slice_2d(
     memory_budget: int | float | str | None = None,
     progress: bool | ProgressCallback = True,
     cancel: CancelToken | None = None,
+    run: Run | None = None,
 ) -> SliceResult:
     """Outputs over the plane through three prompts' activations (n x n runs in prompt A's context).
 
@@ -367,8 +371,8 @@ def slice_2d(
     points = x[0] + uu.flatten()[:, None] * (x[1] - x[0]) + vv.flatten()[:, None] * (x[2] - x[0])
     vecs = torch.cat([x, points])  # endpoints first, all in A's context
     base_of_row = torch.zeros(len(vecs), dtype=torch.long)
-    kw = dict(memory_budget=memory_budget, progress=progress, cancel=cancel)
-    out = run_rows(model, where, [bases[0]], base_of_row, lambda a, b: vecs[a:b], desc="2-D slice", **kw)
+    run = Run.of(run, progress=progress, cancel=cancel, memory_budget=memory_budget)
+    out = run_rows(model, where, [bases[0]], base_of_row, lambda a, b: vecs[a:b], desc="2-D slice", run=run)
     logp, read = out["logp"], out["read"]
     ends, grid_read = read[:3], read[3:]
     distance = torch.cdist(grid_read.double(), ends.double()).float().T.reshape(3, n, n)

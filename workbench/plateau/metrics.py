@@ -31,7 +31,8 @@ def plateau_length(curves: torch.Tensor, sizes: torch.Tensor, threshold: float) 
 
     Linear interpolation between the last point at or below the threshold and the first above it, so lengths
     are not tied to the grid. A curve that starts above the threshold has length `sizes[0]`; one that never
-    exceeds it has length +inf (censored: the plateau is longer than the sweep).
+    exceeds it has length +inf (censored: the plateau is longer than the sweep). A curve with a NaN point
+    before it crosses has length NaN: where it would cross is unknown.
     """
     curves, sizes = _check(curves, sizes)
     above = curves > threshold
@@ -47,6 +48,9 @@ def plateau_length(curves: torch.Tensor, sizes: torch.Tensor, threshold: float) 
         x1, x0 = sizes[hi], sizes[hi - 1]
         frac = ((threshold - y0) / (y1 - y0)).clamp(0, 1)
         out[inner] = x0 + frac * (x1 - x0)
+    nan = curves.isnan()
+    first_nan = torch.where(nan.any(-1), nan.float().argmax(-1), torch.full(nan.shape[:-1], curves.shape[-1]))
+    out[nan.any(-1) & (~crossed | (first_nan < first))] = float("nan")
     return out
 
 

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import warnings
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import torch
 
+from workbench.core import CancelToken, ProgressCallback, Run, positive_size
 from workbench.errors import InputError
 from workbench.plateau import directions as dirs
 from workbench.plateau import metrics
@@ -29,7 +31,6 @@ from workbench.plateau.stats import (
     stats_from_activations,
 )
 from workbench.results import Provenance, Result
-from workbench.runner import CancelToken, ProgressCallback
 
 DEFAULT_FAMILIES = ("isotropic", "cov_random", "cov_mixture", "toward_real", "real_mixture")
 BASE_KINDS = {
@@ -255,7 +256,7 @@ def _prompt_texts(model, rows: Sequence[torch.Tensor], data) -> tuple[str, ...]:
     return tuple("".join(model.to_str_tokens(r[0])) for r in rows)
 
 
-def _resolve_reference(model, reference, rows, where: Where, *, progress, cancel) -> RefStats:
+def _resolve_reference(model, reference, rows, where: Where, *, run: Run) -> RefStats:
     if isinstance(reference, RefStats):
         if (reference.site, reference.layer) != (where.site, where.layer):
             raise InputError(
@@ -267,13 +268,13 @@ def _resolve_reference(model, reference, rows, where: Where, *, progress, cancel
         return reference
     if reference is None:
         acts = collect_activations(
-            model, rows, site=where.site, layer=where.layer, progress=False, cancel=cancel
+            model, rows, site=where.site, layer=where.layer, progress=False, cancel=run.cancel
         )
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # re-raised by probe() with the others
             return stats_from_activations(acts, site=where.site, layer=where.layer, model_name=model.name)
     return reference_stats(
-        model, reference, layer=where.layer, site=where.site, progress=progress, cancel=cancel
+        model, reference, layer=where.layer, site=where.site, progress=run.progress, cancel=run.cancel
     )
 
 
@@ -286,6 +287,133 @@ def _check_sizes(sizes) -> torch.Tensor:
     if not bool((sizes[1:] > sizes[:-1]).all()):
         raise InputError("Sizes must increase strictly.")
     return sizes
+
+
+@dataclasses.dataclass(frozen=True)
+class ProbeSpec:
+    """A plateau probe resolved and checked before any model runs (see `probe` for the arguments).
+
+    rows: the prompts as [1, pos] token tensors; pos_lists: the perturbed positions of each; user: the user's
+    directions by family name; notes: pitfalls found while checking (raised as warnings by `probe`).
+    """
+
+    where: Where
+    rows: tuple[torch.Tensor, ...]
+    texts: tuple[str, ...]
+    pos_lists: tuple[tuple[int, ...], ...]
+    positions: Any
+    families: tuple[str, ...]
+    user: dict[str, torch.Tensor]
+    n_directions: int
+    sizes: torch.Tensor
+    scale: float | None
+    bases: tuple[str, ...]
+    top_k: int
+    seed: int
+    notes: tuple[str, ...]
+
+    @classmethod
+    def resolve(
+        cls,
+        model,
+        prompts,
+        *,
+        layer,
+        site,
+        positions,
+        families,
+        directions,
+        n_directions,
+        sizes,
+        scale,
+        bases,
+        read_site,
+        read_layer,
+        top_k,
+        seed,
+    ) -> ProbeSpec:
+        where = Where.resolve(model, site, layer, read_site, read_layer)
+        families = tuple(families)
+        unknown = [f for f in families if f not in dirs.FAMILIES]
+        if unknown:
+            raise InputError(f"Unknown direction families {unknown}; families: {', '.join(dirs.FAMILIES)}.")
+        user = dirs.check_user_directions(directions, model.cfg.d_model)
+        if not families and not user:
+            raise InputError("No directions: choose at least one family or give directions={name: tensor}.")
+        if len(set(families)) != len(families):
+            raise InputError("A family is listed twice.")
+        n_directions = positive_size(n_directions, "n_directions", allow_none=False)
+        bases = tuple(bases)
+        if not bases or any(b not in BASE_KINDS for b in bases) or len(set(bases)) != len(bases):
+            raise InputError(f"bases must be a non-empty selection of {', '.join(BASE_KINDS)}, got {bases}.")
+        sizes = _check_sizes(sizes)
+        if not isinstance(top_k, int) or not 1 <= top_k <= model.cfg.d_vocab:
+            raise InputError(f"top_k must be an integer in 1..{model.cfg.d_vocab}.")
+        if scale is not None and not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
+            raise InputError(f"scale must be a positive finite number of L2 units, got {scale!r}.")
+        if scale is not None and not bool(torch.isfinite(sizes * float(scale)).all()):
+            raise InputError("sizes x scale overflows: give smaller sizes or a smaller scale.")
+        rows = as_token_rows(model, prompts)
+        notes: list[str] = []
+        pos_lists = []
+        for i, r in enumerate(rows):
+            pos, asked_zero = resolve_positions(positions, r.shape[-1])
+            if asked_zero:
+                notes.append(
+                    f"Prompt {i}: position 0 is perturbed. Its activation is an outlier (an attention sink with a "
+                    "very large norm); plateau statistics there say little about other positions."
+                )
+            pos_lists.append(tuple(pos))
+        if model.dtype in (torch.bfloat16, torch.float16):
+            notes.append(
+                f"The model runs in {str(model.dtype).removeprefix('torch.')}: rounding puts a noise floor under "
+                "small KLs and small perturbations can vanish, which can fake or hide a plateau. Load the model "
+                "in float32 for plateau probes if you can (see noise_floor)."
+            )
+        texts = _prompt_texts(model, rows, prompts)
+        scale = None if scale is None else float(scale)
+        return cls(
+            where, tuple(rows), texts, tuple(pos_lists), positions, families, user, n_directions, sizes,
+            scale, bases, top_k, seed, tuple(notes),
+        )  # fmt: skip
+
+    @property
+    def needs_reference(self) -> bool:
+        """Whether reference statistics of real activations are needed (covariance, samples, or the scale)."""
+        needs = dirs.NEEDS_COVARIANCE + dirs.NEEDS_SAMPLE
+        return any(f in needs for f in self.families) or "cov_random" in self.bases or self.scale is None
+
+    @property
+    def cells(self) -> list[tuple[int, int]]:
+        """(prompt, position) of every real base, in order."""
+        return [(i, p) for i, pos in enumerate(self.pos_lists) for p in pos]
+
+    @property
+    def family_of_direction(self) -> list[str]:
+        return [f for f in self.families for _ in range(self.n_directions)] + [
+            n for n, v in self.user.items() for _ in v
+        ]
+
+    def provenance(self, model, scale: float) -> Provenance:
+        w = self.where
+        p = self.positions
+        return Provenance.capture(
+            model.name,
+            prompts=list(self.texts),
+            layer=w.layer,
+            site=w.site,
+            positions=p if isinstance(p, (int, str)) else list(p),
+            families=list(self.families),
+            user_directions={k: int(len(v)) for k, v in self.user.items()},
+            n_directions=self.n_directions,
+            sizes=self.sizes.tolist(),
+            scale=float(scale),
+            bases=list(self.bases),
+            read_site=w.read_site,
+            read_layer=w.read_layer,
+            seed=self.seed,
+            model_dtype=str(model.dtype),
+        )
 
 
 def probe(
@@ -309,6 +437,7 @@ def probe(
     memory_budget: int | float | str | None = None,
     progress: bool | ProgressCallback = True,
     cancel: CancelToken | None = None,
+    run: Run | None = None,
 ) -> PlateauResult:
     """Perturb activations at one site along families of directions and record how the output changes.
 
@@ -321,8 +450,8 @@ def probe(
         model: a `WorkbenchModel` (transformer).
         prompts: a text, texts (any lengths) or a [batch, pos] token tensor.
         layer, site: where to perturb (default: resid_pre of layer 1, the residual after block 0).
-        positions: an int (default -1, the last token), a list, or "all" (every position except 0: the first
-            token's activation is an outlier, and position 0 is only used when asked for explicitly).
+        positions: an int (default -1, the last token), a list, or a word of `workbench.core.selectors`
+            ("all-but-first": every position except 0, whose activation is an outlier; "each"; "last").
         families: built-in direction families (see `workbench.plateau.directions.FAMILIES`).
         directions: your own directions as {name: [k, d_model]} (e.g. SAE decoder rows); each row is normalised
             to unit length and becomes a family of its own, the same directions for every base.
@@ -338,64 +467,77 @@ def probe(
         seed: seeds every random draw (directions and synthetic bases).
         memory_budget: bytes or "2GB" per chunk of rows (default: a quarter of free memory).
         progress: True for a progress bar, or a callback(done, total).
-        cancel: a `workbench.runner.CancelToken`.
+        cancel: a `workbench.core.CancelToken`. run: a `workbench.core.Run` carrying these settings instead.
     """
-    where = Where.resolve(model, site, layer, read_site, read_layer)
-    families = tuple(families)
-    unknown = [f for f in families if f not in dirs.FAMILIES]
-    if unknown:
-        raise InputError(f"Unknown direction families {unknown}; families: {', '.join(dirs.FAMILIES)}.")
-    user = dirs.check_user_directions(directions, model.cfg.d_model)
-    if not families and not user:
-        raise InputError("No directions: choose at least one family or give directions={name: tensor}.")
-    if len(set(families)) != len(families):
-        raise InputError("A family is listed twice.")
-    if not isinstance(n_directions, int) or n_directions < 1:
-        raise InputError("n_directions must be a positive integer.")
-    bases = tuple(bases)
-    if not bases or any(b not in BASE_KINDS for b in bases) or len(set(bases)) != len(bases):
-        raise InputError(f"bases must be a non-empty selection of {', '.join(BASE_KINDS)}, got {bases}.")
-    sizes = _check_sizes(sizes)
-    if not isinstance(top_k, int) or not 1 <= top_k <= model.cfg.d_vocab:
-        raise InputError(f"top_k must be an integer in 1..{model.cfg.d_vocab}.")
-
-    rows = as_token_rows(model, prompts)
-    notes: list[str] = []
-    pos_lists = []
-    for i, r in enumerate(rows):
-        pos, asked_zero = resolve_positions(positions, r.shape[-1])
-        if asked_zero:
-            notes.append(
-                f"Prompt {i}: position 0 is perturbed. Its activation is an outlier (an attention sink with a "
-                "very large norm); plateau statistics there say little about other positions."
-            )
-        pos_lists.append(pos)
-    if model.dtype in (torch.bfloat16, torch.float16):
-        notes.append(
-            f"The model runs in {str(model.dtype).removeprefix('torch.')}: rounding puts a noise floor under "
-            "small KLs and small perturbations can vanish, which can fake or hide a plateau. Load the model in "
-            "float32 for plateau probes if you can (see noise_floor)."
-        )
-
-    needs_ref = any(f in dirs.NEEDS_COVARIANCE + dirs.NEEDS_SAMPLE for f in families) or "cov_random" in bases
+    spec = ProbeSpec.resolve(
+        model, prompts, layer=layer, site=site, positions=positions, families=families,
+        directions=directions, n_directions=n_directions, sizes=sizes, scale=scale, bases=bases,
+        read_site=read_site, read_layer=read_layer, top_k=top_k, seed=seed,
+    )  # fmt: skip
+    run = Run.of(run, progress=progress, cancel=cancel, memory_budget=memory_budget)
+    notes = list(spec.notes)
     ref = None
-    if needs_ref or scale is None:
-        ref = _resolve_reference(model, reference, rows, where, progress=progress, cancel=cancel)
+    if spec.needs_reference:
+        ref = _resolve_reference(model, reference, spec.rows, spec.where, run=run)
         notes.extend(ref.warnings)
-    if scale is None:
-        scale, scale_label = ref.median_norm, f"median ‖{where.label()}‖ = {ref.median_norm:.4g}"
+    if spec.scale is None:
+        scale, scale_label = ref.median_norm, f"median ‖{spec.where.label()}‖ = {ref.median_norm:.4g}"
     else:
-        if not scale > 0:
-            raise InputError("scale must be positive.")
-        scale, scale_label = float(scale), ("L2 units" if scale == 1 else f"{scale:.4g} L2 units")
+        scale = spec.scale
+        scale_label = "L2 units" if scale == 1 else f"{scale:.4g} L2 units"
+    all_bases, labels, D = _bases_and_directions(model, spec, ref)
+    ref_logp, ref_read, floor = _reference_runs(model, spec, all_bases, run)
+    if bool((floor > FLOAT_NOISE_WARN).any()):
+        notes.append(
+            f"The unperturbed probe path differs from the clean run by up to {float(floor.nanmax()):.2g} nats of "
+            "KL (numerical noise): KLs below that are not meaningful."
+        )
+    grids = _perturbed_runs(model, spec, all_bases, D, scale, (ref_logp, ref_read), run)
+    notes.extend(_non_finite_notes(grids["kl"], spec.sizes, labels))
+    ref_top = ref_logp.topk(spec.top_k, dim=-1)
+    ids = torch.unique(torch.cat([grids["top_ids"].flatten(), ref_top.indices.flatten()])).tolist()
+    real = [j for j, (k, _, _) in enumerate(labels) if k == "real"] or list(range(len(all_bases)))
+    for note in notes:
+        warnings.warn(note, stacklevel=2)
+    return PlateauResult(
+        **grids,
+        ref_top_ids=ref_top.indices,
+        ref_top_probs=ref_top.values.exp(),
+        x0=torch.stack([b.x0 for b in all_bases]),
+        directions=D,
+        sizes=spec.sizes,
+        scale=float(scale),
+        scale_label=scale_label,
+        read_scale=float(ref_read[real].norm(dim=-1).median()),
+        families=tuple(spec.family_of_direction),
+        base_kind=tuple(k for k, _, _ in labels),
+        base_prompt=tuple(i for _, i, _ in labels),
+        base_position=tuple(p for _, _, p in labels),
+        base_token=tuple(_token(model, spec.rows[i][0, p]) for _, i, p in labels),
+        noise_floor=floor,
+        prompts=spec.texts,
+        token_strings={i: model.tokenizer.decode([i]) for i in ids} if model.tokenizer is not None else {},
+        site=spec.where.site,
+        layer=spec.where.layer,
+        read_site=spec.where.read_site,
+        read_layer=spec.where.read_layer,
+        warnings=tuple(dict.fromkeys(notes)),
+        provenance=spec.provenance(model, scale),
+    )
 
-    # -- bases: clean runs, then synthetic activations in their place -------------------------------------------
-    clean = clean_bases(model, where, rows, pos_lists)
-    cells = [(i, p) for i, pos in enumerate(pos_lists) for p in pos]
-    base_gen = torch.Generator().manual_seed(seed + 7919)
+
+def _bases_and_directions(model, spec: ProbeSpec, ref: RefStats | None):
+    """Clean runs of every prompt, synthetic bases put in their place, and the directions of every base.
+
+    Returns (bases, labels [(kind, prompt, position)], directions [base, direction, d_model]). Each cell gets
+    the same direction draws for every base kind, so comparisons between kinds are paired.
+    """
+    clean = clean_bases(model, spec.where, spec.rows, spec.pos_lists)
+    cells = spec.cells
+    base_gen = torch.Generator().manual_seed(spec.seed + 7919)
     all_bases: list[Base] = []
     labels: list[tuple[str, int, int]] = []
-    for kind in bases:
+    for kind in spec.bases:
         for (i, p), b in zip(cells, clean):
             if kind == "real":
                 all_bases.append(b)
@@ -403,32 +545,34 @@ def probe(
                 x0 = ref.sample_normal(1, base_gen)[0]
                 all_bases.append(dataclasses.replace(b, x0=x0, clean_logp=None))
             labels.append((kind, i, p))
-
-    # -- directions per base: the same draws for every kind of a cell, so comparisons between kinds are paired
-    fam_of_dir = [f for f in families for _ in range(n_directions)] + [n for n, v in user.items() for _ in v]
     dir_sets = []
     for (_, i, p), b in zip(labels, all_bases):
-        gen = torch.Generator().manual_seed(seed * 1_000_003 + cells.index((i, p)))
-        parts = [dirs.draw(f, n_directions, b.x0, ref, gen) for f in families] + list(user.values())
+        gen = torch.Generator().manual_seed(spec.seed * 1_000_003 + cells.index((i, p)))
+        parts = [dirs.draw(f, spec.n_directions, b.x0, ref, gen) for f in spec.families] + list(
+            spec.user.values()
+        )
         dir_sets.append(torch.cat(parts))
-    D = torch.stack(dir_sets)  # [base, direction, d_model]
+    return all_bases, labels, torch.stack(dir_sets)
 
-    # -- runs --------------------------------------------------------------------------------------------------
-    kw = dict(top_k=top_k, memory_budget=memory_budget, progress=progress, cancel=cancel)
-    ref_logp, ref_read = reference_rows(model, where, all_bases, **{**kw, "progress": False})
+
+def _reference_runs(model, spec: ProbeSpec, all_bases: list[Base], run: Run):
+    """Each base unperturbed through the probe path: log-probs [base, d_vocab], read [base, d_read], and the noise
+    floor [base] KL(clean run || that path) (NaN for synthetic bases)."""
+    quiet = Run(progress=False, cancel=run.cancel, memory_budget=run.memory_budget, batch_size=run.batch_size)
+    ref_logp, ref_read = reference_rows(model, spec.where, all_bases, top_k=spec.top_k, run=quiet)
     floor = torch.tensor(
         [
             float(kl_divergence(b.clean_logp, ref_logp[j])) if b.clean_logp is not None else float("nan")
             for j, b in enumerate(all_bases)
         ]
     )
-    if bool((floor > FLOAT_NOISE_WARN).any()):
-        notes.append(
-            f"The unperturbed probe path differs from the clean run by up to {float(floor.nanmax()):.2g} nats of KL "
-            "(numerical noise): KLs below that are not meaningful."
-        )
-    ref_top = ref_logp.topk(top_k, dim=-1)
+    return ref_logp, ref_read, floor
 
+
+def _perturbed_runs(model, spec: ProbeSpec, all_bases, D, scale: float, reference, run: Run) -> dict:
+    """kl, l2 [base, direction, size] and top_ids, top_probs [base, direction, size, k] of every perturbed run
+    (size 0 is the unperturbed reference, not run again)."""
+    sizes = spec.sizes
     nonzero = torch.nonzero(sizes > 0).flatten()
     n_b, n_d, n_s = len(all_bases), D.shape[1], len(nonzero)
     order = sorted(range(n_b), key=lambda j: len(all_bases[j].tokens))
@@ -444,15 +588,9 @@ def probe(
         return x0s[b] + step[s, None] * D[b, d]
 
     out = run_rows(
-        model,
-        where,
-        all_bases,
-        base_of_row,
-        vectors,
-        reference=(ref_logp, ref_read),
-        desc="plateau probe",
-        **kw,
-    )
+        model, spec.where, all_bases, base_of_row, vectors, reference=reference, top_k=spec.top_k,
+        run=run, desc="plateau probe",
+    )  # fmt: skip
 
     def place(values: torch.Tensor, fill: torch.Tensor) -> torch.Tensor:
         """Rows (in run order) -> [base, direction, size, ...], with size-0 entries from `fill` [base, ...]."""
@@ -466,64 +604,29 @@ def probe(
             grid[:, :, zero] = fill[:, None, None].expand(n_b, n_d, len(zero), *tail).to(values.dtype)
         return grid
 
-    kl = place(out["kl"], torch.zeros(n_b))
-    l2 = place(out["l2"], torch.zeros(n_b))
-    top_ids = place(out["top_ids"], ref_top.indices)
-    top_probs = place(out["top_probs"], ref_top.values.exp())
+    ref_top = reference[0].topk(spec.top_k, dim=-1)
+    return {
+        "kl": place(out["kl"], torch.zeros(n_b)),
+        "l2": place(out["l2"], torch.zeros(n_b)),
+        "top_ids": place(out["top_ids"], ref_top.indices),
+        "top_probs": place(out["top_probs"], ref_top.values.exp()),
+    }
 
-    ids = torch.unique(torch.cat([top_ids.flatten(), ref_top.indices.flatten()])).tolist()
-    token_strings = {i: model.tokenizer.decode([i]) for i in ids} if model.tokenizer is not None else {}
-    texts = _prompt_texts(model, rows, prompts)
-    base_token = tuple(_token(model, rows[i][0, p]) for _, i, p in labels)
-    real = [j for j, (k, _, _) in enumerate(labels) if k == "real"] or list(range(n_b))
-    read_scale = float(ref_read[real].norm(dim=-1).median())
 
-    for note in notes:
-        warnings.warn(note, stacklevel=2)
-    return PlateauResult(
-        kl=kl,
-        l2=l2,
-        top_ids=top_ids,
-        top_probs=top_probs,
-        ref_top_ids=ref_top.indices,
-        ref_top_probs=ref_top.values.exp(),
-        x0=x0s,
-        directions=D,
-        sizes=sizes,
-        scale=float(scale),
-        scale_label=scale_label,
-        read_scale=read_scale,
-        families=tuple(fam_of_dir),
-        base_kind=tuple(k for k, _, _ in labels),
-        base_prompt=tuple(i for _, i, _ in labels),
-        base_position=tuple(p for _, _, p in labels),
-        base_token=base_token,
-        noise_floor=floor,
-        prompts=texts,
-        token_strings=token_strings,
-        site=where.site,
-        layer=where.layer,
-        read_site=where.read_site,
-        read_layer=where.read_layer,
-        warnings=tuple(dict.fromkeys(notes)),
-        provenance=Provenance.capture(
-            model.name,
-            prompts=list(texts),
-            layer=where.layer,
-            site=where.site,
-            positions=positions if isinstance(positions, (int, str)) else list(positions),
-            families=list(families),
-            user_directions={k: int(len(v)) for k, v in user.items()},
-            n_directions=n_directions,
-            sizes=sizes.tolist(),
-            scale=float(scale),
-            bases=list(bases),
-            read_site=where.read_site,
-            read_layer=where.read_layer,
-            seed=seed,
-            model_dtype=str(model.dtype),
-        ),
-    )
+def _non_finite_notes(kl: torch.Tensor, sizes: torch.Tensor, labels) -> list[str]:
+    """A sentence when some KLs are not finite: where they first appear (the activations overflowed)."""
+    bad = ~torch.isfinite(kl)
+    if not bool(bad.any()):
+        return []
+    first_size = int(bad.any(0).any(0).nonzero()[0])
+    b = int(bad[:, :, first_size].any(1).nonzero()[0])
+    kind, prompt, pos = labels[b]
+    return [
+        f"{int(bad.sum())} of {bad.numel()} KL values are not finite (NaN or inf), first at size "
+        f"{float(sizes[first_size]):.4g} on prompt {prompt}, position {pos} ({kind} base): the perturbed "
+        "activations overflow or the model's weights are not finite. Those curves' plateau lengths are NaN; "
+        "use smaller sizes or scale."
+    ]
 
 
 def _token(model, token_id) -> str:

@@ -17,9 +17,9 @@ from typing import Any, ClassVar
 
 import torch
 
+from workbench.core import CancelToken, ProgressCallback, Run, positive_size
 from workbench.errors import InputError
 from workbench.results import Provenance, Result
-from workbench.runner import CancelToken, ProgressCallback, run_chunked
 
 MIN_SAMPLES_PER_DIM = 10
 """Below this many samples per dimension `reference_stats` warns that the covariance is poorly estimated."""
@@ -190,8 +190,11 @@ def collect_activations(
     batch_size: int = 32,
     progress: bool | ProgressCallback = False,
     cancel: CancelToken | None = None,
+    run: Run | None = None,
 ) -> torch.Tensor:
     """[n, d_model] activations at `site` for every position >= `skip_positions` of each token row."""
+    batch_size = positive_size(batch_size, "batch_size", allow_none=False)
+    run = Run.of(run, progress=progress, cancel=cancel)
     by_len: dict[int, list[torch.Tensor]] = {}
     for t in tokens:
         by_len.setdefault(t.shape[-1], []).append(t.reshape(-1))
@@ -203,18 +206,17 @@ def collect_activations(
     out: list[torch.Tensor] = []
     total = 0
 
-    def one(start: int, stop: int) -> None:
+    def one(batch: torch.Tensor) -> None:
         nonlocal total
-        for batch in batches[start:stop]:
-            if max_samples is not None and total >= max_samples:
-                return
-            with torch.no_grad(), model.trace(batch.to(model.device)):
-                value = model.site(site, layer).value.save()
-            acts = value[:, skip_positions:].detach().float().cpu().reshape(-1, value.shape[-1])
-            out.append(acts)
-            total += len(acts)
+        if max_samples is not None and total >= max_samples:
+            return
+        with torch.no_grad(), model.trace(batch.to(model.device)):
+            value = model.site(site, layer).value.save()
+        acts = value[:, skip_positions:].detach().float().cpu().reshape(-1, value.shape[-1])
+        out.append(acts)
+        total += len(acts)
 
-    run_chunked(len(batches), one, chunk=1, progress=progress, desc="reference activations", cancel=cancel)
+    run.map(batches, one, desc="reference activations")
     if not out:
         raise InputError(f"No activations at positions >= {skip_positions}: the prompts are too short.")
     acts = torch.cat(out)
