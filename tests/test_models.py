@@ -36,6 +36,10 @@ def _expected_shape(model, name, batch, pos):
         "pos_embed": (batch, pos, c.d_model),
         "resid_pre": (batch, pos, c.d_model),
         "ln1": (batch, pos, c.d_model),
+        "q_input": (batch, pos, c.n_heads, c.d_model),
+        "k_input": (batch, pos, c.n_kv_heads, c.d_model),
+        "v_input": (batch, pos, c.n_kv_heads, c.d_model),
+        "mlp_in": (batch, pos, c.d_model),
         "q": (batch, pos, c.n_heads, c.d_head),
         "k": (batch, pos, c.n_kv_heads, c.d_head),
         "v": (batch, pos, c.n_kv_heads, c.d_head),
@@ -146,6 +150,36 @@ def _hooked_logits(model, tokens, name, layer, edit):
             return out
 
         on_output(_get(block, path), edit_proj)
+    elif name in ("q_input", "k_input", "v_input"):
+        # each head's own residual input: normalised and projected by that head's slice of the projection
+        # (`.forward` calls bypass the hooks registered here)
+        c = model.cfg
+        which = name[0]
+        n = c.n_heads if which == "q" else c.n_kv_heads
+        ln1 = _get(block, a.ln1)
+        proj = _get(block, a.qkv_paths[0] if a.qkv != "separate" else a.qkv_paths["qkv".index(which)])
+        state = {}
+        handles.append(ln1.register_forward_pre_hook(lambda mod, args: state.__setitem__("x", args[0])))
+
+        def edit_head_inputs(out, which=which, n=n):
+            x = state["x"]
+            new = edit(x.unsqueeze(-2).expand(*x.shape[:-1], n, x.shape[-1]))
+            heads = []
+            for h in range(n):
+                projected = _qkv_slice(model, proj.forward(ln1.forward(new[:, :, h])), which)
+                heads.append(projected.reshape(*x.shape[:-1], n, c.d_head)[:, :, h])
+            out = out.clone()
+            part = _qkv_slice(model, out, which)
+            part[...] = torch.stack(heads, 2).reshape(part.shape)
+            return out
+
+        on_output(proj, edit_head_inputs)
+    elif name == "mlp_in":
+        # the MLP's input only: its norm's output is recomputed from the edited input
+        ln2 = _get(block, a.ln2)
+        state = {}
+        handles.append(ln2.register_forward_pre_hook(lambda mod, args: state.__setitem__("x", args[0])))
+        on_output(ln2, lambda out: ln2.forward(edit(state["x"])))
     elif name == "resid_mid":
         # replace the MLP norm's input, and shift the block output by the same change
         state = {}

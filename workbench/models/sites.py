@@ -41,6 +41,27 @@ SITES: dict[str, SiteSpec] = {
         SiteSpec("resid_pre", "[batch, pos, d_model]", "residual stream entering the block", 0),
         SiteSpec("ln1", "[batch, pos, d_model]", "output of the norm before attention", 1),
         SiteSpec(
+            "q_input",
+            "[batch, pos, head, d_model]",
+            "residual stream as each head's query reads it (before the norm); a write changes that head's query only",
+            0.9,
+            per_head=True,
+        ),
+        SiteSpec(
+            "k_input",
+            "[batch, pos, kv_head, d_model]",
+            "residual stream as each head's key reads it (before the norm); a write changes that key only",
+            0.9,
+            per_head=True,
+        ),
+        SiteSpec(
+            "v_input",
+            "[batch, pos, kv_head, d_model]",
+            "residual stream as each head's value reads it (before the norm); a write changes that value only",
+            0.9,
+            per_head=True,
+        ),
+        SiteSpec(
             "q", "[batch, pos, head, d_head]", "queries per head (before rotary embedding)", 2, per_head=True
         ),
         SiteSpec(
@@ -67,6 +88,12 @@ SITES: dict[str, SiteSpec] = {
             writable=False,
         ),
         SiteSpec("resid_mid", "[batch, pos, d_model]", "residual stream between attention and MLP", 5),
+        SiteSpec(
+            "mlp_in",
+            "[batch, pos, d_model]",
+            "residual stream as the MLP reads it (before its norm); a write changes the MLP's input only",
+            5.5,
+        ),
         SiteSpec("ln2", "[batch, pos, d_model]", "output of the norm before the MLP", 6),
         SiteSpec("mlp_post", "[batch, pos, d_mlp]", "MLP neurons after the activation function", 7),
         SiteSpec("mlp_out", "[batch, pos, d_model]", "MLP output added to the residual stream", 8),
@@ -81,6 +108,9 @@ SITES: dict[str, SiteSpec] = {
         ),
     ]
 }
+
+
+HEAD_INPUTS = ("q_input", "k_input", "v_input")
 
 
 def envoy_at(root, path: str):
@@ -168,6 +198,12 @@ class SiteHandle:
             return self._in_block(a.ln2).output
         if name in ("q", "k", "v"):
             return self._qkv(name)
+        if name in HEAD_INPUTS:
+            x = self._in_block(a.ln1).input
+            n = self.cfg.n_heads if name == "q_input" else self.cfg.n_kv_heads
+            return x.unsqueeze(-2).expand(*x.shape[:-1], n, x.shape[-1])
+        if name == "mlp_in":
+            return self._in_block(a.ln2).input
         if name == "z":
             return self._heads(self._in_block(a.out_proj).input, self.cfg.n_heads)
         if name == "pattern":
@@ -217,6 +253,11 @@ class SiteHandle:
         elif name in ("q", "k", "v"):
             view = self._qkv(name)
             view[...] = new
+        elif name in HEAD_INPUTS:
+            self.set_head_inputs(new)
+        elif name == "mlp_in":
+            ln2 = self._in_block(a.ln2)
+            ln2.output = ln2(new)
         elif name == "z":
             self._in_block(a.out_proj).input = new.reshape(*new.shape[:-2], -1)
         elif name == "pattern":
@@ -247,6 +288,47 @@ class SiteHandle:
         z_new = torch.einsum("bhqk,bkhd->bqhd", pattern.to(v.dtype), v_heads)
         z = self._heads(self._in_block(self.adapter.out_proj).input, self.cfg.n_heads)
         z[:, :, heads] = z_new
+
+    def set_head_inputs(self, new: torch.Tensor, heads: list[int] | None = None) -> None:
+        """Give `heads` (all by default) of a q/k/v input site their own residual input [batch, pos, len(heads),
+        d_model]: each is normalised by the block's attention norm and projected by that head's weights, and the
+        result replaces the head's query (key, value) only. Other heads, and the residual stream, are untouched.
+        """
+        which = self.name[0]
+        n = self.cfg.n_heads if which == "q" else self.cfg.n_kv_heads
+        heads = list(range(n)) if heads is None else list(heads)
+        weight, bias = self.qkv_weights(which)
+        weight, bias = weight[heads], None if bias is None else bias[heads]
+        normed = self._in_block(self.adapter.ln1)(new)  # an ad hoc call: the real one is not disturbed
+        out = torch.einsum("bphm,hmd->bphd", normed.to(weight.dtype), weight)
+        if bias is not None:
+            out = out + bias
+        view = self._qkv(which)
+        view[:, :, heads] = out.to(view.dtype)
+
+    def qkv_weights(self, which: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """This layer's query, key or value weights [head, d_model, d_head] and bias [head, d_head] (or None),
+        whatever the storage layout (GPT-2's fused Conv1D, NeoX's per-head fused Linear, separate Linears)."""
+        a, cfg = self.adapter, self.cfg
+        idx = "qkv".index(which)
+        n = cfg.n_heads if which == "q" else cfg.n_kv_heads
+        if a.qkv == "separate":
+            proj = self._in_block(a.qkv_paths[idx])
+            weight = proj.weight.view(n, cfg.d_head, cfg.d_model).transpose(1, 2)
+            bias = getattr(proj, "bias", None)
+            return weight, None if bias is None else bias.view(n, cfg.d_head)
+        proj = self._in_block(a.qkv_paths[0])
+        bias = getattr(proj, "bias", None)
+        width = cfg.n_heads * cfg.d_head
+        if a.qkv == "gpt2_fused":  # Conv1D: [d_model, q | k | v]
+            weight = proj.weight[:, idx * width : (idx + 1) * width].reshape(cfg.d_model, n, cfg.d_head)
+            weight = weight.permute(1, 0, 2)
+            bias = None if bias is None else bias[idx * width : (idx + 1) * width].view(n, cfg.d_head)
+            return weight, bias
+        # NeoX: Linear [head * (q | k | v), d_model]
+        weight = proj.weight.view(n, 3, cfg.d_head, cfg.d_model)[:, idx].transpose(1, 2)
+        bias = None if bias is None else bias.view(n, 3, cfg.d_head)[:, idx]
+        return weight, bias
 
     # -- weights -------------------------------------------------------------------------------------
     def W_O(self) -> torch.Tensor:
