@@ -6,8 +6,10 @@
   open the ``/subscribe`` websocket, POST the serialised trace to ``/request``, read status updates
   (RECEIVED -> QUEUED -> ... -> RUNNING -> COMPLETED or ERROR) until the result arrives, inline or as a
   download URL. On top of nnsight it reports every update to the active `RemoteRunner`'s callback, wakes up
-  a few times a second so that Stop and a timeout take effect while a job waits, caps the result size, and
-  turns transport failures into `RemoteError`s that say what to do.
+  a few times a second so that Stop and a timeout take effect while a job waits, caps the result size (inline
+  results by their frame header, before they are read), refuses plain-http hosts other than this machine,
+  loads results as data only (tensors, numbers, strings, containers: no pickled object can run code here),
+  and turns transport failures into `RemoteError`s that say what to do.
 - `LocalJobBackend` for ``remote="local"``: nnsight's serialising dry run, reported through the same updates.
 
 Both ship the workbench's own code with the request (``nnsight.register("workbench")``): trace bodies call
@@ -18,10 +20,12 @@ difference because an editable install stays importable while it hides local mod
 
 from __future__ import annotations
 
+import io
 import json
 import pickle
 import sys
 import time
+import types
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -31,7 +35,7 @@ from nnsight.intervention.backends.remote import RemoteError as NNsightRemoteErr
 from nnsight.schema.response import ResponseModel, Status
 
 from workbench.errors import Cancelled, RemoteError
-from workbench.remote.config import KEY_HELP, configured_key
+from workbench.remote.config import KEY_HELP, check_host, configured_key
 
 if TYPE_CHECKING:
     from workbench.remote.runner import RemoteRunner
@@ -42,6 +46,9 @@ LIFECYCLE = ("RECEIVED", "QUEUED", "PROVISIONING", "DEPLOYING", "DISPATCHED", "R
 _CONNECT_TIMEOUT = 10.0
 _READ_TIMEOUT = 600.0
 _CHUNK = 128 * 1024
+_ENVELOPE = (
+    64 * 1024
+)  # what an inline result's websocket frame may add to the result itself (id, status, meta)
 
 
 @dataclass(frozen=True)
@@ -192,6 +199,7 @@ class NDIFJobBackend(_Tracked, RemoteBackend):
 
     # -- submission ----------------------------------------------------------------------------------
     def request(self, request, tracer) -> Any:
+        check_host(self.host)
         if not self.api_key:
             raise RemoteError(f"No NDIF API key is configured. {KEY_HELP}")
         ship_workbench_by_value()
@@ -227,6 +235,7 @@ class NDIFJobBackend(_Tracked, RemoteBackend):
             raise unreachable(self.host, err) from err
         except (OSError, websocket.WebSocketException) as err:
             raise unreachable(self.host, err) from err
+        _cap_frames(connection, self.runner.max_result_bytes + _ENVELOPE, self._too_large)
         try:
             request.session_id = json.loads(connection.recv())["session_id"]
             self.send(request, blob)
@@ -333,7 +342,8 @@ class NDIFJobBackend(_Tracked, RemoteBackend):
         )
         return RemoteError(
             f"Lost the connection to NDIF while job {self.job_id or '(not yet accepted)'} was {state}. Its "
-            "result cannot be collected; run again (results already received are cached)."
+            "result cannot be collected. Running the call again sends all of its jobs again (only calls that "
+            "completed are cached)."
         )
 
     # -- results -------------------------------------------------------------------------------------
@@ -377,14 +387,93 @@ class NDIFJobBackend(_Tracked, RemoteBackend):
             ) from err
         return self.finalize(buffer.getvalue())
 
+    def parse(self, message) -> ResponseModel:
+        """One websocket message as a `ResponseModel`; a binary one (an inline result) is loaded as data only."""
+        if isinstance(message, (bytes, bytearray)):
+            return ResponseModel(**load_data_only(bytes(message), f"NDIF job {self.job_id}'s response"))
+        return ResponseModel.model_validate_json(message)
+
     def finalize(self, content: bytes) -> Any:
+        """Decompress (bounded by max_result_mb) and load a result blob as data only."""
+        limit = self.runner.max_result_bytes
         if self.compress:
             import zstandard as zstd
 
             size = zstd.frame_content_size(content)
-            if size > self.runner.max_result_bytes:
+            if size > limit:
                 raise self._too_large(size)
-        return _detached(RemoteBackend.finalize(self, content))
+            try:
+                content = zstd.ZstdDecompressor().decompress(content, max_output_size=limit)
+            except zstd.ZstdError as err:
+                raise RemoteError(
+                    f"The result of NDIF job {self.job_id} could not be decompressed within max_result_mb ({err})."
+                ) from err
+        return _detached(load_data_only(content, f"the result of NDIF job {self.job_id}"))
+
+
+def _cap_frames(connection, limit: int, too_large) -> None:
+    """Make a websocket refuse a message longer than `limit` bytes as soon as its frame header says so, before
+    the payload is read (websocket-client would otherwise receive it in full)."""
+    from websocket._abnf import frame_buffer
+
+    class Capped(frame_buffer):
+        pending = 0  # bytes of the message so far, when it is split into several frames
+
+        def recv_length(self) -> None:
+            super().recv_length()
+            fin, opcode = self.header[0], self.header[4]
+            if opcode >= 0x8:  # control frames (ping, pong, close): at most 125 bytes, not part of a message
+                return
+            total = self.pending + self.length
+            if total > limit:
+                raise too_large(total)
+            self.pending = 0 if fin else total
+
+    old = connection.frame_buffer
+    connection.frame_buffer = Capped(old.recv, old.skip_utf8_validation)
+
+
+def _allowed_globals() -> dict[str, Any]:
+    from nnsight.schema.response import Status
+    from torch._weights_only_unpickler import _get_allowed_globals
+
+    return {**_get_allowed_globals(), "nnsight.schema.response.Status": Status}
+
+
+class _DataOnlyUnpickler(pickle.Unpickler):
+    """An unpickler that can only build what torch's ``weights_only`` loader builds (tensors, numbers, strings,
+    bytes, lists, tuples, dicts) plus nnsight's job `Status`: a pickle cannot name a function for it to call.
+    Unlike ``torch.load(weights_only=True)`` it reads pickle protocol 4, which nnsight's responses use."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        allowed = _allowed_globals()
+        key = f"{module}.{name}"
+        if key not in allowed:
+            raise pickle.UnpicklingError(f"{key} is not allowed")
+        return allowed[key]
+
+
+_DATA_ONLY_PICKLE = types.SimpleNamespace(
+    __name__="workbench_data_only_pickle", Unpickler=_DataOnlyUnpickler, load=pickle.load
+)
+
+
+def load_data_only(content: bytes, what: str) -> Any:
+    """Load ``torch.save`` bytes from NDIF without running anything they name; `RemoteError` otherwise."""
+    import torch
+
+    try:
+        return torch.load(
+            io.BytesIO(content), map_location="cpu", weights_only=False, pickle_module=_DATA_ONLY_PICKLE
+        )
+    except pickle.UnpicklingError as err:
+        raise RemoteError(
+            f"{what} holds an object the workbench does not load ({err}). NDIF results are loaded as data only "
+            "(tensors, numbers, strings, lists, tuples, dicts) so that a result cannot run code on this "
+            "machine: save tensors inside the trace (e.g. `model.site(...).value.save()`), not other objects."
+        ) from None
+    except Exception as err:  # a truncated or corrupt blob
+        raise RemoteError(f"{what} could not be read ({type(err).__name__}: {err}).") from None
 
 
 def _detached(value: Any) -> Any:

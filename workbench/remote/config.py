@@ -8,8 +8,10 @@ nnsight resolves both once at import, with this precedence: its shipped defaults
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 
 from workbench.errors import RemoteError
 
@@ -18,6 +20,13 @@ KEY_HELP = (
     "starting Jupyter (on Binder or Colab: a secret named NDIF_API_KEY), or run `nnsight login` once in a "
     "terminal, which stores it in ~/.config/nnsight/config.yaml. Do not paste the key into a notebook."
 )
+
+DEFAULT_TIMEOUT = 1800.0
+"""Seconds a remote job may take from submission to result unless a `RemoteRunner` is given another timeout
+(30 minutes: NDIF's queue plus loading a large model can take minutes; a thread never waits forever)."""
+
+INSECURE_OPT_IN = "WORKBENCH_ALLOW_INSECURE_NDIF"
+"""Set this environment variable to 1 to send jobs to a plain-http NDIF host that is not this machine."""
 
 
 @dataclass(frozen=True)
@@ -69,3 +78,29 @@ def check_api_key() -> Settings:
     if not config.has_key:
         raise RemoteError(f"No NDIF API key is configured. {KEY_HELP}")
     return config
+
+
+def _is_loopback(hostname: str | None) -> bool:
+    if hostname == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(hostname or "").is_loopback
+    except ValueError:
+        return False
+
+
+def check_host(host: str) -> str:
+    """`host` when jobs may be sent there: https, or plain http to this machine (a local test server). Otherwise a
+    `RemoteError`: over plain http the API key and the traces travel readable by anyone on the way, and a result
+    could be replaced on the way. Setting ``WORKBENCH_ALLOW_INSECURE_NDIF=1`` accepts such a host anyway."""
+    parts = urlsplit(host)
+    if parts.scheme == "https" or os.environ.get(INSECURE_OPT_IN) == "1":
+        return host
+    if parts.scheme == "http" and _is_loopback(parts.hostname):
+        return host
+    raise RemoteError(
+        f"NDIF host {host!r} is not an https:// address. Over plain http your API key and your traces travel "
+        "unencrypted, and a result altered on the way would be loaded here. Set NDIF_HOST to an https:// URL "
+        f"(the default is https://api.ndif.us); if you trust the network (a private cluster), set the environment "
+        f"variable {INSECURE_OPT_IN}=1."
+    )

@@ -25,6 +25,7 @@ from typing import Any
 from workbench.errors import Cancelled
 from workbench.remote.backend import JobUpdate
 from workbench.remote.cache import RESULTS, ResultCache, Uncacheable, cache_key
+from workbench.remote.config import DEFAULT_TIMEOUT
 from workbench.runner import CancelToken
 
 _local = threading.local()
@@ -42,7 +43,8 @@ class RemoteRunner:
             `tick_interval` seconds while a job waits (to refresh the elapsed time). Runs in the thread that
             waits for the job. None: nnsight's own status line is printed instead.
         cancel: a `CancelToken`; when set, the runner stops waiting at once and raises `Cancelled`.
-        timeout: seconds one job may take from submission to result (None: wait as long as it takes).
+        timeout: seconds one job may take from submission to result (default `DEFAULT_TIMEOUT`, 30 minutes;
+            None: wait as long as it takes).
         max_result_mb: refuse to download a larger result.
         cache: where `run` keeps results (default: the kernel-wide `workbench.remote.cache.RESULTS`).
         poll_interval: how often (seconds) the wait wakes to check `cancel` and `timeout`.
@@ -58,7 +60,7 @@ class RemoteRunner:
         on_update: Callable[[JobUpdate], None] | None = None,
         *,
         cancel: CancelToken | None = None,
-        timeout: float | None = None,
+        timeout: float | None = DEFAULT_TIMEOUT,
         max_result_mb: float = 1024,
         cache: ResultCache | None = RESULTS,
         poll_interval: float = 0.2,
@@ -229,7 +231,9 @@ class RemoteCall:
         return f"RemoteCall({self.status})"
 
 
-def submit(fn: Callable, model, *args, on_update=None, timeout: float | None = None, **kwargs) -> RemoteCall:
+def submit(
+    fn: Callable, model, *args, on_update=None, timeout: float | None = DEFAULT_TIMEOUT, **kwargs
+) -> RemoteCall:
     """Start an engine call on a remote model without blocking: ``job = remote.submit(patching.sweep, model,
     ...)``, then ``job.status``, ``job.result()`` or ``job.cancel()``."""
     return RemoteRunner(on_update, timeout=timeout).submit(fn, model, *args, **kwargs)
