@@ -9,11 +9,20 @@
 
 Models are put in eval mode (dropout off, so patching is deterministic) and use eager attention by default so
 that attention patterns can be read.
+
+A local directory is checked before anything is built: config.json must be valid JSON, tokenizer files must be
+there, every safetensors file's header must agree with the file's size (a truncated or overwritten file is
+named), and the weights' shapes must match the config. The demo model's files are also checked against the
+sha256 digests recorded in ``workbench/demo_model/model_digests.json``. Unsupported dtypes and devices this
+machine does not have are refused with a sentence saying what to use instead.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
+import math
 import os
 import warnings
 from pathlib import Path
@@ -25,6 +34,8 @@ from workbench.models.adapters import adapter_for, model_config
 from workbench.models.model import WorkbenchModel
 
 _BIG_MODEL_PARAMS = 2e9  # above this, GPUs default to bfloat16
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+DEMO_DIGESTS = Path(__file__).resolve().parents[1] / "demo_model" / "model_digests.json"
 
 
 def default_device() -> torch.device:
@@ -32,17 +43,60 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face hub answers within `timeout` seconds (False at once when HF_HUB_OFFLINE is set).
+
+    For notebooks that skip hub models offline: one quick check instead of the hub client's retries."""
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        return False
+    import httpx
+    from huggingface_hub import constants
+
+    try:
+        httpx.head(constants.ENDPOINT, timeout=timeout)
+    except httpx.HTTPError:
+        return False
+    return True
+
+
 def _resolve_dtype(dtype, device: torch.device, n_params: float) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        return dtype
     if dtype in (None, "auto"):
         return torch.bfloat16 if device.type == "cuda" and n_params > _BIG_MODEL_PARAMS else torch.float32
-    try:
-        resolved = getattr(torch, str(dtype).removeprefix("torch."))
-    except AttributeError:
-        resolved = None
+    resolved = dtype
+    if not isinstance(dtype, torch.dtype):
+        resolved = getattr(torch, str(dtype).removeprefix("torch."), None)
+    names = ", ".join(repr(str(d).removeprefix("torch.")) for d in _DTYPES)
     if not isinstance(resolved, torch.dtype):
-        raise ModelLoadError(f"dtype={dtype!r} is not a torch dtype; use e.g. 'float32' or 'bfloat16'.")
+        raise ModelLoadError(f"dtype={dtype!r} is not a torch dtype; use one of {names}.")
+    if resolved not in _DTYPES:
+        raise ModelLoadError(
+            f"dtype={dtype!r} is not supported: models load in {names} (quantised and integer types are not)."
+        )
+    return resolved
+
+
+def _resolve_device(device) -> torch.device:
+    """`device` as a torch device this machine has (default: the GPU when present); `ModelLoadError` otherwise."""
+    if device is None:
+        return default_device()
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ModelLoadError(
+            f"device={device!r} is not a torch device ({err}); use 'cpu' or 'cuda'."
+        ) from None
+    if resolved.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ModelLoadError(
+                f"device={device!r}, but torch sees no GPU on this machine (torch.cuda.is_available() is False: "
+                "no GPU, or a CPU-only torch build). Leave device unset, or use device='cpu'."
+            )
+        if resolved.index is not None and resolved.index >= torch.cuda.device_count():
+            raise ModelLoadError(
+                f"device={device!r}, but this machine has {torch.cuda.device_count()} GPU(s) (cuda:0 ...)."
+            )
+    if resolved.type == "mps" and not torch.backends.mps.is_available():
+        raise ModelLoadError(f"device={device!r}, but Apple's MPS backend is not available here; use 'cpu'.")
     return resolved
 
 
@@ -85,10 +139,7 @@ def load_model(
     if isinstance(model, str) and model == "demo":
         from workbench.demo_model import DEMO_DIR
 
-        if not (Path(DEMO_DIR) / "config.json").exists():
-            raise ModelLoadError(
-                f"The demo model's files are missing from {DEMO_DIR}; reinstall the package."
-            )
+        check_digests(DEMO_DIR, DEMO_DIGESTS)
         return _from_directory(
             str(DEMO_DIR),
             name="demo",
@@ -161,9 +212,11 @@ def _from_name(name, *, device, dtype, remote, attn_implementation, revision, di
 
 def _hub_error(name: str, err: Exception) -> ModelLoadError:
     text = str(err)
-    offline = (
-        os.environ.get("HF_HUB_OFFLINE") == "1" or "connect" in text.lower() or "offline" in text.lower()
-    )
+    if "valid JSON" in text or isinstance(err, json.JSONDecodeError):
+        return ModelLoadError(
+            f"Could not load {name!r}: its config.json is not valid JSON ({text.splitlines()[0]})."
+        )
+    offline = "connect" in text.lower() or "offline" in text.lower() or "cached" in text.lower()
     if offline:
         return ModelLoadError(
             f"Could not load {name!r}: the Hugging Face hub is unreachable (or HF_HUB_OFFLINE=1) and no local "
@@ -205,18 +258,29 @@ def _from_directory(
     from nnsight import TransformersModel
     from transformers import AutoConfig, AutoTokenizer
 
+    local = Path(name_or_dir).is_dir()
+    weights = check_directory(Path(name_or_dir)) if local else {}
     hub_kwargs = {"revision": revision} if revision else {}
     try:
         hf_config = AutoConfig.from_pretrained(name_or_dir, **hub_kwargs)
         tokenizer = AutoTokenizer.from_pretrained(name_or_dir, **hub_kwargs)
     except (OSError, ValueError) as err:
+        if local:
+            raise ModelLoadError(f"Could not load the model in {name_or_dir}: {_first_line(err)}") from err
         raise _hub_error(name, err) from err
+    if len(tokenizer) < 2:
+        raise ModelLoadError(
+            f"The tokenizer of {name!r} has {len(tokenizer)} token(s): its tokenizer files are missing or damaged "
+            "(tokenizer.json, or vocab.json with merges.txt)."
+        )
     adapter = adapter_for(hf_config)  # fail before loading anything if we cannot map the architecture
+    if weights:
+        _check_weight_shapes(hf_config, weights, name_or_dir)
     kwargs = dict(task="text-generation", tokenizer=tokenizer, **hub_kwargs)
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
     if remote is not True:
-        device = torch.device(device) if device is not None else default_device()
+        device = _resolve_device(device)
         kwargs["dtype"] = _resolve_dtype(dtype, device, _approx_params(hf_config))
         kwargs["device_map"] = str(device)
         kwargs["dispatch"] = dispatch
@@ -251,7 +315,8 @@ def _from_module(
     from nnsight import NNsight
 
     if device is not None or dtype is not None:
-        module = module.to(device=device, dtype=_resolve_dtype(dtype, torch.device(device or "cpu"), 0))
+        device = _resolve_device(device) if device is not None else None
+        module = module.to(device=device, dtype=_resolve_dtype(dtype, device or torch.device("cpu"), 0))
     module.eval()
     hf_config = getattr(module, "config", None)
     is_hf = hf_config is not None and hasattr(module, "can_generate")
@@ -287,3 +352,153 @@ def _from_module(
         remote=remote,
         prepend_bos=prepend_bos,
     )
+
+
+# -- checks of a model directory ---------------------------------------------------------------------------------
+_DTYPE_BYTES = {
+    "BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1,
+    "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
+    "I32": 4, "U32": 4, "F32": 4,
+    "I64": 8, "U64": 8, "F64": 8,
+}  # fmt: skip
+_TOKENIZER_FILES = (("tokenizer.json",), ("vocab.json", "merges.txt"), ("tokenizer.model",), ("vocab.txt",))
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def check_directory(path: Path) -> dict[str, tuple[int, ...]]:
+    """Check a Hugging Face model directory before loading it; returns {tensor name: shape} of its safetensors
+    weights. `ModelLoadError` naming the file for: a missing or invalid config.json, missing tokenizer files, a
+    missing weight shard, a safetensors file whose header or size is wrong (truncated, overwritten)."""
+    config = path / "config.json"
+    if not config.is_file():
+        raise ModelLoadError(f"{path} has no config.json; it is not a Hugging Face model directory.")
+    try:
+        parsed = json.loads(config.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as err:
+        raise ModelLoadError(f"{config} is not a valid model config: not JSON ({err}).") from None
+    if not isinstance(parsed, dict) or "model_type" not in parsed:
+        raise ModelLoadError(f'{config} is not a valid model config: it has no "model_type" entry.')
+    if not any(all((path / f).is_file() for f in group) for group in _TOKENIZER_FILES):
+        partial = [f for group in _TOKENIZER_FILES[1:2] for f in group if (path / f).is_file()]
+        wanted = "merges.txt" if partial == ["vocab.json"] else "tokenizer.json"
+        raise ModelLoadError(
+            f"The tokenizer file {wanted} is missing from {path} (a model directory needs tokenizer.json, or "
+            "vocab.json with merges.txt). Copy the tokenizer files from where the model came from."
+        )
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (ValueError, KeyError, TypeError) as err:
+            raise ModelLoadError(f"{index} is not a valid weight index ({_first_line(err)}).") from None
+    else:
+        files = [f.name for f in sorted(path.glob("*.safetensors"))]
+    shapes: dict[str, tuple[int, ...]] = {}
+    for name in files:
+        if not (path / name).is_file():
+            raise ModelLoadError(f"The weight file {path / name} is missing (listed in {index.name}).")
+        shapes.update(check_safetensors(path / name))
+    return shapes
+
+
+def check_safetensors(path: Path) -> dict[str, tuple[int, ...]]:
+    """{tensor name: shape} from a safetensors file, after checking its header against the file's size."""
+
+    def bad(reason: str) -> ModelLoadError:
+        return ModelLoadError(
+            f"The weight file {path} is damaged: {reason}. Copy or download it again (it may be truncated)."
+        )
+
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise bad(f"it has {size} bytes, fewer than a safetensors header")
+        n = int.from_bytes(head, "little")
+        if n > size - 8 or n > 100_000_000:
+            raise bad(f"its header claims {n:,} bytes but the file has {size:,}")
+        try:
+            header = json.loads(f.read(n))
+        except (ValueError, UnicodeDecodeError):
+            raise bad("its header is not valid JSON") from None
+    if not isinstance(header, dict):
+        raise bad("its header is not a table of tensors")
+    data_size, end, shapes = size - 8 - n, 0, {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype, shape, (start, stop) = info["dtype"], tuple(info["shape"]), info["data_offsets"]
+            expected = math.prod(shape) * _DTYPE_BYTES.get(dtype, 0)
+        except (KeyError, TypeError, ValueError):
+            raise bad(f"the header entry of {name!r} is malformed") from None
+        if stop > data_size:
+            raise bad(f"tensor {name!r} ends at byte {stop:,} of the data, which has only {data_size:,}")
+        if start < 0 or stop < start or (dtype in _DTYPE_BYTES and stop - start != expected):
+            raise bad(f"tensor {name!r} ({dtype}, shape {list(shape)}) does not match its byte range")
+        end = max(end, stop)
+        shapes[name] = shape
+    if end != data_size:
+        raise bad(f"its tensors cover {end:,} of its {data_size:,} data bytes")
+    return shapes
+
+
+def _check_weight_shapes(hf_config, weights: dict[str, tuple[int, ...]], directory) -> None:
+    """Compare the weights' shapes with the model the config describes (built on the meta device: no memory)."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        with torch.device("meta"), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            expected = {
+                k: tuple(v.shape) for k, v in AutoModelForCausalLM.from_config(hf_config).state_dict().items()
+            }
+    except Exception:  # a config transformers cannot build: the load below reports it
+        return
+    prefix = getattr(hf_config, "base_model_prefix", "") or ""
+    wrong = []
+    for name, shape in weights.items():
+        want = expected.get(name, expected.get(f"{prefix}.{name}"))
+        if want is not None and want != shape:
+            wrong.append(f"{name}: {list(shape)} in the weights, {list(want)} from config.json")
+    if wrong:
+        more = f" (and {len(wrong) - 3} more)" if len(wrong) > 3 else ""
+        raise ModelLoadError(
+            f"config.json in {directory} does not describe its weights: {'; '.join(wrong[:3])}{more}. Use the "
+            "config.json that came with these weights."
+        )
+
+
+def _digest(path: Path) -> str:
+    """sha256 of a file; text (JSON) files with their line endings normalised, as a Windows checkout may change
+    them."""
+    data = path.read_bytes()
+    return hashlib.sha256(data.replace(b"\r\n", b"\n") if path.suffix == ".json" else data).hexdigest()
+
+
+def check_digests(directory: Path, digests_file: Path) -> None:
+    """Check files against the sha256 digests a JSON file records ({file name: hex digest})."""
+    recorded = json.loads(digests_file.read_text())["sha256"]
+    for name, digest in recorded.items():
+        path = Path(directory) / name
+        if not path.is_file():
+            raise ModelLoadError(f"The demo model's file {path} is missing; reinstall the package.")
+        if _digest(path) != digest:
+            raise ModelLoadError(
+                f"The demo model's file {path} does not match the sha256 digest recorded in {digests_file.name}: "
+                "it is damaged or was changed. Reinstall the package (or, after retraining the demo model, "
+                "record the new digests with `workbench.models.loading.record_demo_digests()`)."
+            )
+
+
+def record_demo_digests() -> None:
+    """Write the demo model's digests (after retraining it)."""
+    from workbench.demo_model import DEMO_DIR
+
+    names = ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"]
+    digests = {n: _digest(DEMO_DIR / n) for n in names}
+    DEMO_DIGESTS.write_text(json.dumps({"sha256": digests}, indent=2) + "\n")
