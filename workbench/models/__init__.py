@@ -7,7 +7,7 @@ with model.trace(model.to_tokens("When Mary and John went to the store, John gav
 """
 
 from workbench.models.adapters import ADAPTERS, Adapter, ModelConfig
-from workbench.models.loading import default_device, load_model
+from workbench.models.loading import default_device, hub_reachable, load_model
 from workbench.models.model import WorkbenchModel
 from workbench.models.sites import SITES, SiteHandle, SiteSpec
 
@@ -20,5 +20,6 @@ __all__ = [
     "SiteSpec",
     "WorkbenchModel",
     "default_device",
+    "hub_reachable",
     "load_model",
 ]
