@@ -26,6 +26,4 @@ def run_chunked(
     cancel: CancelToken | None = None,
 ) -> list[Any]:
     """Call ``fn(start, stop)`` for consecutive chunks of `n_items` and return the list of chunk results."""
-    run = Run(progress=progress, cancel=cancel)
-    spans = chunks(n_items, chunk)
-    return run.map(spans, lambda span: fn(*span), desc=desc, weights=[b - a for a, b in spans])
+    return Run(progress=progress, cancel=cancel).chunked(n_items, chunk, fn, desc=desc)

@@ -23,11 +23,15 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, TypeVar
 
 import torch
+from tqdm.auto import tqdm
 
 from workbench.errors import Cancelled, InputError
 
 T = TypeVar("T")
 R = TypeVar("R")
+
+REMOTE_JOB_BUDGET = 2**30
+"""Bytes per NDIF job when the memory budget is "auto"."""
 
 ProgressCallback = Callable[[int, int], None]
 """Called as ``callback(done, total)`` after each item."""
@@ -164,9 +168,17 @@ class Run:
         """The memory budget in bytes on `device`."""
         return parse_budget(self.memory_budget, device)
 
-    def rows_per_chunk(self, bytes_per_row: int, device: torch.device | str, default_max: int) -> int:
-        """Rows per forward pass: as many as fit the budget, at most `batch_size` (or `default_max`)."""
-        return chunk_size(bytes_per_row, self.budget(device), max_chunk=self.batch_size or default_max)
+    def rows_per_chunk(self, bytes_per_row: int, where, default_max: int) -> int:
+        """Rows per forward pass: as many as fit the budget, at most `batch_size` (or `default_max`).
+
+        where: a device, or a model; for a model on NDIF an "auto" budget is 1 GiB per job (its memory is the
+        server's, and each job's result comes back whole).
+        """
+        if getattr(where, "remote", False) is True and self.memory_budget in (None, "auto"):
+            budget = REMOTE_JOB_BUDGET
+        else:
+            budget = self.budget(getattr(where, "device", where))
+        return chunk_size(bytes_per_row, budget, max_chunk=self.batch_size or default_max)
 
     # -- looping -------------------------------------------------------------------------------------
     def check(self) -> None:
@@ -187,20 +199,30 @@ class Run:
         """
         weights = [1] * len(items) if weights is None else list(weights)
         out: list[R] = []
-        with self._progress(sum(weights), desc) as tick:
+        with self._progress(sum(weights), desc) as progress:
             for item, w in zip(items, weights):
                 self.check()
                 out.append(fn(item))
-                tick(w)
+                progress.tick(w)
         return out
 
-    def steps(self, n: int, *, start: int = 0, desc: str = "") -> Iterator[int]:
-        """``range(start, n)`` with a cancel check before each step and progress after it (training loops)."""
-        with self._progress(n, desc, initial=start) as tick:
+    def chunked(self, n: int, chunk: int, fn: Callable[[int, int], R], *, desc: str = "") -> list[R]:
+        """``fn(start, stop)`` over consecutive chunks of `n` rows, progress counted in rows."""
+        spans = chunks(n, chunk)
+        return self.map(spans, lambda span: fn(*span), desc=desc, weights=[b - a for a, b in spans])
+
+    def steps(
+        self, n: int, *, start: int = 0, desc: str = "", postfix: Callable[[], dict] | None = None
+    ) -> Iterator[int]:
+        """``range(start, n)`` with a cancel check before each step and progress after it (training loops).
+
+        postfix: called after each step; what it returns is shown beside the progress bar (e.g. the loss).
+        """
+        with self._progress(n, desc, initial=start) as progress:
             for step in range(start, n):
                 self.check()
                 yield step
-                tick(1)
+                progress.tick(1, postfix() if postfix is not None and progress.bar is not None else None)
 
     def partial(self, value: Any) -> None:
         """Hand work in progress to `on_partial` (no-op without one)."""
@@ -212,22 +234,22 @@ class Run:
 
 
 class _Progress:
-    """A context manager yielding ``tick(n)``: a tqdm bar, a callback, or nothing."""
+    """Progress of one loop: a tqdm bar, a callback, or nothing; ``tick(n)`` after each item."""
 
     def __init__(self, progress, total: int, desc: str, initial: int):
         self.progress, self.total, self.desc, self.done = progress, total, desc, initial
         self.bar = None
 
-    def __enter__(self):
+    def __enter__(self) -> _Progress:
         if self.progress is True and self.total > 0:
-            from tqdm.auto import tqdm
-
             self.bar = tqdm(total=self.total, initial=self.done, desc=self.desc or None, leave=False)
-        return self.tick
+        return self
 
-    def tick(self, n: int) -> None:
+    def tick(self, n: int, postfix: dict | None = None) -> None:
         self.done += n
         if self.bar is not None:
+            if postfix:
+                self.bar.set_postfix(postfix, refresh=False)
             self.bar.update(n)
         elif callable(self.progress):
             self.progress(self.done, self.total)

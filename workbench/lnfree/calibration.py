@@ -19,26 +19,22 @@ from typing import ClassVar
 
 import torch
 
+from workbench.core import CancelToken, Run
 from workbench.errors import InputError
 from workbench.lnfree.data import eot_id, eot_mask, text_tokens
 from workbench.lnfree.freezing import frozen_forward, norm_infos
 from workbench.lnfree.sites import norm_module, norm_modules, paper_order, site_label, split_site
+from workbench.models.prefix import bytes_per_row
 from workbench.results import Provenance, Result
-from workbench.runner import CancelToken, chunk_size, parse_budget, run_chunked
 
 METHODS = ("mean", "median", "ema")
 
 
-def rows_per_chunk(model, seq_len: int, memory_budget=None, *, cache_blocks: bool = False) -> int:
-    """How many rows of `seq_len` tokens one trace should take: logits (and their softmax) dominate."""
-    cfg = model.cfg
-    per_token = 4 * (3 * cfg.d_vocab + 8 * cfg.d_model + 2 * cfg.d_mlp + cfg.n_heads * seq_len)
-    if cache_blocks:
-        per_token += 4 * cfg.n_layers * cfg.d_model
-    if model.remote is True:
-        return max(1, min(32, (2**30) // (per_token * seq_len)))
-    budget = parse_budget(memory_budget, model.device if model.remote is False else "cpu")
-    return chunk_size(per_token * seq_len, budget, max_chunk=64)
+def rows_per_chunk(model, seq_len: int, run: Run, *, cache_blocks: bool = False) -> int:
+    """How many rows of `seq_len` tokens one trace should take (a run's batch size wins): logits at every
+    position dominate; with `cache_blocks`, every block's output is kept too."""
+    extra = 4 * model.cfg.n_layers * model.cfg.d_model * seq_len if cache_blocks else 0
+    return run.rows_per_chunk(bytes_per_row(model, seq_len, logit_pos=seq_len, extra=extra), model, 64)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -225,6 +221,7 @@ def norm_statistics(
     eot: int | None = None,
     progress=True,
     cancel: CancelToken | None = None,
+    run: Run | None = None,
 ) -> NormStatistics:
     """Run `model` over a text set and record every norm's per-token scale and the per-token loss.
 
@@ -237,14 +234,14 @@ def norm_statistics(
     _check_model(model)
     tokens = text_tokens(model, data, seq_len=seq_len, n_rows=n_rows)
     infos = norm_infos(model)
-    chunk = batch_size or rows_per_chunk(model, tokens.shape[1], memory_budget)
+    run = Run.of(run, progress=progress, cancel=cancel, memory_budget=memory_budget, batch_size=batch_size)
     norms = norm_modules(model.cfg.n_layers)
 
-    def run(start: int, stop: int):
+    def one(start: int, stop: int):
         out = frozen_forward(model, tokens[start:stop], infos=infos, read_scales=True)
         return torch.stack([out[f"scale.{n}"].float().cpu() for n in norms]), out["loss"].float().cpu()
 
-    parts = run_chunked(len(tokens), run, chunk=chunk, progress=progress, desc="norm scales", cancel=cancel)
+    parts = run.chunked(len(tokens), rows_per_chunk(model, tokens.shape[1], run), one, desc="norm scales")
     eot_token = eot_id(model, eot)
     return NormStatistics(
         model=model.name,

@@ -24,6 +24,7 @@ from typing import ClassVar
 import nnsight
 import torch
 
+from workbench.core import CancelToken, Run, selectors
 from workbench.errors import InputError
 from workbench.lnfree.calibration import FrozenScales, rows_per_chunk
 from workbench.lnfree.data import text_tokens
@@ -31,7 +32,6 @@ from workbench.lnfree.freezing import frozen_forward, norm_infos
 from workbench.lnfree.norms import FrozenNorm, norm_info
 from workbench.lnfree.sites import parse_sites
 from workbench.results import Provenance, Result
-from workbench.runner import CancelToken, run_chunked
 
 EXTREME_LOSS = 30.0
 """Per-token losses above this many nats are counted as extreme (a uniform guess over 50k tokens is 10.8)."""
@@ -112,6 +112,7 @@ def evaluate_loss(
     memory_budget=None,
     progress=True,
     cancel: CancelToken | None = None,
+    run: Run | None = None,
 ) -> LossStats:
     """Per-token next-token cross-entropy of `model` on a text set, optionally with norm sites frozen.
 
@@ -127,12 +128,12 @@ def evaluate_loss(
     if sites and scales is None:
         raise InputError("Freezing sites needs their frozen scales: pass scales=calibrate(model, data).")
     frozen = {s: scales[s] for s in sites}
-    chunk = batch_size or rows_per_chunk(model, tokens.shape[1], memory_budget)
+    run = Run.of(run, progress=progress, cancel=cancel, memory_budget=memory_budget, batch_size=batch_size)
 
-    def run(start: int, stop: int) -> torch.Tensor:
+    def one(start: int, stop: int) -> torch.Tensor:
         return frozen_forward(model, tokens[start:stop], infos=infos, freeze=frozen)["loss"].float().cpu()
 
-    parts = run_chunked(len(tokens), run, chunk=chunk, progress=progress, desc="loss", cancel=cancel)
+    parts = run.chunked(len(tokens), rows_per_chunk(model, tokens.shape[1], run), one, desc="loss")
     return LossStats(
         model=model.name,
         token_loss=torch.cat(parts),
@@ -207,17 +208,10 @@ def _final_norm(model):
 
 
 def _positions(positions, n_pos: int) -> list[int]:
-    if positions == "last":
-        return [n_pos - 2]
-    if positions == "all":
-        return list(range(n_pos - 1))
-    try:
-        pos = sorted({int(p) % n_pos for p in positions})
-    except TypeError:
-        raise InputError("positions must be 'last', 'all' or a list of position indices.") from None
-    if not pos or pos[-1] >= n_pos - 1:
-        raise InputError(f"positions must lie in 0..{n_pos - 2}: the next token is the target.")
-    return pos
+    """Prediction positions of rows of `n_pos` tokens: position p predicts token p + 1, so only 0..n_pos-2 have a
+    target, and the words of `workbench.core.selectors` apply to those ("last" is n_pos - 2)."""
+    groups = selectors.resolve_positions(positions, n_pos - 1, legacy_all="each")
+    return sorted({p for g in groups for p in g})
 
 
 def dla_exactness(
@@ -231,12 +225,14 @@ def dla_exactness(
     memory_budget=None,
     progress=True,
     cancel: CancelToken | None = None,
+    run: Run | None = None,
 ) -> DLAExactness:
     """DLA against the true direct effect for every head and MLP (see the module docstring).
 
     Args:
         data: token ids [row, pos] or a list of documents.
-        positions: "last" (position -2 predicting the last token, as the paper), "all", or a list.
+        positions: prediction positions (each predicts the next token): "last" (the default, as the paper:
+            position -2 predicting the row's last token), "each", or a list.
     """
     norm_infos(model)
     cfg = model.cfg
@@ -247,14 +243,16 @@ def dla_exactness(
         frozen_scale = math.sqrt(
             info.eps
         )  # the released LN-free convention: a huge eps makes the norm linear
-    chunk = batch_size or max(1, rows_per_chunk(model, tokens.shape[1], memory_budget) // 2)
+    run = Run.of(run, progress=progress, cancel=cancel, memory_budget=memory_budget, batch_size=batch_size)
+    # per-component outputs are kept for every row: half the rows of a plain forward pass
+    chunk = run.batch_size or max(1, rows_per_chunk(model, tokens.shape[1], run) // 2)
     L, H = cfg.n_layers, cfg.n_heads
     sums = {"err_h": torch.zeros(L, H, dtype=torch.float64), "de_h": torch.zeros(L, H, dtype=torch.float64)}
     sums |= {"err_m": torch.zeros(L, dtype=torch.float64), "de_m": torch.zeros(L, dtype=torch.float64)}
     state = {"max": 0.0, "n": 0}
     idx = torch.tensor(pos)
 
-    def run(start: int, stop: int):
+    def one(start: int, stop: int):
         batch = tokens[start:stop]
         targets = batch[:, idx + 1]
         saved = _dla_trace(model, batch, idx, targets)
@@ -279,7 +277,7 @@ def dla_exactness(
                 state["max"] = max(state["max"], float(err.max()))
         state["n"] += r.shape[0]
 
-    run_chunked(len(tokens), run, chunk=chunk, progress=progress, desc="DLA vs direct effect", cancel=cancel)
+    run.chunked(len(tokens), chunk, one, desc="DLA vs direct effect")
     n = max(state["n"], 1)
     return DLAExactness(
         model=model.name,

@@ -33,7 +33,9 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
+from workbench.core import CancelToken, Run
 from workbench.errors import InputError, UnsupportedModelError
+from workbench.lnfree.calibration import calibrate
 from workbench.lnfree.data import eot_id, text_tokens
 from workbench.lnfree.norms import (
     FrozenNorm,
@@ -47,8 +49,8 @@ from workbench.lnfree.norms import (
 )
 from workbench.lnfree.schedule import FinetuneConfig, preset, removal_events
 from workbench.lnfree.sites import paper_order
+from workbench.models import load_model
 from workbench.results import Provenance, Result
-from workbench.runner import CancelToken
 
 _HISTORY_FIELDS = ("step", "loss", "aux_loss", "lr", "grad_norm", "n_frozen")
 
@@ -192,8 +194,6 @@ def module_loss(
 def _initial_scales(model, tokens: torch.Tensor, n_rows: int = 64) -> dict[str, float]:
     """Starting values of the moving averages: mean scales on the first training rows, position 0 excluded
     (as the paper's initial std dicts)."""
-    from workbench.lnfree.calibration import calibrate
-
     sample = tokens[: min(n_rows, len(tokens))]
     scales = calibrate(model, sample, exclude_first=sample.shape[1] > 1, progress=False)
     return scales.as_dict()
@@ -212,6 +212,7 @@ def finetune(
     resume: str | Path | None = None,
     progress: bool | Callable[[int, int], None] = True,
     cancel: CancelToken | None = None,
+    run: Run | None = None,
 ) -> RemovalRun:
     """Fine-tune a copy of `model` while removing its norms (or, with ``remove=False``, the control run).
 
@@ -225,197 +226,216 @@ def finetune(
             ``final.pt`` at the end; `resume` continues from such a file.
         progress: a tqdm bar (True), nothing (False), or a callback ``(done_steps, total_steps)``.
         cancel: a `CancelToken`; the run stops after the current step with `Cancelled`.
+        run: a `workbench.core.Run` carrying `progress` and `cancel` instead.
 
     Returns a `RemovalRun` with the new model (the original is not modified) and its `TrainingHistory`.
     """
-    from workbench.models import load_model
-
     _check(model)
+    run = Run.of(run, progress=progress, cancel=cancel)
     config = preset(config) if isinstance(config, str) else config
     if not isinstance(config, FinetuneConfig):
         raise InputError("config must be a FinetuneConfig or a preset name such as 'demo' or 'gpt2'.")
-    n_layers = model.cfg.n_layers
-    config.validate(n_layers, remove)
+    config.validate(model.cfg.n_layers, remove)
     if remove:
         check_surgery(model.adapter)
     tokens = text_tokens(model, train, seq_len=config.seq_len)
     val_tokens = text_tokens(model, val, seq_len=config.seq_len) if val is not None else None
-    eot = eot_id(model)
-    started = time.time()
+    trainer = _Trainer(model, tokens, val_tokens, config, remove)
+    start_step = trainer.resume(resume) if resume is not None else 0
+    ckpt_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
+    try:
+        if start_step == 0:
+            trainer.evaluate(0)
+        steps = run.steps(
+            config.steps,
+            start=start_step,
+            desc="LN removal" if remove else "control fine-tune",
+            postfix=trainer.postfix,
+        )
+        for step in steps:
+            trainer.step(step)
+            if eval_every and (step + 1) % eval_every == 0 and step + 1 < config.steps:
+                trainer.evaluate(step + 1)
+            if ckpt_dir is not None and checkpoint_every and (step + 1) % checkpoint_every == 0:
+                trainer.save(ckpt_dir / f"step_{step + 1}.pt", step + 1)
+        trainer.evaluate(config.steps)
+        if ckpt_dir is not None:
+            trainer.save(ckpt_dir / "final.pt", config.steps)
+    finally:
+        trainer.close()
+    new_model, history = trainer.finish()
+    return RemovalRun(model=new_model, history=history, checkpoint_dir=ckpt_dir)
 
-    model.dispatch()  # lazily loaded weights are still on the meta device
-    module = plain_copy(model.module)
-    device = next(module.parameters()).device
-    sites: dict[str, FrozenNorm] = {}
-    if remove:
-        initial = _initial_scales(model, tokens)
-        sites = install_frozen_norms(module, model.adapter, momentum=config.momentum)
-        for site, norm in sites.items():
-            if site_path(site) in ("main", "qk"):
-                norm.set_running_scale(initial[site])
-    if config.gradient_checkpointing:
-        module.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    module.config.use_cache = False
 
-    decay = [p for p in module.parameters() if p.dim() >= 2]
-    no_decay = [p for p in module.parameters() if p.dim() < 2]
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=config.lr,
-        fused=device.type == "cuda",
-    )
-    events = removal_events(config, n_layers) if remove else {}
-    history = {name: [] for name in _HISTORY_FIELDS}
-    done_events: list[tuple[int, str]] = []
-    frozen_scales: dict[str, float] = {}
-    val_steps, val_losses = [], []
-    start_step = 0
-    next_rows, skip_rows = _loader(tokens, config.micro_batch * config.grad_accum, config.seed)
-    torch.manual_seed(config.seed)  # dropout
-    if resume is not None:
-        start_step = _resume(
-            resume,
+class _Trainer:
+    """The state of one fine-tuning run: a plain copy of the model with frozen-norm modules, its optimizer, the
+    removal events, and the history so far."""
+
+    def __init__(self, model, tokens, val_tokens, config: FinetuneConfig, remove: bool):
+        self.model, self.tokens, self.val_tokens, self.config, self.remove = (
+            model,
+            tokens,
+            val_tokens,
             config,
-            module,
-            optimizer,
-            history,
-            done_events,
-            frozen_scales,
-            val_steps,
-            val_losses,
             remove,
         )
-        skip_rows(start_step)
+        self.started = time.time()
+        self.eot = eot_id(model)
+        self.n_layers = model.cfg.n_layers
+        model.dispatch()  # lazily loaded weights are still on the meta device
+        module = self.module = plain_copy(model.module)
+        self.device = next(module.parameters()).device
+        self.sites: dict[str, FrozenNorm] = {}
+        if remove:
+            initial = _initial_scales(model, tokens)
+            self.sites = install_frozen_norms(module, model.adapter, momentum=config.momentum)
+            for site, norm in self.sites.items():
+                if site_path(site) in ("main", "qk"):
+                    norm.set_running_scale(initial[site])
+        if config.gradient_checkpointing:
+            module.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        module.config.use_cache = False
+        decay = [p for p in module.parameters() if p.dim() >= 2]
+        no_decay = [p for p in module.parameters() if p.dim() < 2]
+        self.optimizer = torch.optim.AdamW(
+            [
+                {"params": decay, "weight_decay": config.weight_decay},
+                {"params": no_decay, "weight_decay": 0.0},
+            ],
+            lr=config.lr,
+            fused=self.device.type == "cuda",
+        )
+        self.events = removal_events(config, self.n_layers) if remove else {}
+        self.history: dict[str, list] = {name: [] for name in _HISTORY_FIELDS}
+        self.done_events: list[tuple[int, str]] = []
+        self.frozen_scales: dict[str, float] = {}
+        self.val_steps: list[int] = []
+        self.val_losses: list[float] = []
+        self.next_rows, self.skip_rows = _loader(tokens, config.micro_batch * config.grad_accum, config.seed)
+        torch.manual_seed(config.seed)  # dropout
+        self.final_norm = self.sites["final"] if remove else get_module(module, model.adapter.ln_final)
+        self.captured: dict[str, torch.Tensor] = {}
+        self.hook = self.final_norm.register_forward_pre_hook(
+            lambda _m, args: self.captured.__setitem__("x", args[0])
+        )
+        self.autocast = _autocast(config, self.device)
+        module.train()
 
-    final_norm = sites["final"] if remove else get_module(module, model.adapter.ln_final)
-    captured = {}
-    hook = final_norm.register_forward_pre_hook(lambda _m, args: captured.__setitem__("x", args[0]))
-    autocast = _autocast(config, device)
-    ckpt_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
+    def resume(self, path) -> int:
+        step = _resume(
+            path, self.config, self.module, self.optimizer, self.history, self.done_events, self.frozen_scales,
+            self.val_steps, self.val_losses, self.remove,
+        )  # fmt: skip
+        self.skip_rows(step)
+        return step
 
-    def evaluate(step: int) -> None:
-        if val_tokens is not None:
-            val_steps.append(step)
-            val_losses.append(
-                module_loss(module, val_tokens, batch_size=config.micro_batch, autocast=autocast)
+    def evaluate(self, step: int) -> None:
+        if self.val_tokens is not None:
+            self.val_steps.append(step)
+            loss = module_loss(
+                self.module, self.val_tokens, batch_size=self.config.micro_batch, autocast=self.autocast
             )
+            self.val_losses.append(loss)
+            self.module.train()
 
-    def save(path: Path, step: int) -> None:
+    def step(self, step: int) -> None:
+        """One optimizer step: removals due now, then gradient accumulation over the step's micro-batches."""
+        config, module = self.config, self.module
+        for site in self.events.get(step, []):
+            self.frozen_scales[site] = self.sites[site].freeze(site_path(site))
+            self.done_events.append((step, site))
+        lr = config.lr_at(step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        rows = self.next_rows()
+        ce_sum, aux_sum = 0.0, 0.0
+        for micro in rows.split(config.micro_batch):
+            batch = micro.to(self.device)
+            targets = batch[:, 1:].clone()
+            if config.mask_eot_targets and self.eot is not None:
+                # not trained to predict end-of-text, as the paper's collator
+                targets[targets == self.eot] = -100
+            with self.autocast():
+                logits = module(input_ids=batch, attention_mask=torch.ones_like(batch)).logits[:, :-1]
+                ce = F.cross_entropy(
+                    logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100
+                )
+                x = self.captured.pop("x")
+                aux = _aux_loss(x, batch, self.eot, self.final_norm) if self.remove else ce.new_zeros(())
+                loss = (ce + config.aux_weight * aux) / config.grad_accum
+            loss.backward()
+            ce_sum += float(ce.detach())
+            aux_sum += float(config.aux_weight * aux.detach())
+        grad_norm = torch.nn.utils.clip_grad_norm_(module.parameters(), config.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        n = math.ceil(len(rows) / config.micro_batch)
+        values = (step, ce_sum / n, aux_sum / n, lr, float(grad_norm), len(self.done_events))
+        for name, value in zip(_HISTORY_FIELDS, values):
+            self.history[name].append(value)
+
+    def postfix(self) -> dict:
+        """What the progress bar shows beside the step count."""
+        h = self.history
+        if not h["loss"]:
+            return {}
+        frozen = f"{len(self.done_events)}/{3 * self.n_layers + 1}" if self.remove else "-"
+        return {"loss": f"{h['loss'][-1]:.3f}", "aux": f"{h['aux_loss'][-1]:.3g}", "frozen": frozen}
+
+    def save(self, path: Path, step: int) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         torch.save(
             {
                 "format": "workbench.lnfree.finetune/1",
                 "step": step,
-                "remove": remove,
-                "config": config.to_dict(),
-                "module": module.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "history": {k: list(v) for k, v in history.items()},
-                "events": list(done_events),
-                "frozen_scales": dict(frozen_scales),
-                "val": [list(val_steps), list(val_losses)],
+                "remove": self.remove,
+                "config": self.config.to_dict(),
+                "module": self.module.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "history": {k: list(v) for k, v in self.history.items()},
+                "events": list(self.done_events),
+                "frozen_scales": dict(self.frozen_scales),
+                "val": [list(self.val_steps), list(self.val_losses)],
                 "rng": torch.get_rng_state(),
                 "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
             },
             path,
         )
 
-    bar = None
-    if progress is True:
-        from tqdm.auto import tqdm
+    def close(self) -> None:
+        self.hook.remove()
 
-        bar = tqdm(
-            total=config.steps, initial=start_step, desc="LN removal" if remove else "control fine-tune"
-        )
-    try:
-        module.train()
-        if start_step == 0:
-            evaluate(0)
-            module.train()
-        for step in range(start_step, config.steps):
-            if cancel is not None:
-                cancel.raise_if_cancelled()
-            for site in events.get(step, []):
-                frozen_scales[site] = sites[site].freeze(site_path(site))
-                done_events.append((step, site))
-            lr = config.lr_at(step)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            rows = next_rows()
-            ce_sum, aux_sum = 0.0, 0.0
-            for micro in rows.split(config.micro_batch):
-                batch = micro.to(device)
-                targets = batch[:, 1:].clone()
-                if config.mask_eot_targets and eot is not None:
-                    # not trained to predict end-of-text, as the paper's collator
-                    targets[targets == eot] = -100
-                with autocast():
-                    logits = module(input_ids=batch, attention_mask=torch.ones_like(batch)).logits[:, :-1]
-                    ce = F.cross_entropy(
-                        logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100
-                    )
-                    aux = _aux_loss(captured.pop("x"), batch, eot, final_norm) if remove else ce.new_zeros(())
-                    loss = (ce + config.aux_weight * aux) / config.grad_accum
-                loss.backward()
-                ce_sum += float(ce.detach())
-                aux_sum += float(config.aux_weight * aux.detach())
-            grad_norm = torch.nn.utils.clip_grad_norm_(module.parameters(), config.grad_clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            n = math.ceil(len(rows) / config.micro_batch)
-            for name, value in zip(
-                _HISTORY_FIELDS, (step, ce_sum / n, aux_sum / n, lr, float(grad_norm), len(done_events))
-            ):
-                history[name].append(value)
-            if eval_every and (step + 1) % eval_every == 0 and step + 1 < config.steps:
-                evaluate(step + 1)
-                module.train()
-            if ckpt_dir is not None and checkpoint_every and (step + 1) % checkpoint_every == 0:
-                save(ckpt_dir / f"step_{step + 1}.pt", step + 1)
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(
-                    loss=f"{history['loss'][-1]:.3f}",
-                    aux=f"{history['aux_loss'][-1]:.3g}",
-                    frozen=f"{len(done_events)}/{3 * n_layers + 1}" if remove else "-",
-                )
-            elif callable(progress):
-                progress(step + 1, config.steps)
-        evaluate(config.steps)
-        if ckpt_dir is not None:
-            save(ckpt_dir / "final.pt", config.steps)
-    finally:
-        hook.remove()
-        if bar is not None:
-            bar.close()
-    module.eval()
-    if config.gradient_checkpointing:
-        module.gradient_checkpointing_disable()
-    lnfree = remove and all(sites[s].is_frozen(site_path(s)) for s in paper_order(n_layers))
-    if lnfree:
-        consolidate(module, model.adapter)
-    new_model = load_model(module, model.tokenizer)
-    new_model.name = f"{model.name}-{'lnfree' if lnfree else ('ln-partial' if remove else 'control')}"
-    hist = TrainingHistory(
-        model=model.name,
-        removed=remove,
-        lnfree=lnfree,
-        **{name: torch.tensor(history[name], dtype=torch.float64) for name in _HISTORY_FIELDS},
-        events=done_events,
-        frozen_scales=frozen_scales,
-        val_step=torch.tensor(val_steps, dtype=torch.long),
-        val_loss=torch.tensor(val_losses, dtype=torch.float64),
-        config=config.to_dict(),
-        wall_time_s=time.time() - started,
-        provenance=Provenance.capture(
-            model.name,
-            remove=remove,
+    def finish(self):
+        """The fine-tuned model (consolidated when every norm is frozen) and the `TrainingHistory`."""
+        module, model, config, remove = self.module, self.model, self.config, self.remove
+        module.eval()
+        if config.gradient_checkpointing:
+            module.gradient_checkpointing_disable()
+        lnfree = remove and all(self.sites[s].is_frozen(site_path(s)) for s in paper_order(self.n_layers))
+        if lnfree:
+            consolidate(module, model.adapter)
+        new_model = load_model(module, model.tokenizer)
+        new_model.name = f"{model.name}-{'lnfree' if lnfree else ('ln-partial' if remove else 'control')}"
+        history = TrainingHistory(
+            model=model.name,
+            removed=remove,
+            lnfree=lnfree,
+            **{name: torch.tensor(self.history[name], dtype=torch.float64) for name in _HISTORY_FIELDS},
+            events=self.done_events,
+            frozen_scales=self.frozen_scales,
+            val_step=torch.tensor(self.val_steps, dtype=torch.long),
+            val_loss=torch.tensor(self.val_losses, dtype=torch.float64),
             config=config.to_dict(),
-            n_train_rows=len(tokens),
-            seq_len=tokens.shape[1],
-        ),
-    )
-    return RemovalRun(model=new_model, history=hist, checkpoint_dir=ckpt_dir)
+            wall_time_s=time.time() - self.started,
+            provenance=Provenance.capture(
+                model.name,
+                remove=remove,
+                config=config.to_dict(),
+                n_train_rows=len(self.tokens),
+                seq_len=self.tokens.shape[1],
+            ),
+        )
+        return new_model, history
 
 
 def _aux_loss(x: torch.Tensor, tokens: torch.Tensor, eot: int | None, norm: FrozenNorm) -> torch.Tensor:

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from workbench.errors import UnsupportedModelError
 from workbench.lnfree.norms import norm_info, rescale_output, token_scale
 from workbench.lnfree.sites import split_site
+from workbench.models.prefix import enter_at
 from workbench.models.sites import envoy_at
 
 
@@ -115,10 +116,9 @@ def frozen_forward(
     targets = tokens[:, 1:]
     with torch.no_grad(), model.trace(tokens):
         out = {}
-        for layer in range(n_layers):
-            if layer < skip_below:
-                model.submodule("block", layer).skip(skip_cache[layer])
-                continue
+        if skip_below > 0:
+            enter_at(model, skip_below, skip_cache[skip_below - 1])
+        for layer in range(skip_below, n_layers):
             frozen = per_layer.get(layer, {})
             if read_scales or "qk" in frozen or "v" in frozen:
                 kind, eps = infos[f"ln1.{layer}"]

@@ -23,13 +23,14 @@ from typing import ClassVar
 
 import torch
 
+from workbench.core import CancelToken, Run, chunks
 from workbench.errors import InputError
 from workbench.lnfree.calibration import FrozenScales, NormStatistics, rows_per_chunk
 from workbench.lnfree.data import eot_id, eot_mask, text_tokens
 from workbench.lnfree.freezing import frozen_forward, norm_infos
 from workbench.lnfree.sites import norm_module, norm_modules, paper_order, parse_sites, site_label, split_site
+from workbench.models.prefix import reuses_cache
 from workbench.results import Provenance, Result
-from workbench.runner import CancelToken, run_chunked
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,17 +142,19 @@ def preview(
     eot: int | None = None,
     progress=True,
     cancel: CancelToken | None = None,
+    run: Run | None = None,
 ) -> RemovalPreview:
     """Zero-shot LayerNorm-removal preview of `model` on a text set.
 
     Args:
         data: token ids [row, pos] or a list of documents (packed into rows of `seq_len` tokens).
-        sites: the sites to freeze one at a time (default all; see `workbench.lnfree.sites.parse_sites`).
+        sites: the norm sites to freeze one at a time (default all; see `workbench.lnfree.sites.parse_sites`).
         cumulative: also freeze sites one after another along `order` (default: the paper's order of `sites`).
         scales: frozen scales to use; by default calibrated on `data` with `method`, `exclude_first`,
             `exclude_eot` and `momentum` (see `NormStatistics.frozen_scales`).
         skip_unchanged: reuse cached block outputs below each frozen site (default: on for local models).
-        batch_size: rows per trace (default: from `memory_budget`).
+        batch_size: rows per trace (default: from `memory_budget`). run: a `workbench.core.Run` carrying
+            `batch_size`, `memory_budget`, `progress` and `cancel` instead.
     """
     infos = norm_infos(model)
     n_layers = model.cfg.n_layers
@@ -167,92 +170,118 @@ def preview(
         )
     if scales is not None and scales.sites != paper_order(n_layers):
         raise InputError(f"These frozen scales belong to a model with other layers than {model.name}.")
-    skip = model.remote is False if skip_unchanged is None else bool(skip_unchanged)
-    chunk = batch_size or rows_per_chunk(model, tokens.shape[1], memory_budget, cache_blocks=skip)
-    n_chunks = -(-len(tokens) // chunk)
-    bounds = [(i * chunk, min(len(tokens), (i + 1) * chunk)) for i in range(n_chunks)]
-    norms = norm_modules(n_layers)
-
-    # Work units, in order: the statistics pass over every chunk (it calibrates the scales), then per chunk the
-    # single sites and the cumulative steps.
-    units = [("stats", c, None) for c in range(n_chunks)]
-    variants = [("single", s) for s in single_sites] + [("cumulative", k) for k in range(len(steps))]
-    # Freezing only the final norm runs every block unchanged: done first, it caches their outputs for the
-    # chunk's other passes (with a single chunk the statistics pass already has them).
-    if "final" in single_sites or (skip and n_chunks > 1):
-        variants = [("single", "final")] + [v for v in variants if v != ("single", "final")]
-    units += [("variant", c, v) for c in range(n_chunks) for v in variants]
-
-    state: dict = {"scales": scales, "stats": [], "cache": None}
-    single: dict[str, list] = {s: [] for s in single_sites}
-    cumul: list[list] = [[] for _ in steps]
-
-    def frozen_scale_dict(names: list[str]) -> dict[str, float]:
-        return {s: state["scales"][s] for s in names}
-
-    def run(start: int, stop: int):
-        for what, c, v in units[start:stop]:
-            lo, hi = bounds[c]
-            batch = tokens[lo:hi]
-            if what == "stats":
-                # With one chunk, this pass's block outputs serve every skip of the sweep.
-                keep = skip and n_chunks == 1
-                out = frozen_forward(model, batch, infos=infos, read_scales=True, cache_blocks=keep)
-                if keep:
-                    state["cache"] = [out[f"block.{i}"] for i in range(n_layers)]
-                state["stats"].append(
-                    (torch.stack([out[f"scale.{n}"].float().cpu() for n in norms]), out["loss"].float().cpu())
-                )
-                if c == n_chunks - 1:
-                    _finish_statistics(
-                        state, model, tokens, norms, infos, eot, method, exclude_first, exclude_eot, momentum
-                    )
-                continue
-            kind, key = v
-            names = [key] if kind == "single" else steps[: key + 1]
-            if kind == "single" and key == "final" and skip and state["cache"] is None:
-                out = frozen_forward(
-                    model, batch, infos=infos, freeze=frozen_scale_dict(names), cache_blocks=True
-                )
-                state["cache"] = [out[f"block.{i}"] for i in range(n_layers)]
-            else:
-                cache = state["cache"] if skip else None
-                out = frozen_forward(
-                    model, batch, infos=infos, freeze=frozen_scale_dict(names), skip_cache=cache
-                )
-            loss = out["loss"].double()
-            entry = (float(loss.sum()), loss.numel())
-            if kind == "single":
-                if key in single:
-                    single[key].append(entry)
-            else:
-                cumul[key].append(entry)
-            if v == variants[-1]:
-                state["cache"] = None  # the next chunk has other rows
-
-    run_chunked(len(units), run, chunk=1, progress=progress, desc="LN removal preview", cancel=cancel)
-    stats: NormStatistics = state["statistics"]
+    run = Run.of(run, progress=progress, cancel=cancel, memory_budget=memory_budget, batch_size=batch_size)
+    skip = reuses_cache(model) if skip_unchanged is None else bool(skip_unchanged)
+    calibration = dict(method=method, exclude_first=exclude_first, exclude_eot=exclude_eot, momentum=momentum)
+    sweep = _PreviewSweep(model, tokens, infos, single_sites, steps, scales, skip, run, eot, calibration)
+    run.map(sweep.units, sweep.run_unit, desc="LN removal preview")
+    stats = sweep.statistics
     return RemovalPreview(
         model=model.name,
         sites=single_sites,
         base_loss=stats.mean_loss,
-        single_loss=torch.tensor([_mean(single[s]) for s in single_sites], dtype=torch.float64),
+        single_loss=torch.tensor([_mean(sweep.single[s]) for s in single_sites], dtype=torch.float64),
         order=steps,
-        cumulative_loss=torch.tensor([_mean(p) for p in cumul], dtype=torch.float64) if steps else None,
-        scales=state["scales"],
+        cumulative_loss=torch.tensor([_mean(p) for p in sweep.cumul], dtype=torch.float64) if steps else None,
+        scales=sweep.scales,
         statistics=stats,
         provenance=Provenance.capture(
             model.name,
             sites=single_sites,
             order=steps,
-            method=state["scales"].method,
-            exclude_first=state["scales"].exclude_first,
-            exclude_eot=state["scales"].exclude_eot,
+            method=sweep.scales.method,
+            exclude_first=sweep.scales.exclude_first,
+            exclude_eot=sweep.scales.exclude_eot,
             n_rows=len(tokens),
             seq_len=tokens.shape[1],
             skip_unchanged=skip,
         ),
     )
+
+
+class _PreviewSweep:
+    """The passes of one preview, as work units in order: the statistics pass over every chunk (it calibrates
+    the scales), then per chunk the single sites and the cumulative steps. Locally, the blocks below a frozen
+    site are not rerun: their outputs are cached once per chunk."""
+
+    def __init__(self, model, tokens, infos, single_sites, steps, scales, skip, run, eot, calibration):
+        self.model, self.tokens, self.infos = model, tokens, infos
+        self.steps, self.scales, self.skip, self.eot, self.calibration = steps, scales, skip, eot, calibration
+        n_layers = model.cfg.n_layers
+        chunk = rows_per_chunk(model, tokens.shape[1], run, cache_blocks=skip)
+        self.bounds = chunks(len(tokens), chunk)
+        n_chunks = len(self.bounds)
+        self.norms = norm_modules(n_layers)
+        variants = [("single", s) for s in single_sites] + [("cumulative", k) for k in range(len(steps))]
+        # Freezing only the final norm runs every block unchanged: done first, it caches their outputs for the
+        # chunk's other passes (with a single chunk the statistics pass already has them).
+        if "final" in single_sites or (skip and n_chunks > 1):
+            variants = [("single", "final")] + [v for v in variants if v != ("single", "final")]
+        self.variants = variants
+        self.units = [("stats", c, None) for c in range(n_chunks)]
+        self.units += [("variant", c, v) for c in range(n_chunks) for v in variants]
+        self.stats_parts: list = []
+        self.cache = None
+        self.statistics: NormStatistics | None = None
+        self.single: dict[str, list] = {s: [] for s in single_sites}
+        self.cumul: list[list] = [[] for _ in steps]
+
+    def run_unit(self, unit) -> None:
+        what, c, v = unit
+        lo, hi = self.bounds[c]
+        batch = self.tokens[lo:hi]
+        if what == "stats":
+            self._statistics_pass(batch, last=c == len(self.bounds) - 1)
+        else:
+            self._variant_pass(batch, v)
+
+    def _statistics_pass(self, batch, last: bool) -> None:
+        n_layers = self.model.cfg.n_layers
+        # With one chunk, this pass's block outputs serve every skip of the sweep.
+        keep = self.skip and len(self.bounds) == 1
+        out = frozen_forward(self.model, batch, infos=self.infos, read_scales=True, cache_blocks=keep)
+        if keep:
+            self.cache = [out[f"block.{i}"] for i in range(n_layers)]
+        scales = torch.stack([out[f"scale.{n}"].float().cpu() for n in self.norms])
+        self.stats_parts.append((scales, out["loss"].float().cpu()))
+        if last:
+            self._finish_statistics()
+
+    def _variant_pass(self, batch, v) -> None:
+        kind, key = v
+        names = [key] if kind == "single" else self.steps[: key + 1]
+        freeze = {s: self.scales[s] for s in names}
+        if kind == "single" and key == "final" and self.skip and self.cache is None:
+            out = frozen_forward(self.model, batch, infos=self.infos, freeze=freeze, cache_blocks=True)
+            self.cache = [out[f"block.{i}"] for i in range(self.model.cfg.n_layers)]
+        else:
+            cache = self.cache if self.skip else None
+            out = frozen_forward(self.model, batch, infos=self.infos, freeze=freeze, skip_cache=cache)
+        loss = out["loss"].double()
+        entry = (float(loss.sum()), loss.numel())
+        if kind == "single":
+            self.single[key].append(entry)
+        else:
+            self.cumul[key].append(entry)
+        if v == self.variants[-1]:
+            self.cache = None  # the next chunk has other rows
+
+    def _finish_statistics(self) -> None:
+        model, tokens = self.model, self.tokens
+        token = eot_id(model, self.eot)
+        self.statistics = NormStatistics(
+            model=model.name,
+            tokens=tokens,
+            norms=self.norms,
+            scales=torch.cat([p[0] for p in self.stats_parts], dim=1),
+            eot=eot_mask(tokens, token),
+            loss=torch.cat([p[1] for p in self.stats_parts]),
+            kind=self.infos["ln_final"][0],
+            n_layers=model.cfg.n_layers,
+            provenance=Provenance.capture(model.name, n_rows=len(tokens), seq_len=tokens.shape[1], eot=token),
+        )
+        if self.scales is None:
+            self.scales = self.statistics.frozen_scales(**self.calibration)
 
 
 def _ordered(order, n_layers: int) -> list[str]:
@@ -266,23 +295,3 @@ def _ordered(order, n_layers: int) -> list[str]:
     if not steps:
         raise InputError("order is empty: give at least one site.")
     return steps
-
-
-def _finish_statistics(state, model, tokens, norms, infos, eot, method, exclude_first, exclude_eot, momentum):
-    token = eot_id(model, eot)
-    stats = NormStatistics(
-        model=model.name,
-        tokens=tokens,
-        norms=norms,
-        scales=torch.cat([p[0] for p in state["stats"]], dim=1),
-        eot=eot_mask(tokens, token),
-        loss=torch.cat([p[1] for p in state["stats"]]),
-        kind=infos["ln_final"][0],
-        n_layers=model.cfg.n_layers,
-        provenance=Provenance.capture(model.name, n_rows=len(tokens), seq_len=tokens.shape[1], eot=token),
-    )
-    state["statistics"] = stats
-    if state["scales"] is None:
-        state["scales"] = stats.frozen_scales(
-            method, exclude_first=exclude_first, exclude_eot=exclude_eot, momentum=momentum
-        )

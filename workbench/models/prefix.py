@@ -5,8 +5,8 @@ before the first one they touch. A batch of intervened runs can therefore start 
 
 - the residual stream entering layer L: blocks 0..L-1 are *skipped* and fed that residual (`enter_at`);
 - the keys and values of the positions before p: only positions >= p are run, on top of a KV cache
-  (`kv_cache`). This needs a cache object in the model call, which cannot travel to NDIF: `reuses_kv` says
-  where it is used (local models).
+  (`kv_cache`). This needs a cache object in the model call, which cannot travel to NDIF: `reuses_cache`
+  says where cached state is used (local models).
 
 `bytes_per_row` is the one memory estimate engines use to size their chunks.
 """
@@ -16,9 +16,10 @@ from __future__ import annotations
 import torch
 
 
-def reuses_kv(model) -> bool:
-    """Whether a run of `model` may start from cached keys and values: only locally (a cache object does not
-    travel to NDIF, nor through the serialising dry run)."""
+def reuses_cache(model) -> bool:
+    """Whether runs of `model` start from state cached on this machine (keys and values, block outputs): only
+    locally. A cache object does not travel to NDIF (nor through the serialising dry run), and uploading
+    cached activations with every job would cost more than recomputing them there."""
     return model.remote is False
 
 

@@ -24,7 +24,7 @@ import torch
 from workbench.core import CancelToken, ProgressCallback, Run, chunks, concat, selectors
 from workbench.core.measures import kl_divergence
 from workbench.errors import InputError, SiteError
-from workbench.models.prefix import bytes_per_row, enter_at, kv_cache, reuses_kv
+from workbench.models.prefix import bytes_per_row, enter_at, kv_cache, reuses_cache
 from workbench.models.sites import SITES
 
 WRITE_SITES = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out")
@@ -104,8 +104,8 @@ class Base:
 
 
 def use_prefix_cache(model) -> bool:
-    """Whether to reuse the earlier positions' keys and values (`workbench.models.prefix.reuses_kv`)."""
-    return reuses_kv(model)
+    """Whether to reuse the earlier positions' keys and values (`workbench.models.prefix.reuses_cache`)."""
+    return reuses_cache(model)
 
 
 def clean_bases(
