@@ -278,7 +278,11 @@ class WorkbenchModel:
                 raise InputError("Token tensors must be non-empty integer tensors of shape [batch, pos].")
             if self.cfg is not None and (tokens.max() >= self.cfg.d_vocab or tokens.min() < 0):
                 raise InputError(f"Token ids must lie in 0..{self.cfg.d_vocab - 1}.")
-            self._check_context(tokens.shape[1])
+            if self.cfg is not None and tokens.shape[1] > self.cfg.n_ctx:
+                raise InputError(
+                    f"The token tensor is {tokens.shape[1]} tokens long; {self.name} takes at most "
+                    f"{self.cfg.n_ctx}. Shorten it."
+                )
             return tokens.long().cpu()
         if isinstance(texts, str):
             texts = [texts]
@@ -292,14 +296,7 @@ class WorkbenchModel:
                 f"Prompts in one batch must have the same number of tokens ({detail}). "
                 "Group prompts by length or edit them."
             )
-        self._check_context(len(ids[0]))
         return torch.tensor(ids, dtype=torch.long)
-
-    def _check_context(self, n_tokens: int) -> None:
-        if self.cfg is not None and n_tokens > self.cfg.n_ctx:
-            raise InputError(
-                f"The input has {n_tokens} tokens, more than the model's context of {self.cfg.n_ctx}; shorten it."
-            )
 
     def to_str_tokens(self, tokens: str | Sequence[int] | torch.Tensor, prepend_bos: bool | None = None):
         """Each token as a string (for axis labels): list[str] for one sequence, list[list[str]] for a batch."""
