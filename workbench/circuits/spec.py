@@ -1,0 +1,136 @@
+"""`CircuitSpec`: the prompt pairs, direction and metrics of a circuit experiment, checked before any model runs.
+
+Every engine of `workbench.circuits` resolves its arguments into a spec first (the same prompt-pair checks,
+metrics and directions as activation patching), records it as provenance and prints it back in ``code()``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+
+from workbench.errors import InputError, UnsupportedModelError
+from workbench.models.model import WorkbenchModel
+from workbench.patching.inputs import Pairs, prepare_pairs, resolve_direction
+from workbench.patching.metrics import Metric, resolve_metrics
+from workbench.results import Provenance
+
+
+@dataclasses.dataclass(frozen=True)
+class CircuitSpec:
+    """pairs: tokenised prompt pairs; direction: "denoising" (clean values into the corrupt run) or "noising"
+    (corrupt values into the clean run); metrics: every metric computed (built-ins first), `metric` the primary
+    one; positions: the positions a patch applies at (None: all)."""
+
+    model: str
+    pairs: Pairs
+    direction: str
+    metrics: tuple[Metric, ...]
+    metric: str
+    positions: tuple[int, ...] | None = None
+
+    @classmethod
+    def resolve(
+        cls, model, clean, corrupt=None, answers=None, *, direction, metric, positions=None
+    ) -> CircuitSpec:
+        check_model(model)
+        direction = resolve_direction(direction)
+        metrics, primary = resolve_metrics(metric)
+        pairs = prepare_pairs(model, clean, corrupt, answers)
+        return cls(
+            model.name, pairs, direction, metrics, primary, resolve_patch_positions(positions, pairs.n_pos)
+        )
+
+    @property
+    def all_positions(self) -> bool:
+        """Whether a metric reads logits at every position (else only the last position's are computed)."""
+        return any(m.all_positions for m in self.metrics)
+
+    @property
+    def n_pairs(self) -> int:
+        return self.pairs.n_pairs
+
+    def halves(self) -> tuple[slice, slice]:
+        """(base, source) halves of a [clean; corrupt] batch: the run that is patched, and where patches come
+        from."""
+        n = self.n_pairs
+        clean, corrupt = slice(0, n), slice(n, 2 * n)
+        return (corrupt, clean) if self.direction == "denoising" else (clean, corrupt)
+
+    def metric_index(self, name: str | None = None) -> int:
+        names = [m.name for m in self.metrics]
+        return names.index(self.metric if name is None else name)
+
+    def arguments(self) -> dict[str, Any]:
+        """The prompts, answers, direction and metric as plain data (for provenance and code)."""
+        p = self.pairs
+        if p.clean_text is not None:
+            clean, corrupt = list(p.clean_text), list(p.corrupt_text)
+        else:
+            clean, corrupt = p.clean.tolist(), p.corrupt.tolist()
+        return {
+            "clean": clean,
+            "corrupt": corrupt,
+            "answers": [list(a) for a in p.answer_tokens],
+            "direction": self.direction,
+            "metric": self.metric,
+        }
+
+    def provenance(self, method: str, **options: Any) -> Provenance:
+        prov = Provenance.capture(self.model, method=method, **self.arguments(), **options)
+        return dataclasses.replace(prov, versions={k: str(v) for k, v in prov.versions.items()})
+
+    # -- metrics -----------------------------------------------------------------------------------------
+    def evaluate(self, logits: torch.Tensor, pair: torch.Tensor, clean_lp: torch.Tensor) -> torch.Tensor:
+        """[metric, row] from logits [row, (pos,) d_vocab] of runs of pairs `pair` [row]."""
+        answers = self.pairs.answers.to(logits.device)[pair.to(logits.device)]
+        last = logits if logits.dim() == 2 else logits[:, -1]
+        clp = clean_lp[pair.to(clean_lp.device)].to(logits.device)
+        logp = torch.log_softmax(last.float(), -1)
+        return torch.stack(
+            [m(logits if m.all_positions else last, answers, clp, logp) for m in self.metrics]
+        ).float()
+
+    def baselines(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Clean and corrupt metric values [metric, pair] from [clean; corrupt] logits, and the clean run's
+        last-position log-probs [pair, d_vocab]."""
+        n = self.n_pairs
+        clean_lp = torch.log_softmax((logits[:n] if logits.dim() == 2 else logits[:n, -1]).float(), -1)
+        pair = torch.arange(n)
+        return (
+            self.evaluate(logits[:n], pair, clean_lp).cpu(),
+            self.evaluate(logits[n:], pair, clean_lp).cpu(),
+            clean_lp,
+        )
+
+
+def check_model(model) -> None:
+    if not isinstance(model, WorkbenchModel):
+        raise InputError(
+            f"Expected a WorkbenchModel, got {type(model).__name__}; wrap it first: "
+            "model = workbench.models.load_model(model, tokenizer)."
+        )
+    if model.adapter is None:
+        raise UnsupportedModelError(
+            f"Circuit analysis needs a transformer with standard sites; {model.name!r} is a plain module."
+        )
+
+
+def resolve_patch_positions(positions, n_pos: int) -> tuple[int, ...] | None:
+    """None or "all": patches apply at every position; an int or a list of ints: only there."""
+    if positions is None or (isinstance(positions, str) and positions in ("all", "together")):
+        return None
+    items = [positions] if not isinstance(positions, (list, tuple)) else list(positions)
+    out = []
+    for p in items:
+        if isinstance(p, bool) or not isinstance(p, int) or not -n_pos <= p < n_pos:
+            raise InputError(
+                f"Position {p!r} is out of range: the prompts have {n_pos} tokens (positions 0..{n_pos - 1}, or -1 "
+                "for the last); or leave positions=None to patch at every position."
+            )
+        out.append(p % n_pos)
+    if not out or len(set(out)) != len(out):
+        raise InputError(f"positions={positions!r}: give distinct positions, or None for all.")
+    return tuple(sorted(out))
