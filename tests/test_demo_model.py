@@ -37,6 +37,14 @@ def test_committed_files():
     assert all(t.dtype == torch.float32 for t in load_file(DEMO_DIR / "model.safetensors").values())
 
 
+def test_files_match_the_recorded_digests():
+    from workbench.models.loading import DEMO_DIGESTS, check_digests
+
+    check_digests(DEMO_DIR, DEMO_DIGESTS)  # load_model("demo") checks the same
+    recorded = json.loads(DEMO_DIGESTS.read_text())["sha256"]
+    assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"} == set(recorded)
+
+
 def test_loads_as_gpt2_with_its_tokenizer():
     model = GPT2LMHeadModel.from_pretrained(DEMO_DIR, attn_implementation="eager")
     tok = AutoTokenizer.from_pretrained(DEMO_DIR)

@@ -411,6 +411,29 @@ def test_hub_unreachable_says_how_to_fix():
         load_model("gpt2")
 
 
+def test_hub_reachable_answers_at_once_offline(monkeypatch):
+    from workbench.models import hub_reachable
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert hub_reachable() is False
+
+
+def test_sharded_weights_are_checked_and_load(tmp_path):
+    model = random_model("gpt2", seed=3)
+    model.module.save_pretrained(tmp_path, max_shard_size="20KB")
+    model.tokenizer.save_pretrained(tmp_path)
+    assert (
+        len(list(tmp_path.glob("*.safetensors"))) > 1 and (tmp_path / "model.safetensors.index.json").exists()
+    )
+    loaded = load_model(str(tmp_path), device="cpu", dispatch=True)
+    tokens = loaded.to_tokens(PROMPT)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.module(tokens).logits, model.module(tokens).logits)
+    (tmp_path / sorted(tmp_path.glob("*.safetensors"))[-1].name).unlink()
+    with pytest.raises(ModelLoadError, match="weight file .* is missing"):
+        load_model(str(tmp_path))
+
+
 def test_missing_directory():
     with pytest.raises(ModelLoadError, match="No model directory"):
         load_model("./no/such/model")

@@ -8,6 +8,8 @@ local run. nnsight is pointed at it through its host setting (``nnsight.CONFIG.A
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import socket
 import time
 import warnings
@@ -22,6 +24,9 @@ from workbench.models import load_model
 from workbench.models.toy import random_model
 from workbench.remote import RemoteRunner
 from workbench.remote import runner as runner_module
+from workbench.remote.cache import CacheWriteWarning, ResultCache
+from workbench.remote.config import DEFAULT_TIMEOUT, check_host
+from workbench.results import Result
 from workbench.widgets.base import Panel
 from workbench.widgets.remote import ModelPicker, RemoteStatus, tracked
 
@@ -771,3 +776,66 @@ def test_fine_tuning_says_it_is_local_only(where, remote_model, dry_model):
     model = remote_model if where == "ndif" else dry_model
     with pytest.raises(UnsupportedModelError, match="local model only"):
         finetune(model, DOCS, "smoke", progress=False)
+
+
+# -- results that must not be lost, and what a rerun resends ---------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class ResidResult(Result):
+    """A result (so the cache writes it to disk) holding `resid`'s tensor."""
+
+    value: torch.Tensor
+
+
+def resid_result(model, tokens, layer: int):
+    return ResidResult(resid(model, tokens, layer))
+
+
+def test_an_unwritable_cache_folder_keeps_the_completed_result(ndif, remote_model, tokens, tmp_path):
+    (tmp_path / "file").write_text("")
+    runner = RemoteRunner(cache=ResultCache(directory=tmp_path / "file" / "cache"))
+    before = ndif.stats()["requests"]
+    with pytest.warns(CacheWriteWarning, match="kept in memory"):
+        first = runner.run(resid_result, remote_model, tokens, 1)
+    again = runner.run(resid_result, remote_model, tokens, 1)
+    assert torch.equal(first.value, again.value) and ndif.stats()["requests"] == before + 1
+
+
+def test_a_half_written_cache_file_is_sent_again_and_replaced(ndif, remote_model, tokens, tmp_path):
+    RemoteRunner(cache=ResultCache(directory=tmp_path)).run(resid_result, remote_model, tokens, 1)
+    (entry,) = tmp_path.iterdir()
+    entry.write_bytes(entry.read_bytes()[:100])
+    before = ndif.stats()["requests"]
+    fresh = RemoteRunner(cache=ResultCache(directory=tmp_path))  # a new kernel
+    result = fresh.run(resid_result, remote_model, tokens, 1)
+    assert ndif.stats()["requests"] == before + 1 and result.value.shape[1] == tokens.shape[1]
+    RemoteRunner(cache=ResultCache(directory=tmp_path)).run(resid_result, remote_model, tokens, 1)
+    assert ndif.stats()["requests"] == before + 1  # the replaced file is read back
+
+
+def test_after_a_dropped_connection_the_rerun_sends_every_job_as_the_message_says(ndif, remote_model, tokens):
+    ndif.scenario(disconnect_after="RUNNING")
+    runner = RemoteRunner()
+    with pytest.raises(RemoteError, match="sends all of its jobs again"):
+        runner.run(ablate_and_compare, remote_model, tokens, 0)
+    ndif.scenario()
+    before = ndif.stats()["requests"]
+    runner.run(ablate_and_compare, remote_model, tokens, 0)
+    assert ndif.stats()["requests"] == before + 2  # nothing of the failed call was kept
+
+
+def test_jobs_have_a_default_timeout():
+    assert DEFAULT_TIMEOUT == 1800 and RemoteRunner().timeout == DEFAULT_TIMEOUT
+    assert inspect.signature(remote.submit).parameters["timeout"].default == DEFAULT_TIMEOUT
+
+
+def test_a_plain_http_host_is_refused_unless_the_user_opts_in(ndif, remote_model, tokens, monkeypatch):
+    from nnsight import CONFIG
+
+    assert ndif.url.startswith("http://127.0.0.1")  # loopback: allowed (this mock)
+    for ok in ("https://api.ndif.us", "http://localhost:5001", "http://[::1]:80"):
+        assert check_host(ok) == ok
+    monkeypatch.setattr(CONFIG.API, "HOST", "http://ndif.example.com")
+    with pytest.raises(RemoteError, match="WORKBENCH_ALLOW_INSECURE_NDIF=1"):
+        resid(remote_model, tokens, 0)
+    monkeypatch.setenv("WORKBENCH_ALLOW_INSECURE_NDIF", "1")
+    assert check_host("http://ndif.example.com") == "http://ndif.example.com"
