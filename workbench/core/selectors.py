@@ -132,3 +132,14 @@ def resolve_positions(positions: Any, n_pos: int, *, legacy_all: str | None = No
     if len(set(groups)) != len(groups):
         raise InputError(f"positions={positions!r} lists a position (group) twice.")
     return tuple(groups)
+
+
+def renamed(old: str, old_value: Any, new: str, new_value: Any, *, unset: Any = None) -> Any:
+    """The value of an argument that was renamed from `old` to `new`: the old spelling still works, with a
+    DeprecationWarning naming the new one (giving both is an error)."""
+    if old_value is unset:
+        return new_value
+    if new_value is not unset:
+        raise InputError(f"Give {new}= only; {old}= is its old name.")
+    warn(f"{old}= is now spelled {new}= (one vocabulary in every engine).", DeprecationWarning)
+    return old_value

@@ -15,6 +15,7 @@ import torch
 from workbench.errors import InputError, SiteError, UnsupportedModelError
 from workbench.models.adapters import Adapter, ModelConfig
 from workbench.models.sites import SITES, SiteHandle, SiteSpec, envoy_at, output_weights
+from workbench.models.tokens import encode
 
 
 class WorkbenchModel:
@@ -257,10 +258,8 @@ class WorkbenchModel:
             raise InputError(f"Expected a string, got {type(text).__name__}.")
         if not text.strip():
             raise InputError("The prompt is empty; type some text.")
-        ids = self.tokenizer(text, add_special_tokens=False).input_ids
         prepend = self.default_prepend_bos if prepend_bos is None else prepend_bos
-        if prepend and self.tokenizer.bos_token_id is not None:
-            ids = [self.tokenizer.bos_token_id, *ids]
+        ids = encode(self.tokenizer, text, prepend)
         if self.cfg is not None and len(ids) > self.cfg.n_ctx:
             raise InputError(
                 f"The prompt is {len(ids)} tokens long; {self.name} takes at most {self.cfg.n_ctx}."

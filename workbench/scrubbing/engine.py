@@ -6,11 +6,14 @@ import dataclasses
 from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
+import nnsight
 import torch
 
+from workbench.core import CancelToken, Run
+from workbench.core.selectors import renamed
 from workbench.errors import InputError, SiteError, UnsupportedModelError
+from workbench.models.model import WorkbenchModel
 from workbench.results import Provenance, Result
-from workbench.runner import CancelToken, run_chunked
 
 # ---------------------------------------------------------------------------------------------------------------
 # donor samplers
@@ -120,11 +123,12 @@ def _nearest(values: torch.Tensor, noise: float, generator: torch.Generator) -> 
 # hypotheses
 
 
-@dataclasses.dataclass(frozen=True, eq=False)
+@dataclasses.dataclass(frozen=True, eq=False, init=False)
 class Resample:
     """Replace part of one activation with the donors' clean values.
 
-    site: module path whose output is the activation, a tensor [batch, *middle, d].
+    module: path of the module whose output is the activation, a tensor [batch, *middle, d] (e.g. "relu3";
+        the old keyword ``site=`` still works, with a DeprecationWarning: sites name standard transformer sites).
     donors: a `DonorSampler`.
     units: indices along the last axis to replace (None: all of them).
     basis: [d, d] invertible matrix whose rows are the coordinate directions; `units` then index coordinates in
@@ -132,17 +136,25 @@ class Resample:
     at: int or slice indices into the middle axes (e.g. ``(2,)`` for position 2 of [batch, pos, d]).
     """
 
-    site: str
+    module: str
     donors: DonorSampler
     units: Sequence[int] | torch.Tensor | None = None
     basis: torch.Tensor | None = None
     at: tuple[int | slice, ...] = ()
 
+    def __init__(self, module=None, donors=None, units=None, basis=None, at=(), *, site=None):
+        module = renamed("site", site, "module", module)
+        if not isinstance(module, str):
+            raise InputError(f"Resample needs the path of a module (a string), got {module!r}.")
+        for name, value in (("module", module), ("donors", donors), ("units", units), ("basis", basis)):
+            object.__setattr__(self, name, value)
+        object.__setattr__(self, "at", tuple(at) if isinstance(at, (tuple, list)) else at)
+
     def describe(self) -> str:
         what = "all units" if self.units is None else f"{len(torch.as_tensor(self.units).reshape(-1))} units"
         where = f" at {self.at}" if self.at else ""
         basis = " (in the given basis)" if self.basis is not None else ""
-        return f"{self.site}{where}: {what}{basis} from {self.donors.describe()}"
+        return f"{self.module}{where}: {what}{basis} from {self.donors.describe()}"
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -234,16 +246,18 @@ class ScrubResult(Result):
 # the engine
 
 
-def _wrap(model) -> tuple[Any, torch.nn.Module, str]:
-    """(nnsight model, torch module, name) from a WorkbenchModel, an nnsight model or a plain torch module."""
-    if hasattr(model, "nnsight") and hasattr(model, "module"):  # a WorkbenchModel
-        return model.nnsight, model.module, getattr(model, "name", type(model.module).__name__)
-    if hasattr(model, "_module") and hasattr(model, "trace"):  # an nnsight model
-        return model, model._module, type(model._module).__name__
-    if isinstance(model, torch.nn.Module):
-        import nnsight
+def _wrap(model) -> tuple[Callable, torch.nn.Module, Any, str]:
+    """(trace, torch module, nnsight root, name) of a WorkbenchModel, an nnsight model or a plain torch module.
 
-        return nnsight.NNsight(model), model, type(model).__name__
+    A WorkbenchModel is traced through `WorkbenchModel.trace`, so its remote setting and trace lock apply.
+    """
+    if isinstance(model, WorkbenchModel):
+        return model.trace, model.module, model.nnsight, model.name
+    if hasattr(model, "_module") and hasattr(model, "trace"):  # an nnsight model
+        return model.trace, model._module, model, type(model._module).__name__
+    if isinstance(model, torch.nn.Module):
+        net = nnsight.NNsight(model)
+        return net.trace, model, net, type(model).__name__
     raise InputError(
         f"scrub() needs a torch module, an nnsight model or a WorkbenchModel, got {type(model).__name__}"
     )
@@ -267,33 +281,35 @@ def _check_rule(rule: Resample, shape: torch.Size) -> tuple[torch.Tensor | None,
     """Validate a rule against its site's activation shape [N, *middle, d]; return (units, inverse basis)."""
     if not isinstance(rule.donors, DonorSampler):
         raise InputError(
-            f"{rule.site}: donors must be a DonorSampler (random_donors(), same_value(...), ...)"
+            f"{rule.module}: donors must be a DonorSampler (random_donors(), same_value(...), ...)"
         )
     middle, d = shape[1:-1], shape[-1]
     if len(rule.at) > len(middle) or not all(isinstance(a, (int, slice)) for a in rule.at):
         raise InputError(
-            f"{rule.site}: at={rule.at} must be ints or slices into the {len(middle)} middle axes of an "
+            f"{rule.module}: at={rule.at} must be ints or slices into the {len(middle)} middle axes of an "
             f"activation of shape {tuple(shape)}"
         )
     for a, size in zip(rule.at, middle):
         if isinstance(a, int) and not -size <= a < size:
-            raise SiteError(f"{rule.site}: index {a} in at={rule.at} is out of range for size {size}")
+            raise SiteError(f"{rule.module}: index {a} in at={rule.at} is out of range for size {size}")
     units = None
     if rule.units is not None:
         units = torch.as_tensor(rule.units).reshape(-1).long()
         if len(units) and (units.min() < -d or units.max() >= d):
             raise SiteError(
-                f"{rule.site}: units must lie in [0, {d}), got {units.min().item()}..{units.max().item()}"
+                f"{rule.module}: units must lie in [0, {d}), got {units.min().item()}..{units.max().item()}"
             )
     inverse = None
     if rule.basis is not None:
         basis = torch.as_tensor(rule.basis, dtype=torch.float64)
         if basis.shape != (d, d):
             raise InputError(
-                f"{rule.site}: basis must be [{d}, {d}] (rows = directions), got {tuple(basis.shape)}"
+                f"{rule.module}: basis must be [{d}, {d}] (rows = directions), got {tuple(basis.shape)}"
             )
         if torch.linalg.matrix_rank(basis) < d:
-            raise InputError(f"{rule.site}: the basis is singular; its {d} rows must be linearly independent")
+            raise InputError(
+                f"{rule.module}: the basis is singular; its {d} rows must be linearly independent"
+            )
         inverse = torch.linalg.inv(basis)
     return units, inverse
 
@@ -326,14 +342,16 @@ def scrub(
     *,
     output: str = "",
     metric: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
-    chunk: int = 1024,
+    batch_size: int | None = None,
     seed: int = 0,
     progress: bool | Callable[[int, int], None] = True,
     cancel: CancelToken | None = None,
+    run: Run | None = None,
     trace_kwargs: dict | None = None,
     prepare: Callable[[torch.Tensor], Any] | None = None,
+    chunk: int | None = None,
 ) -> ScrubResult:
-    """Test each hypothesis by resampling its sites and report the fraction of behaviour kept.
+    """Test each hypothesis by resampling its modules' outputs and report the fraction of behaviour kept.
 
     Args:
         model: a torch module, an nnsight model, or a `WorkbenchModel`.
@@ -341,92 +359,70 @@ def scrub(
         hypotheses: one `Hypothesis` or several (names must differ).
         output: module path whose output is the behaviour ("" = the model's own output).
         metric: ``metric(clean_output, patched_output) -> [batch]`` per-input score; default `labels_kept()`.
-        chunk: inputs per trace. seed: seeds the donor draws (each hypothesis gets its own stream).
-        progress: a tqdm bar (True), a ``callback(done, total)``, or False. cancel: a `CancelToken`.
+        batch_size: inputs per trace (default 1024; ``chunk=`` is its old name). seed: seeds the donor draws
+            (each hypothesis gets its own stream).
+        progress: a tqdm bar (True), a ``callback(done, total)``, or False. cancel: a `CancelToken`. run: a
+            `workbench.core.Run` carrying these settings instead.
         trace_kwargs: extra keyword arguments for ``model.trace`` (e.g. ``use_cache=False``).
         prepare: applied to each chunk of inputs before it is traced (e.g. uint8 pixels -> floats), so that the
             full input set can stay in its compact form.
     """
-    if isinstance(hypotheses, Hypothesis):
-        hypotheses = [hypotheses]
-    hypotheses = list(hypotheses)
-    if not hypotheses or not all(isinstance(h, Hypothesis) for h in hypotheses):
-        raise InputError("give at least one Hypothesis")
-    names = [h.name for h in hypotheses]
-    if len(set(names)) != len(names):
-        raise InputError(f"hypothesis names must be unique, got {names}")
+    hypotheses = _check_hypotheses(hypotheses)
     if not isinstance(inputs, torch.Tensor) or inputs.ndim == 0 or len(inputs) == 0:
         raise InputError("inputs must be a non-empty batch-first tensor [N, ...]")
-    if chunk < 1:
-        raise InputError(f"chunk must be at least 1, got {chunk}")
+    batch_size = renamed("chunk", chunk, "batch_size", batch_size)
+    run = Run.of(run, progress=progress, cancel=cancel, batch_size=batch_size)
+    batch = run.batch_size or DEFAULT_BATCH
     metric = metric or labels_kept()
     trace_kwargs = trace_kwargs or {}
-    prepare = prepare or (lambda batch: batch)
-    net, module, model_name = _wrap(model)
+    prepare = prepare or (lambda x: x)
+    trace, module, net, model_name = _wrap(model)
     n = len(inputs)
-    rule_sites = [r.site for h in hypotheses for r in h.resamples]
-    sites = _forward_order(module, rule_sites + [output])
-    cache_sites = [s for s in sites if s in rule_sites]
+    rule_modules = [r.module for h in hypotheses for r in h.resamples]
+    modules = _forward_order(module, rule_modules + [output])
 
-    # 1. clean run: cache every site a rule reads from, and the behaviour
+    # 1. clean run: cache every module a rule reads from, and the behaviour
     def clean_chunk(start: int, stop: int):
         saved = {}
-        with torch.no_grad(), net.trace(prepare(inputs[start:stop]), **trace_kwargs):
-            for site in sites:
-                value = net.get(site).output if site else net.output
-                saved[site] = value.save()
+        with torch.no_grad(), trace(prepare(inputs[start:stop]), **trace_kwargs):
+            for name in modules:
+                value = net.get(name).output if name else net.output
+                saved[name] = value.save()
         return saved
 
-    chunks = run_chunked(n, clean_chunk, chunk=chunk, progress=progress, desc="clean run", cancel=cancel)
-    cache: dict[str, torch.Tensor] = {}
-    for site in sites:
-        parts = [c[site] for c in chunks]
-        if not all(isinstance(p, torch.Tensor) for p in parts):
-            raise UnsupportedModelError(
-                f"the output of {site or 'the model'} is a {type(parts[0]).__name__}, not a tensor; choose a "
-                "module whose output is one tensor (wrap the activation in an identity module if needed)"
-            )
-        cache[site] = torch.cat([p.detach() for p in parts])
+    cache = _concat_outputs(run.chunked(n, batch, clean_chunk, desc="clean run"), modules)
     clean_out = cache[output]
     clean_scores = metric(clean_out, clean_out)
     if clean_scores.shape != (n,):
         raise InputError(
             f"metric must return one score per input, shape [{n}], got {tuple(clean_scores.shape)}"
         )
-    checked = {id(r): _check_rule(r, cache[r.site].shape) for h in hypotheses for r in h.resamples}
+    checked = {id(r): _check_rule(r, cache[r.module].shape) for h in hypotheses for r in h.resamples}
 
     # 2-4. per hypothesis: draw donors, rerun with the rules applied, score against the clean behaviour
     all_scores, all_donors = [], []
     for h_index, hypothesis in enumerate(hypotheses):
-        generator = torch.Generator().manual_seed(seed * 1_000_003 + h_index)
-        donors = []
-        for rule in hypothesis.resamples:
-            d = rule.donors.draw(n, generator)
-            if d.shape != (n,) or (len(d) and (d.min() < 0 or d.max() >= n)):
-                raise InputError(f"{rule.site}: donors must be {n} indices in [0, {n}), one per input")
-            donors.append(d)
-        by_site = {
-            s: [(r, d) for r, d in zip(hypothesis.resamples, donors) if r.site == s] for s in cache_sites
+        donors = _draw_donors(hypothesis, n, torch.Generator().manual_seed(seed * 1_000_003 + h_index))
+        by_module = {
+            m: [(r, d) for r, d in zip(hypothesis.resamples, donors) if r.module == m]
+            for m in set(rule_modules)
         }
 
-        def patched_chunk(start: int, stop: int, by_site=by_site):
-            with torch.no_grad(), net.trace(prepare(inputs[start:stop]), **trace_kwargs):
-                for site in sites:
-                    envoy = net.get(site) if site else net
-                    rules = by_site.get(site)
+        def patched_chunk(start: int, stop: int, by_module=by_module):
+            with torch.no_grad(), trace(prepare(inputs[start:stop]), **trace_kwargs):
+                for name in modules:
+                    envoy = net.get(name) if name else net
+                    rules = by_module.get(name)
                     if rules:
                         new = envoy.output
                         for rule, d in rules:
-                            new = _patch(new, cache[site][d[start:stop]], rule, *checked[id(rule)])
+                            new = _patch(new, cache[name][d[start:stop]], rule, *checked[id(rule)])
                         envoy.output = new
-                    if site == output:
+                    if name == output:
                         behaviour = envoy.output.save()
             return metric(clean_out[start:stop], behaviour)
 
-        parts = run_chunked(
-            n, patched_chunk, chunk=chunk, progress=progress, desc=hypothesis.name, cancel=cancel
-        )
-        all_scores.append(torch.cat(parts).float())
+        all_scores.append(torch.cat(run.chunked(n, batch, patched_chunk, desc=hypothesis.name)).float())
         all_donors.append(tuple(donors))
 
     scores = torch.stack(all_scores)
@@ -435,12 +431,12 @@ def scrub(
         n_inputs=n,
         output=output or "(model output)",
         seed=seed,
-        chunk=chunk,
+        batch_size=batch,
         metric=repr(metric),
         hypotheses={h.name: h.describe() for h in hypotheses},
     )
     return ScrubResult(
-        names=tuple(names),
+        names=tuple(h.name for h in hypotheses),
         descriptions=tuple(h.describe() for h in hypotheses),
         kept=scores.mean(1),
         scores=scores,
@@ -448,3 +444,43 @@ def scrub(
         donors=tuple(all_donors),
         provenance=provenance,
     )
+
+
+DEFAULT_BATCH = 1024
+"""Inputs per trace when no batch size is given."""
+
+
+def _check_hypotheses(hypotheses) -> list[Hypothesis]:
+    if isinstance(hypotheses, Hypothesis):
+        hypotheses = [hypotheses]
+    hypotheses = list(hypotheses)
+    if not hypotheses or not all(isinstance(h, Hypothesis) for h in hypotheses):
+        raise InputError("give at least one Hypothesis")
+    names = [h.name for h in hypotheses]
+    if len(set(names)) != len(names):
+        raise InputError(f"hypothesis names must be unique, got {names}")
+    return hypotheses
+
+
+def _concat_outputs(parts: list[dict], modules: list[str]) -> dict[str, torch.Tensor]:
+    """Chunk outputs per module, concatenated; each must be one tensor."""
+    cache: dict[str, torch.Tensor] = {}
+    for name in modules:
+        values = [c[name] for c in parts]
+        if not all(isinstance(p, torch.Tensor) for p in values):
+            raise UnsupportedModelError(
+                f"the output of {name or 'the model'} is a {type(values[0]).__name__}, not a tensor; choose a "
+                "module whose output is one tensor (wrap the activation in an identity module if needed)"
+            )
+        cache[name] = torch.cat([p.detach() for p in values])
+    return cache
+
+
+def _draw_donors(hypothesis: Hypothesis, n: int, generator: torch.Generator) -> list[torch.Tensor]:
+    donors = []
+    for rule in hypothesis.resamples:
+        d = rule.donors.draw(n, generator)
+        if d.shape != (n,) or (len(d) and (d.min() < 0 or d.max() >= n)):
+            raise InputError(f"{rule.module}: donors must be {n} indices in [0, {n}), one per input")
+        donors.append(d)
+    return donors

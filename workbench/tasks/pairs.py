@@ -15,6 +15,7 @@ from typing import Any, NamedTuple
 import torch
 
 from workbench.errors import InputError
+from workbench.models import tokens
 
 
 def as_tokenizer(model_or_tokenizer: Any) -> Any:
@@ -31,13 +32,8 @@ def as_tokenizer(model_or_tokenizer: Any) -> Any:
 
 
 def encode(model_or_tokenizer: Any, text: str, prepend_bos: bool = True) -> list[int]:
-    """Token ids of one text, with BOS prepended as `WorkbenchModel.to_tokens` does."""
-    tok = as_tokenizer(model_or_tokenizer)
-    ids = list(tok(text, add_special_tokens=True).input_ids)
-    bos = tok.bos_token_id
-    if prepend_bos and bos is not None and (not ids or ids[0] != bos):
-        ids = [bos, *ids]
-    return ids
+    """Token ids of one text, with BOS first, exactly as `WorkbenchModel.to_tokens` gives them."""
+    return tokens.encode(as_tokenizer(model_or_tokenizer), text, prepend_bos)
 
 
 def single_token_id(model_or_tokenizer: Any, answer: str) -> int:
