@@ -27,8 +27,9 @@ import torch
 from torch import nn
 
 from workbench.casper.data import locate
+from workbench.core import CancelToken, Run
+from workbench.core.selectors import renamed
 from workbench.errors import InputError, ModelLoadError
-from workbench.runner import run_chunked
 from workbench.scrubbing import Hypothesis, Resample, nearest_value, random_donors
 
 CLUE_INDEX = 6
@@ -179,8 +180,21 @@ class CnnActivations:
         return self.logits[:, 1] - self.logits[:, 0]
 
 
-def record(model, images: torch.Tensor, *, chunk: int = 5000, progress=True) -> CnnActivations:
-    """Run the nnsight-wrapped CNN over `images` in chunks, saving the neurons and logits."""
+def record(
+    model,
+    images: torch.Tensor,
+    *,
+    batch_size: int | None = None,
+    progress=True,
+    cancel: CancelToken | None = None,
+    run: Run | None = None,
+    chunk: int | None = None,
+) -> CnnActivations:
+    """Run the nnsight-wrapped CNN over `images` in batches (default 5000; ``chunk=`` is the old name), saving
+    the neurons and logits."""
+    run = Run.of(
+        run, progress=progress, cancel=cancel, batch_size=renamed("chunk", chunk, "batch_size", batch_size)
+    )
 
     def step(start: int, stop: int):
         with torch.no_grad(), model.trace(model_input(images[start:stop])):
@@ -188,7 +202,7 @@ def record(model, images: torch.Tensor, *, chunk: int = 5000, progress=True) -> 
             logits = model.fc2.output.save()
         return neurons, logits
 
-    parts = run_chunked(len(images), step, chunk=chunk, progress=progress, desc="recording neurons")
+    parts = run.chunked(len(images), run.batch_size or DEFAULT_BATCH, step, desc="recording neurons")
     return CnnActivations(torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]))
 
 
@@ -198,13 +212,19 @@ def ablate(
     neurons: torch.Tensor,
     values: float | torch.Tensor,
     *,
-    chunk: int = 5000,
+    batch_size: int | None = None,
     progress=True,
+    cancel: CancelToken | None = None,
+    run: Run | None = None,
+    chunk: int | None = None,
 ) -> torch.Tensor:
     """Logits [N, 2] with the given neurons set to `values` (a number, or one value per neuron) inside the trace.
 
     Zero ablation: ``values=0``. Minimum ablation: ``values=acts.neurons.min(0).values[neurons]``.
     """
+    run = Run.of(
+        run, progress=progress, cancel=cancel, batch_size=renamed("chunk", chunk, "batch_size", batch_size)
+    )
     neurons = torch.as_tensor(neurons).long().reshape(-1)
     if len(neurons) and (neurons.min() < 0 or neurons.max() >= 200):
         raise InputError("neuron indices must lie in [0, 200)")
@@ -218,7 +238,11 @@ def ablate(
             logits = model.fc2.output.save()
         return logits
 
-    return torch.cat(run_chunked(len(images), step, chunk=chunk, progress=progress, desc="ablating"))
+    return torch.cat(run.chunked(len(images), run.batch_size or DEFAULT_BATCH, step, desc="ablating"))
+
+
+DEFAULT_BATCH = 5000
+"""Images per trace when no batch size is given."""
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -27,9 +27,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from workbench.casper import data
+from workbench.core import CancelToken, Run
 from workbench.errors import InputError, ModelLoadError
 from workbench.results import Provenance, Result
-from workbench.runner import CancelToken
 
 P = 113
 """Operands A and B range over 0..P-1."""
@@ -513,6 +513,7 @@ def train_replica(
     *,
     progress: bool = True,
     cancel: CancelToken | None = None,
+    run: Run | None = None,
     on_eval: Callable[[int, PairTransformer], None] | None = None,
 ) -> tuple[PairTransformer, ReplicaReport]:
     """Train a `PairTransformer` on the ground-truth labels of the train half. Returns the model (eval mode)
@@ -523,11 +524,7 @@ def train_replica(
     truth = labels.labels.flatten()
     train_tokens, train_targets = tokens[is_train], truth[is_train]
     history: dict[str, list[float]] = {k: [] for k in ("epoch", "loss", "train", "test", "agree")}
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=recipe.epochs, desc="training the replica", leave=False)
+    run = Run.of(run, progress=progress, cancel=cancel)
     start = time.perf_counter()
     with _Threads(recipe.threads, deterministic=True):
         torch.manual_seed(recipe.init_seed)
@@ -537,35 +534,30 @@ def train_replica(
         )
         warmup = max(recipe.warmup_steps, 1)
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(step / warmup, 1.0))
-        try:
-            for epoch in range(recipe.epochs + 1):
-                if epoch % recipe.eval_every == 0 or epoch == recipe.epochs:
-                    with torch.no_grad():
-                        logits = model.final_logits(tokens)
-                        predicted = _labels_of(logits)
-                        loss = F.cross_entropy(logits[is_train].double(), train_targets)
-                    history["epoch"].append(epoch)
-                    history["loss"].append(loss.item())
-                    history["train"].append(agreement(predicted, truth, is_train))
-                    history["test"].append(agreement(predicted, truth, ~is_train))
-                    history["agree"].append(agreement(predicted, labels.model_labels))
-                    if on_eval is not None:
-                        on_eval(epoch, model)
-                if epoch == recipe.epochs:
-                    break
-                if cancel is not None:
-                    cancel.raise_if_cancelled()
-                # Float64 loss over the whole vocabulary, as the original training code.
-                loss = F.cross_entropy(model.final_logits(train_tokens).double(), train_targets)
-                loss.backward()
-                optimizer.step()
-                schedule.step()
-                optimizer.zero_grad(set_to_none=True)
-                if bar is not None:
-                    bar.update(1)
-        finally:
-            if bar is not None:
-                bar.close()
+
+        def evaluate(epoch: int) -> None:
+            with torch.no_grad():
+                logits = model.final_logits(tokens)
+                predicted = _labels_of(logits)
+                loss = F.cross_entropy(logits[is_train].double(), train_targets)
+            history["epoch"].append(epoch)
+            history["loss"].append(loss.item())
+            history["train"].append(agreement(predicted, truth, is_train))
+            history["test"].append(agreement(predicted, truth, ~is_train))
+            history["agree"].append(agreement(predicted, labels.model_labels))
+            if on_eval is not None:
+                on_eval(epoch, model)
+
+        for epoch in run.steps(recipe.epochs, desc="training the replica"):
+            if epoch % recipe.eval_every == 0:
+                evaluate(epoch)
+            # Float64 loss over the whole vocabulary, as the original training code.
+            loss = F.cross_entropy(model.final_logits(train_tokens).double(), train_targets)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            optimizer.zero_grad(set_to_none=True)
+        evaluate(recipe.epochs)
     seconds = time.perf_counter() - start
     model.eval()
     report = ReplicaReport(
@@ -1084,7 +1076,7 @@ def scrub_hypotheses(gate: AndGate, resid_mid: torch.Tensor, schemes: Sequence[s
 
 class _AgreesWith:
     """Scrubbing metric: 1.0 where the patched label equals a fixed reference label (e.g. the full model's),
-    instead of the scrubbed model's own clean label. Needs the whole batch in one chunk."""
+    instead of the scrubbed model's own clean label. Needs the whole batch in one trace."""
 
     def __init__(self, reference: torch.Tensor):
         self.reference = reference.flatten().long()
@@ -1092,7 +1084,7 @@ class _AgreesWith:
     def __call__(self, clean: torch.Tensor, patched: torch.Tensor) -> torch.Tensor:
         if len(patched) != len(self.reference):
             raise InputError(
-                "the reference labels must cover the whole batch (scrub with chunk >= all pairs)"
+                "the reference labels must cover the whole batch (scrub with batch_size >= all pairs)"
             )
         return (_labels_of(patched[:, -1]) == self.reference).float()
 
@@ -1126,7 +1118,7 @@ def scrub_schemes(
         hypotheses,
         output="unembed",
         metric=metric,
-        chunk=N_PAIRS,
+        batch_size=N_PAIRS,
         seed=seed,
         progress=progress,
     )
