@@ -36,7 +36,7 @@ _OLD_FORMAT = 1  # torch.save({"format": 1, "result": ...}) archives
 
 # The built-in result classes, by the stable name a file uses, and the module that defines each. A file can only
 # name one of these (or a Result subclass the running program has defined); the module string comes from here,
-# never from the file.
+# never from the file. A new Result class in the package goes here (tests/test_results_files.py checks).
 _BUILTIN: dict[str, str] = {
     "Provenance": "workbench.results",
     "PatchingResult": "workbench.patching.result",
@@ -53,6 +53,17 @@ _BUILTIN: dict[str, str] = {
     "InterpolationResult": "workbench.plateau.interpolation",
     "SliceResult": "workbench.plateau.interpolation",
     "PlateauResult": "workbench.plateau.probe",
+    "PathPatchingResult": "workbench.circuits.results",
+    "EdgeScores": "workbench.circuits.results",
+    "Faithfulness": "workbench.circuits.results",
+    "ToyModel": "workbench.toymodels.models",
+    "LossCurves": "workbench.toymodels.evaluate",
+    "OffsetSweep": "workbench.toymodels.baselines",
+    "SNMFSweep": "workbench.toymodels.baselines",
+    "Mechanism": "workbench.toymodels.analysis",
+    "FeatureResponse": "workbench.toymodels.analysis",
+    "SigmaSweep": "workbench.toymodels.analysis",
+    "Transplant": "workbench.toymodels.analysis",
 }
 
 # Named axes of the built-in classes' tensors (see `Result.shapes`); a class that declares `shapes` itself wins.
@@ -226,7 +237,10 @@ def _class_named(name: Any) -> type:
     """The allow-listed class a file names. Imports only modules listed in this file, never one from the file."""
     if not isinstance(name, str) or (name not in _registered and name not in _BUILTIN):
         known = ", ".join(sorted(result_classes()))
-        raise InputError(f"The file names an unknown result class {name!r}; known classes: {known}.")
+        raise InputError(
+            f"The file names an unknown result class {name!r}; known classes: {known}. A class defined outside the "
+            "workbench loads once the code that defines it has run."
+        )
     if name not in _registered:
         importlib.import_module(_BUILTIN[name])  # defining the class registers it
     if name not in _registered:
