@@ -236,10 +236,9 @@ def result_classes() -> dict[str, str]:
 def _class_named(name: Any) -> type:
     """The allow-listed class a file names. Imports only modules listed in this file, never one from the file."""
     if not isinstance(name, str) or (name not in _registered and name not in _BUILTIN):
-        known = ", ".join(sorted(result_classes()))
         raise InputError(
-            f"The file names an unknown result class {name!r}; known classes: {known}. A class defined outside the "
-            "workbench loads once the code that defines it has run."
+            f"The file names an unknown result class {name!r} (workbench.results.result_classes() lists the "
+            "known ones; a class defined outside the workbench loads once the code defining it has run)."
         )
     if name not in _registered:
         importlib.import_module(_BUILTIN[name])  # defining the class registers it
