@@ -7,6 +7,7 @@ _PANELS = {
     "PatchingExplorer": "workbench.widgets.patching",
     "LNRemovalPreview": "workbench.widgets.lnfree",
     "PlateauProbe": "workbench.widgets.plateau",
+    "SyntheticActivationProbe": "workbench.widgets.sae",
 }
 
 __all__ = list(_PANELS)

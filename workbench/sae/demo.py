@@ -1,0 +1,64 @@
+"""The demo SAE and the demo data the notebook, the panel and the tests share.
+
+    sae = load_demo_sae()                         # the committed SAE on the demo model's resid_pre 1
+    prompts = demo_prompts(model, 200)            # [200, 11]: BOS + the first 10 tokens of validation documents
+    reference = demo_reference(model)             # RefStats of resid_pre 1 on 2000 x 11 validation activations
+
+Everything is deterministic (the demo corpus is generated from fixed seeds), so a call written by a panel's
+"Show code" gives the same data in a fresh kernel.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from workbench.errors import InputError
+from workbench.sae.io import load_sae
+from workbench.sae.model import SAE
+from workbench.sae.train_demo import DEMO_SAE_DIR, LAYER, PROMPT_TOKENS, SITE
+
+PROMPT_DOCS = (7_000, 9_000)
+"""Validation documents the prompts come from (the card's last-token statistics use the same)."""
+REFERENCE_DOCS = (0, 6_000)
+
+
+def load_demo_sae() -> SAE:
+    """The committed demo SAE (see its card, ``workbench/sae/demo/SAE_CARD.md``)."""
+    if not (DEMO_SAE_DIR / "cfg.json").is_file():
+        raise InputError(
+            "The demo SAE is missing from this checkout; train it with `python -m workbench.sae.train_demo`."
+        )
+    sae = load_sae(DEMO_SAE_DIR)
+    sae.source = {"demo": True}
+    return sae
+
+
+def _validation(n_docs: int) -> list[str]:
+    from workbench.tasks import demo_corpus
+
+    return demo_corpus("validation", n_docs)
+
+
+def demo_prompts(model, n: int = 200, n_tokens: int = PROMPT_TOKENS) -> torch.Tensor:
+    """[n, n_tokens + 1] BOS + the first `n_tokens` tokens of validation documents (the paper's 10-token prompts,
+    with the BOS the demo model expects)."""
+    from workbench.tasks import pack
+
+    if not isinstance(n, int) or not 1 <= n <= PROMPT_DOCS[1] - PROMPT_DOCS[0]:
+        raise InputError(f"n must be a whole number in 1..{PROMPT_DOCS[1] - PROMPT_DOCS[0]}.")
+    docs = _validation(PROMPT_DOCS[1])[PROMPT_DOCS[0] :]
+    rows = pack(model, docs, n_tokens + 1, n)
+    if len(rows) < n:
+        raise InputError(f"Only {len(rows)} documents have {n_tokens} tokens; ask for fewer prompts.")
+    return rows
+
+
+def demo_reference(model, rows: int = 2_000, seq_len: int = 12, *, layer: int = LAYER, site: str = SITE):
+    """`RefStats` (mean, Ledoit-Wolf covariance, median norm) of the demo model at `site` of `layer` on `rows`
+    rows of `seq_len` tokens (BOS first) of validation documents (position 0 excluded), disjoint from the
+    prompts' documents."""
+    from workbench.plateau import reference_stats
+    from workbench.tasks import pack
+
+    docs = _validation(REFERENCE_DOCS[1])[REFERENCE_DOCS[0] :]
+    return reference_stats(model, pack(model, docs, seq_len, rows), layer=layer, site=site, progress=False)

@@ -1,0 +1,814 @@
+"""Synthetic activations composed of SAE latents, and the two perturbation tests of Giglemiani et al. (2024).
+
+Giglemiani, Petrova, Mangat, Janiak & Heimersheim, "Evaluating Synthetic Activations composed of SAE Latents in
+GPT-2" (arXiv 2409.15019). If real activations are sums of SAE latents, activations decoded from made-up codes
+should behave like real ones when the model's later layers react to perturbations. Families of activations
+(`FAMILIES`; the paper's names in the UI):
+
+- **real** ("Model generated"): another prompt's activation at the same site and position;
+- **random** ("Random"): a sample of N(mean, cov) of real activations (Ledoit-Wolf shrunk covariance);
+- **synthetic_baseline**: for each active latent of a real code (index order), a live latent drawn uniformly
+  among the `n_neighbours` closest in firing frequency (the latent itself and latents already used excluded)
+  gets its activation; decoded. Same multiset of activation values, similar sparsities, nothing else;
+- **synthetic_structured**: t = the real code's top latent; anchor c = among the `n_anchor_candidates` live
+  latents closest in firing frequency to t, the one whose decoder cosine to t is closest to `anchor_cosine`
+  (0.42 in the authors' code, without derivation; "auto" uses the mean decoder cosine between the top latents
+  of two different real activations); then each active latent i (index order) is replaced by the unused live
+  latent j whose cosine to c is closest to cos(t, i), with i's activation. Keeps the cosine profile around the
+  top latent;
+- **single_latent**: one random live latent at the mean L2 norm of real codes (the paper's "Synthetic BoF");
+- **sae_reconstruction**: decode(encode(another prompt's activation)).
+
+The two tests swap the roles of start and target (keep them apart: they give opposite-looking orderings):
+
+- **Test 1, "blowup"** (relative steps): x_k = (1 - k/(K-1)) A + k/(K-1) T from the real activation A of prompt
+  P to a target T of the family, in P's context; d_k = |R(x_k) - R(A)| at the read site. Statistic: the
+  max-slope step argmax_k (d_k - d_{k-1}) (K - 1 when no slope exceeds `flat_slope`).
+- **Test 2, "plateau"** (absolute steps): the activation under test X (of the family) is put in P's context and
+  pushed toward a fresh random target R: x_k = X + h k (R - X)/|R - X|; d_k = |R(x_k) - R(X)|. Statistic: the
+  plateau length, the first k < |R - X|/h with d_k >= threshold (`n_steps` when none).
+
+GPT-2's constants (h = 0.5, threshold 20) are in GPT-2 units. Here h defaults to the median |R - X| of the real
+family over `n_steps`, and the threshold is a fraction of the typical distance between two prompts' read-site
+vectors (both shown). All rows run on the plateau engine's batched path (`workbench.plateau.core`): the blocks
+below the site are skipped, the prompt's earlier positions are reused from a key/value cache, logits at the last
+position only, chunks to a memory budget.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from collections.abc import Sequence
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+
+from workbench.core import CancelToken, ProgressCallback, Run
+from workbench.errors import InputError
+from workbench.plateau import kl_divergence
+from workbench.plateau.core import (
+    WRITE_SITES,
+    Where,
+    clean_bases,
+    reference_rows,
+    resolve_positions,
+    run_rows,
+)
+from workbench.plateau.stats import (
+    RefStats,
+    as_token_rows,
+    collect_activations,
+    reference_stats,
+    stats_from_activations,
+)
+from workbench.results import Provenance, Result
+from workbench.sae.model import SAE
+
+FAMILIES: dict[str, str] = {
+    "real": "Model generated",
+    "random": "Random (MVN)",
+    "synthetic_baseline": "Synthetic baseline",
+    "synthetic_structured": "Synthetic structured",
+    "single_latent": "Single latent",
+    "sae_reconstruction": "SAE reconstruction",
+}
+"""Activation families and their names in the paper."""
+DEFAULT_FAMILIES = ("real", "random", "synthetic_baseline", "synthetic_structured")
+TESTS = {
+    "blowup": "Test 1: from a real activation toward a target of the family, relative steps, max-slope step",
+    "plateau": "Test 2: from an activation of the family toward a random one, absolute steps, plateau length",
+}
+PAPER_ANCHOR_COSINE = 0.42
+DEFAULT_THRESHOLD = 0.25
+"""Test 2's threshold as a fraction of the typical read-site distance between two prompts (GPT-2: 20 units)."""
+FLAT_SLOPE = 1e-4
+"""Test 1: a curve none of whose steps rises by more than this fraction of the typical distance has no blow-up
+(the authors' 0.02 GPT-2 units)."""
+KL_FLAT_SLOPE = 1e-4
+KL_THRESHOLD = 0.1
+
+PAPER_GPT2 = {
+    "source": "Giglemiani et al. 2024, the authors' notebooks (jettjaniak/teren, branch explorations @ 0381673), "
+    "GPT-2 small, blocks.1.hook_resid_pre -> blocks.11.hook_resid_post, last of 10 tokens, n = 1000",
+    "blowup": {  # max-slope step of the L2 curve (relative steps, 100 points), run A
+        "real": (51.65, 7.42, None),
+        "random": (64.89, 10.50, 0.62),
+        "synthetic_structured": (55.69, 11.31, 0.22),
+        "synthetic_baseline": (57.07, 11.29, 0.27),
+        "single_latent": (55.25, 8.74, 0.19),
+    },
+    "plateau": {  # plateau length in steps of 0.5, threshold 20
+        "real": (15.12, 8.62, None),
+        "random": (8.33, 3.80, 0.568),
+        "synthetic_structured": (7.76, 3.76, 0.633),
+        "synthetic_baseline": (6.18, 3.13, 0.754),
+    },
+    "l0_last_token": (21.2, 13.5),
+    "mean_code_norm": 25.93,
+}
+"""The GPT-2 reference numbers, (mean, std, KS vs real) per family, as printed in the authors' notebooks
+(research note `sae_synthetic.md` §5). They are targets for a GPT-2 run, not for the demo model."""
+
+
+# -- synthetic codes (model-independent) -----------------------------------------------------------------------
+
+
+def _order(code: torch.Tensor) -> torch.Tensor:
+    """Indices of the active latents of `code` [d_sae], in index order."""
+    return torch.nonzero(code > 0).flatten()
+
+
+def baseline_code(
+    code: torch.Tensor,
+    frequency: torch.Tensor,
+    live: torch.Tensor,
+    *,
+    n_neighbours: int = 10,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Synthetic baseline [d_sae]: each active latent's value moved to a random live latent among the
+    `n_neighbours` closest to it in firing frequency (itself and latents already used excluded)."""
+    out = torch.zeros_like(code)
+    free = live.clone()
+    freq = frequency.double()
+    for i in _order(code).tolist():
+        dist = (freq - freq[i]).abs()
+        dist[i] = float("inf")
+        dist[~free] = float("inf")
+        n_ok = int(torch.isfinite(dist).sum())
+        if n_ok == 0:
+            raise InputError("The SAE has too few live latents to build a synthetic code.")
+        near = dist.topk(min(n_neighbours, n_ok), largest=False).indices
+        j = int(near[torch.randint(len(near), (1,), generator=generator)])
+        out[j] = code[i]
+        free[j] = False
+    return out
+
+
+def structured_code(
+    code: torch.Tensor,
+    frequency: torch.Tensor,
+    live: torch.Tensor,
+    unit_decoder: torch.Tensor,
+    *,
+    anchor_cosine: float = PAPER_ANCHOR_COSINE,
+    n_anchor_candidates: int = 100,
+) -> tuple[torch.Tensor, int]:
+    """Synthetic structured [d_sae] and the anchor latent: the cosine profile around the top latent t kept
+    around an anchor c of similar frequency (module docstring). unit_decoder: [d_sae, d_in] unit rows."""
+    active = _order(code)
+    if len(active) == 0:
+        return torch.zeros_like(code), -1
+    t = int(code.argmax())
+    freq = frequency.double()
+    dist = (freq - freq[t]).abs()
+    dist[t] = float("inf")
+    dist[~live] = float("inf")
+    n_ok = int(torch.isfinite(dist).sum())
+    if n_ok == 0:
+        raise InputError("The SAE has too few live latents to build a synthetic code.")
+    candidates = dist.topk(min(n_anchor_candidates, n_ok), largest=False).indices
+    cos_t = unit_decoder @ unit_decoder[t]  # [d_sae]
+    c = int(candidates[(cos_t[candidates] - anchor_cosine).abs().argmin()])
+    cos_c = unit_decoder @ unit_decoder[c]
+    out = torch.zeros_like(code)
+    free = live.clone()
+    for i in active.tolist():
+        gap = (cos_c - cos_t[i]).abs()
+        gap[~free] = float("inf")
+        j = int(gap.argmin())
+        if not torch.isfinite(gap[j]):
+            raise InputError("The SAE has too few live latents to build a synthetic code.")
+        out[j] = code[i]
+        free[j] = False
+    return out, c
+
+
+def single_latent_code(
+    d_sae: int, live: torch.Tensor, activation: float, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """[d_sae] one random live latent at `activation`."""
+    idx = torch.nonzero(live).flatten()
+    if len(idx) == 0:
+        raise InputError("The SAE has no live latents.")
+    out = torch.zeros(d_sae)
+    out[int(idx[torch.randint(len(idx), (1,), generator=generator)])] = activation
+    return out
+
+
+def reencoding_overlap(sae: SAE, codes: torch.Tensor) -> torch.Tensor:
+    """[n] fraction of each code's active latents that are active again in encode(decode(code)) (NaN for an
+    empty code). codes: [n, d_sae]."""
+    again = sae.encode(sae.decode(codes)) > 0
+    chosen = codes > 0
+    n = chosen.sum(-1).float()
+    hit = (again & chosen).sum(-1).float()
+    return torch.where(n > 0, hit / n.clamp(min=1), torch.full_like(n, float("nan")))
+
+
+def top_latent_cosine(sae: SAE, codes: torch.Tensor, other: torch.Tensor) -> float:
+    """Mean decoder cosine between the top latent of each code [n, d_sae] and that of `other` [n, d_sae] (the
+    note's derivation of the anchor cosine for a new SAE)."""
+    unit = sae.W_dec.detach().float()
+    unit = unit / unit.norm(dim=-1, keepdim=True)
+    ok = (codes.amax(-1) > 0) & (other.amax(-1) > 0)
+    if not bool(ok.any()):
+        raise InputError("No pair of non-empty codes to derive the anchor cosine from.")
+    a, b = unit[codes[ok].argmax(-1)], unit[other[ok].argmax(-1)]
+    return float((a * b).sum(-1).mean())
+
+
+# -- statistics of curves -------------------------------------------------------------------------------------
+
+
+def max_slope_step(curves: torch.Tensor, flat: float) -> torch.Tensor:
+    """[...] the step k where d_k - d_{k-1} is largest (the authors' `find_blowup_max_slope`: slope 0 := slope 1;
+    the last step when no slope exceeds `flat`). curves: [..., step]."""
+    s = curves.diff(dim=-1)
+    s = torch.cat([s[..., :1], s], dim=-1)
+    best = s.argmax(-1)
+    return torch.where((s > flat).any(-1), best, torch.full_like(best, curves.shape[-1] - 1))
+
+
+def plateau_steps(curves: torch.Tensor, threshold: float, reach: torch.Tensor) -> torch.Tensor:
+    """[...] the first step k < reach with d_k >= threshold; the number of steps when there is none.
+    curves: [..., step]; reach: [...] steps before the target is passed."""
+    n = curves.shape[-1]
+    k = torch.arange(n)
+    hit = (curves >= threshold) & (k < reach[..., None])
+    first = hit.float().argmax(-1)
+    return torch.where(hit.any(-1), first, torch.full_like(first, n))
+
+
+# -- the result -----------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class SyntheticTestResult(Result):
+    """Curves and per-curve statistics of one of the two tests, per family and sample.
+
+    Axes: family, sample, step. Sample n runs in the context of prompt `sample_prompt[n]`; its "other" prompt
+    (the real and reconstruction families) is `other_prompt[n]`.
+
+    Attributes:
+        test: "blowup" (test 1) or "plateau" (test 2).
+        families: [family] keys of `FAMILIES`.
+        l2: [family, sample, step] distance of the read site from the step-0 run (the start's own run).
+        kl: [family, sample, step] KL(step-0 run || step k) of the next-token distribution, nats.
+        steps: [step] step indices; alphas: [step] the interpolation fractions (test 1; test 2: h k / |R - X|
+            of the median real sample, for reference).
+        reach: [family, sample] steps before the target is passed (test 2); n_steps for test 1.
+        step_size: h in L2 units (test 2; NaN for test 1).
+        typical_distance: median read-site distance between the clean runs of a prompt and its other prompt.
+        threshold: test 2's threshold in L2 units; threshold_fraction: the same / typical_distance.
+        flat_slope: test 1's "no blow-up" slope in L2 units.
+        start_norm, target_norm: [family, sample] norms of the start and target activations.
+        real_norm, mvn_norm: median norms of real activations and of N(mean, cov) samples.
+        source_latents, source_values: [sample, m] the active latents of the real code behind each sample
+            (index -1 pads), largest first; source_cos_to_top: their decoder cosine to the top latent.
+        twin_latents, twin_values, twin_cos_to_top: [family, sample, m] the same for the family's activation
+            (its own code for synthetic families, the SAE encoding of the vector otherwise).
+        reencoding: [family, sample] fraction of a synthetic code's latents active again after decode+encode
+            (NaN for families that are not built from codes).
+        latent_frequency: [latent] the SAE's firing frequencies used for the synthetic picks.
+        anchor_cosine, single_latent_activation: the values used.
+        noise_floor: [sample] KL(clean run || the engine's unperturbed path) of each real start.
+        prompts, sample_prompt, other_prompt: prompt texts and indices.
+        site, layer, position, read_site, read_layer, sae: where and what.
+        warnings: notes raised during the run.
+    """
+
+    test: str
+    families: tuple[str, ...]
+    l2: torch.Tensor
+    kl: torch.Tensor
+    steps: torch.Tensor
+    alphas: torch.Tensor
+    reach: torch.Tensor
+    step_size: float
+    typical_distance: float
+    threshold: float
+    threshold_fraction: float
+    flat_slope: float
+    start_norm: torch.Tensor
+    target_norm: torch.Tensor
+    real_norm: float
+    mvn_norm: float
+    source_latents: torch.Tensor
+    source_values: torch.Tensor
+    source_cos_to_top: torch.Tensor
+    twin_latents: torch.Tensor
+    twin_values: torch.Tensor
+    twin_cos_to_top: torch.Tensor
+    reencoding: torch.Tensor
+    latent_frequency: torch.Tensor
+    anchor_cosine: float
+    single_latent_activation: float
+    noise_floor: torch.Tensor
+    prompts: tuple[str, ...]
+    sample_prompt: tuple[int, ...]
+    other_prompt: tuple[int, ...]
+    site: str
+    layer: int
+    position: int
+    read_site: str
+    read_layer: int | None
+    sae: str
+    warnings: tuple[str, ...]
+    provenance: Provenance
+
+    viz_module: ClassVar[str] = "workbench.viz.sae"
+
+    @property
+    def n_steps(self) -> int:
+        return int(self.l2.shape[-1])
+
+    @property
+    def read_label(self) -> str:
+        return self.read_site if self.read_layer is None else f"{self.read_site} {self.read_layer}"
+
+    def label(self, family: str) -> str:
+        return FAMILIES.get(family, family)
+
+    def curves(self, metric: str = "l2") -> torch.Tensor:
+        if metric == "l2":
+            return self.l2
+        if metric == "kl":
+            return self.kl
+        raise InputError(f"metric must be 'l2' or 'kl', got {metric!r}.")
+
+    def statistic(self, metric: str = "l2", threshold: float | None = None) -> torch.Tensor:
+        """[family, sample] the test's statistic: max-slope step (test 1) or plateau length in steps (test 2).
+        `threshold` (test 2) defaults to `self.threshold` for L2 and `KL_THRESHOLD` nats for KL."""
+        curves = self.curves(metric)
+        if self.test == "blowup":
+            flat = self.flat_slope if metric == "l2" else KL_FLAT_SLOPE
+            return max_slope_step(curves, flat)
+        if threshold is None:
+            threshold = self.threshold if metric == "l2" else KL_THRESHOLD
+        return plateau_steps(curves, threshold, self.reach)
+
+    @property
+    def statistic_name(self) -> str:
+        return "max-slope step" if self.test == "blowup" else "plateau length (steps)"
+
+    def summary(self, metric: str = "l2", threshold: float | None = None):
+        """Per family: n, mean, std, median of the statistic, and the two-sample Kolmogorov-Smirnov statistic
+        and p-value against the real family (a DataFrame)."""
+        import pandas as pd
+        from scipy import stats
+
+        values = self.statistic(metric, threshold).double().numpy()
+        real = values[self.families.index("real")] if "real" in self.families else None
+        rows = []
+        for i, fam in enumerate(self.families):
+            v = values[i]
+            row = {
+                "family": fam,
+                "name": self.label(fam),
+                "n": len(v),
+                "mean": float(v.mean()),
+                "std": float(v.std(ddof=1)) if len(v) > 1 else float("nan"),
+                "median": float(np.median(v)),
+                "ks_vs_real": float("nan"),
+                "ks_p": float("nan"),
+            }
+            if real is not None and fam != "real":
+                ks = stats.ks_2samp(v, real)
+                row.update(ks_vs_real=float(ks.statistic), ks_p=float(ks.pvalue))
+            reenc = self.reencoding[i]
+            row["reencoding"] = float(reenc.nanmean()) if bool((~reenc.isnan()).any()) else float("nan")
+            rows.append(row)
+        return pd.DataFrame(rows)
+
+    def paper(self):
+        """The GPT-2 numbers of the authors' notebooks for this test, beside this run's (a DataFrame; the
+        paper's columns are GPT-2 values, not targets for other models)."""
+        import pandas as pd
+
+        ours = self.summary().set_index("family")
+        rows = []
+        for fam in self.families:
+            ref = PAPER_GPT2[self.test].get(fam)
+            rows.append(
+                {
+                    "family": fam,
+                    "name": self.label(fam),
+                    "this run: mean": ours.loc[fam, "mean"],
+                    "this run: std": ours.loc[fam, "std"],
+                    "this run: KS vs real": ours.loc[fam, "ks_vs_real"],
+                    "GPT-2 (paper): mean": ref[0] if ref else float("nan"),
+                    "GPT-2 (paper): std": ref[1] if ref else float("nan"),
+                    "GPT-2 (paper): KS vs real": (ref[2] if ref and ref[2] is not None else float("nan")),
+                }
+            )
+        return pd.DataFrame(rows)
+
+    def to_frame(self):
+        """Tidy table: one row per (family, sample, step)."""
+        import pandas as pd
+
+        n_f, n_s, n_k = self.l2.shape
+        f, s, k = torch.meshgrid(torch.arange(n_f), torch.arange(n_s), torch.arange(n_k), indexing="ij")
+        f, s, k = f.flatten(), s.flatten(), k.flatten()
+        return pd.DataFrame(
+            {
+                "family": [self.families[i] for i in f.tolist()],
+                "sample": s.numpy(),
+                "prompt": [self.sample_prompt[i] for i in s.tolist()],
+                "step": k.numpy(),
+                "l2": self.l2[f, s, k].numpy(),
+                "kl": self.kl[f, s, k].numpy(),
+            }
+        )
+
+    def __repr__(self) -> str:
+        n_f, n_s, n_k = self.l2.shape
+        return (
+            f"SyntheticTestResult({self.test}: {n_s} samples x {n_f} families ({', '.join(self.families)}) x "
+            f"{n_k} steps, {self.site} {self.layer} -> {self.read_label})"
+        )
+
+
+# -- the engine -----------------------------------------------------------------------------------------------
+
+
+def _sparse(codes: torch.Tensor, m: int, unit_decoder: torch.Tensor):
+    """Codes [..., d_sae] as their m largest active entries: (latents [..., m] with -1 pads, values [..., m],
+    decoder cosine of each to the code's top latent [..., m])."""
+    vals, idx = codes.topk(min(m, codes.shape[-1]), dim=-1)
+    on = vals > 0
+    idx = torch.where(on, idx, torch.full_like(idx, -1))
+    vals = torch.where(on, vals, torch.zeros_like(vals))
+    top = unit_decoder[codes.argmax(-1)]  # [..., d_in]
+    cos = torch.einsum("...md,...d->...m", unit_decoder[idx.clamp(min=0)], top)
+    return idx.int(), vals.float(), torch.where(on, cos, torch.zeros_like(cos)).float()
+
+
+def _check_families(families) -> tuple[str, ...]:
+    families = tuple(families)
+    unknown = [f for f in families if f not in FAMILIES]
+    if unknown:
+        raise InputError(f"Unknown families {unknown}; families: {', '.join(FAMILIES)}.")
+    if not families or len(set(families)) != len(families):
+        raise InputError("Give each family at most once, and at least one.")
+    if "real" in families:  # real first: everything is compared against it
+        families = ("real", *(f for f in families if f != "real"))
+    return families
+
+
+def _reference(model, reference, rows, where: Where, run: Run, notes: list[str]) -> RefStats:
+    if isinstance(reference, RefStats):
+        if (reference.site, reference.layer) != (where.site, where.layer):
+            raise InputError(
+                f"The reference statistics are for {reference.site} layer {reference.layer}; the SAE reads "
+                f"{where.site} layer {where.layer}. Compute them at the SAE's site."
+            )
+        return reference
+    if reference is None:
+        sample = collect_activations(model, rows, site=where.site, layer=where.layer, cancel=run.cancel)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ref = stats_from_activations(sample, site=where.site, layer=where.layer, model_name=model.name)
+        notes.append(
+            "The random family's mean and covariance come from the prompts' own activations; pass "
+            "reference=texts (or RefStats) with at least 10 x d_model activations for a good covariance."
+        )
+        return ref
+    return reference_stats(
+        model, reference, layer=where.layer, site=where.site, progress=False, cancel=run.cancel
+    )
+
+
+def synthetic_activation_test(
+    model,
+    sae: SAE,
+    prompts,
+    *,
+    test: str = "blowup",
+    families: Sequence[str] = DEFAULT_FAMILIES,
+    reference: RefStats | Any = None,
+    position: int = -1,
+    n_steps: int = 100,
+    step_size: float | None = None,
+    threshold: float = DEFAULT_THRESHOLD,
+    threshold_abs: float | None = None,
+    read_site: str = "resid_post",
+    read_layer: int | None = -1,
+    n_neighbours: int = 10,
+    n_anchor_candidates: int = 100,
+    anchor_cosine: float | str = "auto",
+    single_latent_activation: float | str = "auto",
+    max_latents: int = 64,
+    seed: int = 0,
+    memory_budget: int | float | str | None = None,
+    run: Run | None = None,
+    progress: bool | ProgressCallback | None = None,
+    cancel: CancelToken | None = None,
+) -> SyntheticTestResult:
+    """Run test 1 ("blowup") or test 2 ("plateau") of Giglemiani et al. on `model` with `sae` (module docstring).
+
+    Args:
+        model: a `WorkbenchModel` (local or remote: only the plateau engine's traces run on the model).
+        sae: an `SAE` at a residual-basis site of `model` (its site and layer are where activations are written).
+        prompts: texts or a [batch, pos] token tensor, one sample per prompt (at least two: each sample's "other"
+            prompt is another one, drawn with the seed).
+        test: "blowup" or "plateau".
+        families: any of `FAMILIES` ("real" is needed for the KS statistics).
+        reference: `RefStats` at the SAE's site, or texts/tokens to compute them from (mean and covariance of
+            the random family and test 2's targets). None: the prompts' own activations, with a warning.
+        position: the token position (default: the last).
+        n_steps: points per curve (the authors: 100).
+        step_size: test 2's h in L2 units (default: the median |R - X| of the real family / n_steps).
+        threshold: test 2's threshold as a fraction of the typical read-site distance between two prompts;
+            `threshold_abs` sets it in L2 units instead.
+        read_site, read_layer: where the distance is read (default: the last block's resid_post, as the paper's
+            blocks.11.hook_resid_post).
+        n_neighbours, n_anchor_candidates, anchor_cosine: the synthetic recipes' knobs ("auto": derived from
+            the samples' top latents, see `top_latent_cosine`).
+        single_latent_activation: the single-latent family's activation ("auto": mean norm of real codes).
+        max_latents: active latents kept per code for display.
+        seed: seeds every draw (other prompts, random samples, synthetic picks).
+        memory_budget / run / progress / cancel: as every engine.
+    """
+    if test not in TESTS:
+        raise InputError(f"test must be one of {', '.join(TESTS)}, got {test!r}.")
+    if not isinstance(sae, SAE):
+        raise InputError(f"sae must be a workbench SAE, got {type(sae).__name__}.")
+    families = _check_families(families)
+    if sae.cfg.site not in WRITE_SITES:
+        raise InputError(
+            f"The SAE reads {sae.cfg.site}; the tests write activations at residual-basis sites: "
+            f"{', '.join(WRITE_SITES)}."
+        )
+    where = Where.resolve(model, sae.cfg.site, sae.cfg.layer, read_site, read_layer)
+    if sae.d_in != model.cfg.d_model:
+        raise InputError(f"The SAE reads width {sae.d_in}; {model.name} has d_model {model.cfg.d_model}.")
+    for name, value, low in (("n_steps", n_steps, 3), ("n_neighbours", n_neighbours, 1),
+                             ("n_anchor_candidates", n_anchor_candidates, 1), ("max_latents", max_latents, 1)):  # fmt: skip
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise InputError(f"{name} must be a whole number >= {low}, got {value!r}.")
+    if not (isinstance(threshold, (int, float)) and threshold > 0):
+        raise InputError(f"threshold is a positive fraction of the typical distance, got {threshold!r}.")
+    if threshold_abs is not None and not threshold_abs > 0:
+        raise InputError("threshold_abs must be positive.")
+    if step_size is not None and not step_size > 0:
+        raise InputError("step_size must be positive.")
+    run = Run.of(run, progress=progress, cancel=cancel, memory_budget=memory_budget)
+    notes: list[str] = []
+
+    rows = as_token_rows(model, prompts)
+    n = len(rows)
+    if n < 2:
+        raise InputError("Give at least two prompts: each sample needs another prompt.")
+    positions = []
+    for r in rows:
+        if not isinstance(position, int) or isinstance(position, bool):
+            raise InputError("position must be one integer.")
+        pos, zero = resolve_positions(position, r.shape[-1])
+        if zero:
+            notes.append("Position 0 is used: its activation is an outlier (attention sink).")
+        positions.append(pos)
+
+    gen = torch.Generator().manual_seed(seed)
+    shift = torch.randint(1, n, (n,), generator=gen)
+    other = (torch.arange(n) + shift) % n
+
+    space = sae.prepare  # the SAE's input space (centred for SAEs of centred TransformerLens models)
+    bases = clean_bases(model, where, rows, positions)
+    if sae.cfg.centre_input:
+        bases = [dataclasses.replace(b, x0=space(b.x0)) for b in bases]
+    A = torch.stack([b.x0 for b in bases]).float()
+    ref = None
+    if "random" in families or test == "plateau":
+        ref = _reference(model, reference, rows, where, run, notes)
+        notes.extend(ref.warnings)
+
+    def mvn(k: int) -> torch.Tensor:
+        return space(ref.sample_normal(k, gen)).float()
+
+    sae_cpu = sae.to("cpu")
+    with torch.no_grad():
+        codes = sae_cpu.encode(A)
+        live = sae_cpu.live()
+        freq = sae_cpu.firing_frequency
+        if freq is None:
+            notes.append(
+                "The SAE has no firing frequencies: synthetic picks treat all latents as equally frequent."
+            )
+            freq = torch.ones(sae.d_sae)
+        unit_dec = sae_cpu.W_dec.detach().float()
+        unit_dec = unit_dec / unit_dec.norm(dim=-1, keepdim=True).clamp(min=1e-12)
+        if anchor_cosine == "auto":
+            anchor = top_latent_cosine(sae_cpu, codes, codes[other])
+        elif isinstance(anchor_cosine, (int, float)) and -1 <= anchor_cosine <= 1:
+            anchor = float(anchor_cosine)
+        else:
+            raise InputError(f"anchor_cosine must be 'auto' or a cosine in [-1, 1], got {anchor_cosine!r}.")
+        code_norm = float(codes.norm(dim=-1).mean())
+        if single_latent_activation == "auto":
+            single = code_norm
+        elif isinstance(single_latent_activation, (int, float)) and single_latent_activation > 0:
+            single = float(single_latent_activation)
+        else:
+            raise InputError("single_latent_activation must be 'auto' or a positive number.")
+
+        vectors, twin_codes = [], []
+        reenc = torch.full((len(families), n), float("nan"))
+        for fi, fam in enumerate(families):
+            if fam == "real":
+                v = A[other]
+                c = codes[other]
+            elif fam == "random":
+                v = mvn(n)
+                c = sae_cpu.encode(v)
+            elif fam == "sae_reconstruction":
+                c = codes[other]
+                v = sae_cpu.decode(c)
+            else:
+                if fam == "synthetic_baseline":
+                    c = torch.stack([baseline_code(codes[i], freq, live, n_neighbours=n_neighbours, generator=gen)
+                                     for i in range(n)])  # fmt: skip
+                elif fam == "synthetic_structured":
+                    c = torch.stack([structured_code(codes[i], freq, live, unit_dec, anchor_cosine=anchor,
+                                                     n_anchor_candidates=n_anchor_candidates)[0]
+                                     for i in range(n)])  # fmt: skip
+                else:
+                    c = torch.stack([single_latent_code(sae.d_sae, live, single, gen) for _ in range(n)])
+                v = sae_cpu.decode(c)
+                reenc[fi] = reencoding_overlap(sae_cpu, c)
+            vectors.append(v.float())
+            twin_codes.append(c)
+        V = torch.stack(vectors)  # [family, sample, d]
+        C = torch.stack(twin_codes)
+    n_f = len(families)
+
+    # -- rows -----------------------------------------------------------------------------------------------
+    ks = torch.arange(n_steps, dtype=torch.float32)
+    kw = dict(
+        top_k=1, memory_budget=run.memory_budget if run.memory_budget != "auto" else None, cancel=run.cancel
+    )
+    clean_ref = reference_rows(model, where, bases, progress=False, **kw)
+    floor = torch.tensor([float(kl_divergence(b.clean_logp, clean_ref[0][i])) for i, b in enumerate(bases)])
+    typical = float((clean_ref[1] - clean_ref[1][other]).norm(dim=-1).median())
+    if typical == 0:
+        raise InputError("All prompts give the same read-site vector; use different prompts.")
+    if test == "blowup":
+        run_bases = bases
+        alphas = ks / (n_steps - 1)
+        base_index = torch.arange(n).repeat(n_f)  # row block (family, sample) -> base
+        reach = torch.full((n_f, n), n_steps)
+        h = float("nan")
+        start, target = A.expand(n_f, n, -1), V
+    else:
+        R = mvn(n_f * n).reshape(n_f, n, -1)
+        gap = (R - V).norm(dim=-1)
+        if step_size is None:
+            real_gap = gap[families.index("real")] if "real" in families else gap.flatten()
+            h = float(real_gap.median()) / n_steps
+        else:
+            h = float(step_size)
+        reach = torch.floor(gap / h).long().clamp(max=n_steps)
+        run_bases = [
+            dataclasses.replace(bases[i], x0=V[f, i], clean_logp=None) for f in range(n_f) for i in range(n)
+        ]
+        base_index = torch.arange(n_f * n)
+        start, target = V, R
+        alphas = ks * h / max(float(gap.median()), 1e-12)
+    step_ref = (
+        clean_ref if test == "blowup" else reference_rows(model, where, run_bases, progress=False, **kw)
+    )
+
+    lengths = torch.tensor([len(b.tokens) for b in run_bases])
+    block_order = sorted(range(n_f * n), key=lambda j: int(lengths[base_index[j]]))
+    blocks = torch.tensor(block_order)
+    base_of_row = base_index[blocks].repeat_interleave(n_steps)
+    flat_start = start.reshape(n_f * n, -1)
+    flat_target = target.reshape(n_f * n, -1)
+    unit_dir = None
+    if test == "plateau":
+        diff = flat_target - flat_start
+        unit_dir = diff / diff.norm(dim=-1, keepdim=True).clamp(min=1e-12)
+
+    def vectors_for(lo: int, hi: int) -> torch.Tensor:
+        r = torch.arange(lo, hi)
+        blk, k = blocks[r // n_steps], r % n_steps
+        if test == "blowup":
+            a = alphas[k, None]
+            return (1 - a) * flat_start[blk] + a * flat_target[blk]
+        return flat_start[blk] + (h * k.float())[:, None] * unit_dir[blk]
+
+    total = len(base_of_row)
+    ticks = run.progress
+
+    def progress_cb(done: int, _total: int) -> None:
+        if callable(ticks):
+            ticks(done, total)
+
+    out = run_rows(
+        model,
+        where,
+        run_bases,
+        base_of_row,
+        vectors_for,
+        reference=step_ref,
+        desc=f"synthetic activations ({test})",
+        progress=progress_cb if callable(ticks) else bool(ticks),
+        **kw,
+    )
+    inv = torch.empty_like(blocks)
+    inv[blocks] = torch.arange(len(blocks))
+
+    def grid(v: torch.Tensor) -> torch.Tensor:
+        return v.reshape(len(blocks), n_steps)[inv].reshape(n_f, n, n_steps)
+
+    l2, kl = grid(out["l2"]), grid(out["kl"])
+    if threshold_abs is not None:
+        tau, frac = float(threshold_abs), float(threshold_abs) / typical
+    else:
+        tau, frac = float(threshold) * typical, float(threshold)
+
+    m = max(1, min(max_latents, int(max((codes > 0).sum(-1).max(), (C > 0).sum(-1).max()))))
+    src = _sparse(codes, m, unit_dec)
+    twin = _sparse(C, m, unit_dec)
+    if float(floor.max()) > 1e-4:
+        notes.append(
+            f"The engine's unperturbed path differs from the clean run by up to {float(floor.max()):.2g} nats."
+        )
+    texts = tuple(_texts(model, rows, prompts))
+    for note in notes:
+        warnings.warn(note, stacklevel=2)
+    return SyntheticTestResult(
+        test=test,
+        families=families,
+        l2=l2,
+        kl=kl,
+        steps=torch.arange(n_steps),
+        alphas=alphas,
+        reach=reach,
+        step_size=h,
+        typical_distance=typical,
+        threshold=tau,
+        threshold_fraction=frac,
+        flat_slope=FLAT_SLOPE * typical,
+        start_norm=start.norm(dim=-1).float(),
+        target_norm=target.norm(dim=-1).float(),
+        real_norm=float(A.norm(dim=-1).median()),
+        mvn_norm=float(mvn(max(256, n)).norm(dim=-1).median()) if ref is not None else float("nan"),
+        source_latents=src[0],
+        source_values=src[1],
+        source_cos_to_top=src[2],
+        twin_latents=twin[0],
+        twin_values=twin[1],
+        twin_cos_to_top=twin[2],
+        reencoding=reenc,
+        latent_frequency=freq.float().clone(),
+        anchor_cosine=anchor,
+        single_latent_activation=single,
+        noise_floor=floor,
+        prompts=texts,
+        sample_prompt=tuple(range(n)),
+        other_prompt=tuple(int(o) for o in other),
+        site=where.site,
+        layer=where.layer,
+        position=position,
+        read_site=where.read_site,
+        read_layer=where.read_layer,
+        sae=repr(sae),
+        warnings=tuple(dict.fromkeys(notes)),
+        provenance=Provenance.capture(
+            model.name,
+            sae=repr(sae),
+            prompts=list(texts),
+            test=test,
+            families=list(families),
+            position=position,
+            n_steps=n_steps,
+            step_size=step_size,
+            threshold=threshold,
+            threshold_abs=threshold_abs,
+            read_site=where.read_site,
+            read_layer=where.read_layer,
+            n_neighbours=n_neighbours,
+            n_anchor_candidates=n_anchor_candidates,
+            anchor_cosine=anchor_cosine,
+            single_latent_activation=single_latent_activation,
+            seed=seed,
+        ),
+    )
+
+
+def _texts(model, rows, data) -> list[str]:
+    if (
+        not isinstance(data, torch.Tensor)
+        and not isinstance(data, str)
+        and all(isinstance(x, str) for x in data)
+    ):
+        return list(data)
+    if isinstance(data, str):
+        return [data]
+    if model.tokenizer is None:
+        return [f"tokens {r[0].tolist()}" for r in rows]
+    return ["".join(model.to_str_tokens(r[0])) for r in rows]
