@@ -18,10 +18,11 @@ import dataclasses
 import nnsight
 import torch
 
-from workbench.core import CancelToken, Run
+from workbench.core import CancelToken, Run, chunks
+from workbench.errors import InputError
 from workbench.errors import warn as warn_user
 from workbench.models.prefix import bytes_per_row as row_bytes
-from workbench.models.prefix import enter_at
+from workbench.models.prefix import enter_at, kv_cache, reuses_cache
 from workbench.models.sites import SITES
 from workbench.patching.inputs import position_labels
 from workbench.patching.result import PatchingResult
@@ -51,14 +52,20 @@ def _rank(site: str) -> float:
     return SITES[site].rank
 
 
-def read_caches(model, s: PatchSpec, *, extra: tuple[str, ...] = (), chunk: int | None = None) -> dict:
+def read_caches(
+    model, s: PatchSpec, *, extra: tuple[str, ...] = (), chunk: int | None = None, kv: bool = False
+) -> dict:
     """Traces over [clean; corrupt], `chunk` rows at a time (default: all at once): logits (last position unless
     a metric needs all) and, per layer, the residual entering it plus every requested site (and `extra` sites),
-    each [2 * pair, ...]."""
+    each [2 * pair, ...]. With `kv`, also every layer's keys and values, ``("kv", layer)`` -> (keys, values)
+    [2 * pair, kv_head, pos, d_head], for runs that start from a prefix of these prompts."""
     tokens = torch.cat([s.pairs.clean, s.pairs.corrupt])
     kwargs = {} if s.all_positions else {"logits_to_keep": 1}
+    if kv:
+        kwargs["use_cache"] = True
     names = sorted(set(s.sites) | set(extra) | {"resid_pre"}, key=_rank)
     layers = sorted(s.layers)
+    n_layers = model.cfg.n_layers
     parts = []
     for start in range(0, len(tokens), chunk or len(tokens)):
         with (
@@ -70,9 +77,22 @@ def read_caches(model, s: PatchSpec, *, extra: tuple[str, ...] = (), chunk: int 
                 for name in names:
                     cache[(name, layer)] = model.site(name, layer).value.clone()
             cache["logits"] = model.site("logits").value.clone()
+            if kv:
+                cache["past"] = model.nnsight.output.past_key_values
             nnsight.save(cache)
+        if kv:
+            past = cache.pop("past").layers
+            for layer in range(n_layers):
+                cache[("kv", layer)] = (past[layer].keys, past[layer].values)
         parts.append(cache)
-    return parts[0] if len(parts) == 1 else {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+    if len(parts) == 1:
+        return parts[0]
+    return {
+        k: tuple(torch.cat([p[k][i] for p in parts]) for i in range(2))
+        if k[0] == "kv"
+        else torch.cat([p[k] for p in parts])
+        for k in parts[0]
+    }
 
 
 def baselines(s: PatchSpec, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -105,13 +125,11 @@ class Rows:
     h: torch.Tensor
 
 
-def _rows(s: PatchSpec, start: int, stop: int, device) -> Rows:
-    """Rows [start, stop) of one layer; rows are ordered pair-major, then group, then head."""
+def _rows(s: PatchSpec, cells: list[tuple[int, int]], device) -> Rows:
+    """Rows running (pair, cell) for each of `cells`; a cell is group x heads + head index."""
     n_heads = len(s.heads) if s.heads is not None else 1
-    per_pair = len(s.groups) * n_heads
     pair, cell, r, t, p, h = [], [], [], [], [], []
-    for row, i in enumerate(range(start, stop)):
-        pi, c = divmod(i, per_pair)
+    for row, (pi, c) in enumerate(cells):
         g, hi = divmod(c, n_heads)
         head = s.heads[hi] if s.heads is not None else 0
         pair.append(pi)
@@ -128,39 +146,109 @@ def _rows(s: PatchSpec, start: int, stop: int, device) -> Rows:
     return Rows(tensor(pair), tensor(cell), tensor(r), tensor(t), tensor(p), tensor(h))
 
 
-def patched_logits(model, s: PatchSpec, site: str, layer: int, rows: Rows, base_resid, source, source_v=None):
+@dataclasses.dataclass(frozen=True)
+class Unit:
+    """One forward pass of a sweep: patched runs `cells` [(pair, cell)] at (site, layer), computing positions
+    `start` onward (the earlier positions' keys and values come from the base run)."""
+
+    site: str
+    layer: int
+    cells: tuple[tuple[int, int], ...]
+    start: int = 0
+
+
+SUFFIX_BUCKET_ROWS = 32
+"""Rows a bucket of start positions aims for: fewer, and batches get too small to gain from skipping
+positions; more, and rows recompute positions they could skip (see benchmarks/bench_patching_more.py)."""
+
+
+def suffix_reuse(model, s: PatchSpec) -> str | None:
+    """Why a sweep cannot start its patched runs at the first patched position (None: it can).
+
+    In a causal model a patch at position p changes nothing before p: those positions' keys and values are the
+    base run's, so rows patched at p need only compute positions p onward.
+    """
+    if not reuses_cache(model):
+        return "the model runs remotely, where the base run's keys and values are not kept"
+    if s.all_positions:
+        return "a metric reads logits at every position"
+    window = getattr(model.module.config, "sliding_window", None)
+    if window is not None and window < s.pairs.n_pos:
+        return f"sliding-window attention ({window} tokens) shorter than the prompt"
+    return None
+
+
+def plan(s: PatchSpec, chunk: int, suffix: bool) -> list[Unit]:
+    """The forward passes of a sweep. Without `suffix`: per (site, layer), rows pair-major in chunks of `chunk`.
+    With it: per (site, layer), position groups are bucketed by their first position (about
+    `SUFFIX_BUCKET_ROWS` rows a bucket) and each bucket runs from its smallest first position."""
+    n = s.pairs.n_pairs
+    if not suffix:
+        cells = [(pi, c) for pi in range(n) for c in range(s.cells)]
+        buckets = [(0, cells)]
+    else:
+        order = sorted(range(len(s.groups)), key=lambda g: min(s.groups[g]))
+        per_group = n * s.n_heads
+        size = max(1, -(-SUFFIX_BUCKET_ROWS // per_group))
+        buckets = []
+        for b in range(0, len(order), size):
+            groups = order[b : b + size]
+            cells = [(pi, g * s.n_heads + h) for g in groups for pi in range(n) for h in range(s.n_heads)]
+            buckets.append((min(min(s.groups[g]) for g in groups), cells))
+    return [
+        Unit(site, layer, tuple(cells[a:b]), start)
+        for site in s.sites
+        for layer in s.layers
+        for start, cells in buckets
+        for a, b in chunks(len(cells), chunk)
+    ]
+
+
+def patched_logits(
+    model, s: PatchSpec, site: str, layer: int, rows: Rows, base_resid, source, *, start: int = 0, kv=None
+):
     """Logits [row, d_vocab] (or [row, pos, d_vocab]) of the base run with `source` written at `rows`.
 
     base_resid: [pair, pos, d_model] the base run's residual entering `layer`; source: the source run's
     activation at (site, layer), [pair, ...]; for "pattern" it is [pair, head, query, key].
 
-    Blocks below `layer` would recompute the cached base residual, so they are skipped and it is fed in. A
-    pattern acts only through z = pattern @ v, so patching it writes the z that the source pattern gives.
+    Blocks below `layer` would recompute the cached base residual, so they are skipped and it is fed in. With
+    `start` > 0 only positions `start` onward run, on top of `kv`: per layer, the base run's (keys, values)
+    [pair, kv_head, pos, d_head]. A pattern acts only through z = pattern @ v, so patching it writes the z that
+    the source pattern gives (over every key: the cached ones too).
     (The trace body has no comments: remote serialisation drops them and shifts line numbers.)
     """
-    tokens = s.base_tokens.to(model.device)[rows.pair]
+    tokens = s.base_tokens.to(model.device)[rows.pair][:, start:]
     kwargs = {} if s.all_positions else {"logits_to_keep": 1}
+    prefix_v = None
+    if start > 0:
+        kv_rows = [(k[rows.pair, :, :start], v[rows.pair, :, :start]) for k, v in kv]
+        kwargs.update(past_key_values=kv_cache(model, kv_rows), use_cache=True)
+        prefix_v = kv_rows[layer][1].transpose(1, 2)
+    t = rows.t - start
     group = model.cfg.n_heads // model.cfg.n_kv_heads
     with torch.no_grad(), model.trace(tokens, **kwargs):
         if layer > 0:
-            x = base_resid[rows.pair]
+            x = base_resid[rows.pair][:, start:]
             if site == "resid_pre":
-                x[rows.r, rows.t] = source[rows.p, rows.t]
+                x[rows.r, t] = source[rows.p, rows.t]
             enter_at(model, layer, x)
         elif site == "resid_pre":
             x = model.site("resid_pre", 0).value
-            x[rows.r, rows.t] = source[rows.p, rows.t]
+            x[rows.r, t] = source[rows.p, rows.t]
         if site in ("resid_mid", "resid_post", "attn_out", "mlp_out"):
             act = model.site(site, layer).value
-            act[rows.r, rows.t] = source[rows.p, rows.t]
+            act[rows.r, t] = source[rows.p, rows.t]
         elif site == "z":
             act = model.site("z", layer).value
-            act[rows.r, rows.t, rows.h] = source[rows.p, rows.t, rows.h]
+            act[rows.r, t, rows.h] = source[rows.p, rows.t, rows.h]
         elif site == "pattern":
             v = model.site("v", layer).value
+            if prefix_v is not None:
+                v = torch.cat([prefix_v.to(v.dtype), v], dim=1)
             z = model.site("z", layer).value
             p_src = source[rows.p, rows.h, rows.t].to(v.dtype)
-            z[rows.r, rows.t, rows.h] = torch.einsum("ek,ekd->ed", p_src, v[rows.r, :, rows.h // group])
+            z[rows.r, t, rows.h] = torch.einsum("ek,ekd->ed", p_src, v[rows.r, :, rows.h // group])
         logits = model.site("logits").value
         out = (logits if s.all_positions else logits[:, -1]).save()
     return out
@@ -185,7 +273,9 @@ def bytes_per_row(model, s: PatchSpec) -> int:
     return row_bytes(model, t, logit_pos=t if s.all_positions else 1)
 
 
-def make_result(model, s: PatchSpec, method: str, raw, clean, corrupt, options: dict) -> PatchingResult:
+def make_result(
+    model, s: PatchSpec, method: str, raw, clean, corrupt, options: dict, *, complete: bool = True
+) -> PatchingResult:
     provenance = s.provenance(method, dtype=str(model.dtype), **options)
     # torch.__version__ is a str subclass that a weights-only load refuses: keep plain strings
     provenance = dataclasses.replace(provenance, versions={k: str(v) for k, v in provenance.versions.items()})
@@ -208,7 +298,23 @@ def make_result(model, s: PatchSpec, method: str, raw, clean, corrupt, options: 
         corrupt_tokens=p.corrupt_tokens,
         answers=p.answer_tokens,
         provenance=provenance,
-        warnings=baseline_warnings(s, clean, corrupt),
+        warnings=baseline_warnings(s, clean, corrupt) + (non_finite_warnings(s, raw) if complete else ()),
+    )
+
+
+def non_finite_warnings(s: PatchSpec, raw: torch.Tensor) -> tuple[str, ...]:
+    """A sentence when patched values [metric, pair, site, layer, group(, head)] are not finite: how many, and
+    the first cell (its metric, pair, site, layer and positions)."""
+    bad = ~torch.isfinite(raw)
+    if not bad.any():
+        return ()
+    m, pair, si, li, g, *head = (int(i) for i in bad.nonzero()[0])
+    at = f"{s.sites[si]} layer {s.layers[li]}, positions {list(s.groups[g])}"
+    at += f", head {s.heads[head[0]]}" if head else ""
+    return (
+        f"{int(bad.sum())} of {bad.numel()} patched values are not finite (NaN or inf), first for "
+        f"{s.metrics[m].name} of pair {pair} at {at}: the patched run overflows or the metric returns "
+        "non-finite numbers there.",
     )
 
 
@@ -297,42 +403,76 @@ def sweep(
     """
     s = setup(model, clean, corrupt, answers, site, direction, layers, positions, heads, metric)
     run = Run.of(run, progress=progress, cancel=cancel, memory_budget=memory_budget, batch_size=batch_size)
+    no_suffix = suffix_reuse(model, s)
     default_max = _DEFAULT_MAX_ROWS.get(torch.device(model.device).type, 128)
-    chunk = run.rows_per_chunk(bytes_per_row(model, s), model.device, default_max)
-    cache = read_caches(model, s, chunk=chunk)
+    per_row = bytes_per_row(model, s) + (0 if no_suffix else row_bytes(model, 0, kv_pos=s.pairs.n_pos))
+    chunk = run.rows_per_chunk(per_row, model, default_max)
+    cache = read_caches(model, s, chunk=chunk, kv=no_suffix is None)
     clean_m, corrupt_m, clean_lp = baselines(s, cache["logits"])
+    check_baselines(s, clean_m, corrupt_m)
     n = s.pairs.n_pairs
     base_half, source_half = s.halves()
-    rows_per_layer = n * s.cells
-    units = [
-        (site, layer, start, min(start + chunk, rows_per_layer))
-        for site in s.sites
-        for layer in s.layers
-        for start in range(0, rows_per_layer, chunk)
-    ]
-    raw = torch.zeros(len(s.metrics), n, len(s.sites), len(s.layers), s.cells)
-
-    def run_unit(unit) -> None:
-        site, layer, start, stop = unit
-        idx_device = cache[("resid_pre", layer)].device
-        rows = _rows(s, start, stop, idx_device)
-        base_resid = cache[("resid_pre", layer)][base_half]
-        source = cache[(site, layer)][source_half]
-        logits = patched_logits(model, s, site, layer, rows, base_resid, source)
-        values = metric_values(s, logits, rows.pair, clean_lp).cpu()
-        raw[:, rows.pair.cpu(), s.sites.index(site), s.layers.index(layer), rows.cell.cpu()] = values
-
-    run.map(units, run_unit, desc=f"patching {'+'.join(s.sites)}")
+    kv = (
+        [(k[base_half], v[base_half]) for k, v in (cache[("kv", i)] for i in range(model.cfg.n_layers))]
+        if (no_suffix is None)
+        else None
+    )
+    units = plan(s, chunk, suffix=no_suffix is None)
+    raw = torch.full((len(s.metrics), n, len(s.sites), len(s.layers), s.cells), float("nan"))
     shape = (len(s.metrics), n, len(s.sites), len(s.layers), len(s.groups)) + (
         (s.n_heads,) if s.heads else ()
     )
-    result = make_result(
-        model,
-        s,
-        "exact",
-        raw.view(shape),
-        clean_m,
-        corrupt_m,
-        {"memory_budget": run.memory_budget, "batch_size": chunk},
-    )
+    options = {
+        "memory_budget": run.memory_budget,
+        "batch_size": chunk,
+        "suffix_reuse": no_suffix is None,
+        **({"suffix_reuse_off": no_suffix} if no_suffix else {}),
+    }
+    by_layer: dict[tuple[str, int], list[Unit]] = {}
+    for unit in units:
+        by_layer.setdefault((unit.site, unit.layer), []).append(unit)
+    done = [0]
+
+    def run_layer(key: tuple[str, int]) -> None:
+        site, layer = key
+        base_resid = cache[("resid_pre", layer)][base_half]
+        source = cache[(site, layer)][source_half]
+        for unit in by_layer[key]:
+            rows = _rows(s, list(unit.cells), base_resid.device)
+            logits = patched_logits(model, s, site, layer, rows, base_resid, source, start=unit.start, kv=kv)
+            values = metric_values(s, logits, rows.pair, clean_lp).cpu()
+            raw[:, rows.pair.cpu(), s.sites.index(site), s.layers.index(layer), rows.cell.cpu()] = values
+        done[0] += 1
+        if run.on_partial is not None and done[0] < len(by_layer):
+            partial = make_partial(model, s, raw.view(shape).clone(), clean_m, corrupt_m, options, done[0])
+            run.partial(partial)
+
+    # one progress step (and one partial picture) per (site, layer)
+    run.map(list(by_layer), run_layer, desc=f"patching {'+'.join(s.sites)}")
+    result = make_result(model, s, "exact", raw.view(shape), clean_m, corrupt_m, options)
     return warn_baselines(result) if warn else result
+
+
+def make_partial(model, s: PatchSpec, raw, clean, corrupt, options: dict, done: int) -> PatchingResult:
+    """The sweep so far: cells not yet computed are NaN, and a warning says how far it got."""
+    result = make_result(model, s, "exact", raw, clean, corrupt, options, complete=False)
+    total = len(s.sites) * len(s.layers)
+    note = (
+        f"Partial: {done} of {total} (site, layer) rows computed; the others are empty until the sweep "
+        "finishes."
+    )
+    return dataclasses.replace(result, warnings=(note, *result.warnings))
+
+
+def check_baselines(s: PatchSpec, clean: torch.Tensor, corrupt: torch.Tensor) -> None:
+    """Refuse non-finite baselines [metric, pair]: every normalised cell would be NaN."""
+    for name, values in (("clean", clean), ("corrupt", corrupt)):
+        bad = ~torch.isfinite(values)
+        if bad.any():
+            m, pair = (int(i) for i in bad.nonzero()[0])
+            raise InputError(
+                f"The {name} run's {s.metrics[m].name} is {float(values[m, pair])} for pair {pair}: the model's "
+                "outputs (or the metric) are not finite, so no patching value would be. Check the weights for "
+                "NaN/inf (e.g. a failed load or fine-tune) and, for your own metric, that it returns finite "
+                "numbers."
+            )
