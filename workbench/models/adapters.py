@@ -42,6 +42,7 @@ class Adapter:
     attn_out_norm: str | None = None  # sandwich norm applied to the attention output before the residual add
     mlp_out_norm: str | None = None
     norm: Literal["layernorm", "rmsnorm"] = "layernorm"
+    rotary: str | None = None  # model-relative module whose output is the rotary (cos, sin), if any
 
 
 GPT2 = Adapter(
@@ -76,6 +77,7 @@ NEOX = Adapter(
     mlp_out_proj="mlp.dense_4h_to_h",
     qkv="neox_fused",
     qkv_paths=("attention.query_key_value",),
+    rotary="gpt_neox.rotary_emb",
 )
 
 LLAMA = Adapter(
@@ -93,6 +95,7 @@ LLAMA = Adapter(
     qkv="separate",
     qkv_paths=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
     norm="rmsnorm",
+    rotary="model.rotary_emb",
 )
 
 GEMMA2 = dataclasses.replace(
