@@ -197,3 +197,61 @@ class Reference:
 def logit_diff(logits, answers):
     last = logits[:, -1]
     return last.gather(-1, answers[:, :1])[:, 0] - last.gather(-1, answers[:, 1:2])[:, 0]
+
+
+def receiver_grads(ref: Reference, tokens, answers, embed=None):
+    """dM/d(input) of every receiver (label -> [batch, pos, d_model]) for M = logit difference summed over the
+    batch: each receiver gets its own copy of its input, and autograd differentiates the copies. `embed`
+    [batch, pos, d_model] replaces the residual entering layer 0."""
+    copies, handles, state = {}, [], {}
+    if embed is not None:
+        embed = embed.clone().requires_grad_(True)
+        handles.append(ref.block(0).register_forward_pre_hook(lambda m, a: (embed, *a[1:])))
+    for layer in range(ref.L):
+        ln1 = get(ref.block(layer), ref.ln1)
+        handles.append(
+            ln1.register_forward_pre_hook(lambda m, a, layer=layer: state.__setitem__(layer, a[0]))
+        )
+        for which in "qkv":
+            n = ref.H if which == "q" else ref.KV
+            label_of = (
+                (lambda h, which=which, layer=layer: f"L{layer}H{h}.{which}")
+                if (which == "q" or ref.KV == ref.H)
+                else (lambda h, which=which, layer=layer: f"L{layer}KV{h}.{which}")
+            )
+            proj = ref.proj_module(layer, which)
+
+            def edit(m, a, out, n=n, which=which, layer=layer, proj=proj, ln1=ln1, label_of=label_of):
+                out = out.clone()
+                for h in range(n):
+                    x = state[layer].clone()
+                    copies[label_of(h)] = x
+                    new = proj.forward(ln1.forward(x))
+                    ref.proj_slice(out, which, h)[...] = ref.proj_slice(new, which, h)
+                return out
+
+            handles.append(proj.register_forward_hook(edit))
+        ln2 = get(ref.block(layer), ref.ln2)
+
+        def mlp_in(m, a, o, layer=layer, ln2=ln2):
+            x = a[0].clone()
+            copies[f"MLP{layer}"] = x
+            return ln2.forward(x)
+
+        handles.append(ln2.register_forward_hook(mlp_in))
+
+    def final(m, a):
+        x = a[0].clone()
+        copies["logits"] = x
+        return (x,)
+
+    handles.append(get(ref.hf, ref.lnf).register_forward_pre_hook(final))
+    try:
+        logits = ref.hf(tokens, use_cache=False).logits
+        metric = logit_diff(logits, answers).sum()
+        labels = list(copies)
+        grads = torch.autograd.grad(metric, [copies[k] for k in labels])
+    finally:
+        for h in handles:
+            h.remove()
+    return dict(zip(labels, grads))
