@@ -51,7 +51,14 @@ from workbench.toymodels.baselines import (
 )
 from workbench.toymodels.config import DATA_MODES, LABELS, MODELS, SCHEDULES, ToyConfig, paper_steps
 from workbench.toymodels.data import MIXINGS, zero_fraction
-from workbench.toymodels.evaluate import LossCurves, default_ps, evaluate, loss_per_feature, naive_loss
+from workbench.toymodels.evaluate import (
+    LossCurves,
+    combine,
+    default_ps,
+    evaluate,
+    loss_per_feature,
+    naive_loss,
+)
 from workbench.toymodels.models import KINDS, ToyModel, build_task, from_weights, residual_forward
 from workbench.toymodels.train import (
     TrainingProgress,
@@ -85,6 +92,7 @@ __all__ = [
     "build_task",
     "cache_dir",
     "clear_cache",
+    "combine",
     "default_ps",
     "evaluate",
     "finetune",

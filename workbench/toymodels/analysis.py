@@ -79,6 +79,20 @@ class Mechanism(Result):
     provenance: Provenance
 
     viz_module: ClassVar[str] = "workbench.viz.toymodels"
+    shapes: ClassVar[dict[str, str]] = {
+        "eigenvalues": "direction",
+        "eig_cos": "direction",
+        "singular_values": "direction",
+        "sv_cos": "direction",
+        "proj_eig_in": "direction d_mlp",
+        "proj_eig_out": "direction d_mlp",
+        "proj_sv_in": "direction d_mlp",
+        "proj_sv_out": "direction d_mlp",
+        "WW": "feature feature",
+        "M": "feature feature",
+        "W_in": "feature d_mlp",
+        "W_out": "d_mlp feature",
+    }
 
     def mean_cos(self, start: int, stop: int, basis: str = "eig") -> float:
         """Mean cosine over directions start..stop-1 (0-based) of the eigen ("eig") or singular ("sv") basis."""
@@ -198,6 +212,18 @@ class FeatureResponse(Result):
     provenance: Provenance
 
     viz_module: ClassVar[str] = "workbench.viz.toymodels"
+    shapes: ClassVar[dict[str, str]] = {
+        "x": "x",
+        "out": "feature x",
+        "label": "feature x",
+        "slope_pos": "feature",
+        "slope_neg": "feature",
+        "onehot_pos": "feature feature",
+        "onehot_neg": "feature feature",
+        "target_pos": "feature feature",
+        "target_neg": "feature feature",
+        "contrib": "feature neuron",
+    }
 
     def to_frame(self):
         """One row per feature: positive and negative slopes."""
@@ -278,6 +304,16 @@ class SigmaSweep(Result):
     provenance: Provenance
 
     viz_module: ClassVar[str] = "workbench.viz.toymodels"
+    shapes: ClassVar[dict[str, str]] = {
+        "sigma": "sigma",
+        "loss": "kinds sigma",
+        "stderr": "kinds sigma",
+        "naive_noisy": "kinds sigma",
+        "W_in": "kinds sigma feature neuron",
+        "W_out": "kinds sigma neuron feature",
+        "M": "kinds sigma feature feature",
+        "curves": "kinds sigma step",
+    }
 
     def _index(self, kind: str, sigma: float) -> tuple[int, int]:
         if kind not in self.kinds:
@@ -468,6 +504,14 @@ class Transplant(Result):
     provenance: Provenance
 
     viz_module: ClassVar[str] = "workbench.viz.toymodels"
+    shapes: ClassVar[dict[str, str]] = {
+        "phase1": "step1",
+        "phase2": "step2",
+        "W_in_before": "feature neuron",
+        "W_out_before": "neuron feature",
+        "W_in_after": "feature neuron",
+        "W_out_after": "neuron feature",
+    }
 
     def to_frame(self):
         """One row per step of both phases: phase, step (continuing across phases), loss_per_p."""

@@ -112,6 +112,15 @@ class OffsetSweep(Result):
     provenance: Provenance
 
     viz_module: ClassVar[str] = "workbench.viz.toymodels"
+    shapes: ClassVar[dict[str, str]] = {
+        "p": "p",
+        "b": "b",
+        "loss": "p b",
+        "best_b": "p",
+        "best_loss": "p",
+        "mc_loss": "p",
+        "mc_stderr": "p",
+    }
 
     def to_frame(self):
         """One row per (p, b): analytic L/p; plus the optimum and its Monte Carlo check per p."""
@@ -295,6 +304,12 @@ class SNMFSweep(Result):
     provenance: Provenance
 
     viz_module: ClassVar[str] = "workbench.viz.toymodels"
+    shapes: ClassVar[dict[str, str]] = {
+        "sigma": "sigma",
+        "loss": "variants sigma",
+        "stderr": "variants sigma",
+        "naive_noisy": "sigma",
+    }
 
     def to_frame(self):
         import pandas as pd

@@ -84,7 +84,7 @@ def one_hot_batch(batch: int, n_features: int, gen: torch.Generator) -> SparseBa
 def k_active(batch: int, n_features: int, k: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """Exactly `k` distinct active features per row (a uniform subset): ([batch, k] columns, [batch, k] values
     U(-1, 1)). Small k: uniform draws with rows holding a repeat drawn again; large k: top-k of uniforms."""
-    if 4 * k <= n_features:
+    if k <= 8 and 4 * k <= n_features:
         cols = torch.randint(0, n_features, (batch, k), generator=gen)
         while k > 1:
             s = cols.sort(dim=1).values
@@ -92,6 +92,8 @@ def k_active(batch: int, n_features: int, k: int, gen: torch.Generator) -> tuple
             if len(bad) == 0:
                 break
             cols[bad] = torch.randint(0, n_features, (len(bad), k), generator=gen)
+    elif k == n_features:
+        cols = torch.arange(n_features).expand(batch, n_features).clone()
     else:
         cols = torch.rand(batch, n_features, generator=gen).topk(k, dim=1).indices
     values = torch.rand(batch, k, generator=gen) * 2 - 1

@@ -81,6 +81,16 @@ class LossCurves(Result):
     provenance: Provenance
 
     viz_module: ClassVar[str] = "workbench.viz.toymodels"
+    shapes: ClassVar[dict[str, str]] = {
+        "p": "p",
+        "loss": "labels p",
+        "stderr": "labels p",
+        "per_feature": "labels p feature",
+        "train_p": "labels",
+        "own_loss": "labels",
+        "own_stderr": "labels",
+        "naive": "labels",
+    }
 
     @property
     def value(self) -> float:
@@ -315,3 +325,43 @@ def evaluate(
 def loss_per_feature(model: ToyModel, p: float | None = None, **kwargs) -> LossCurves:
     """L/p of one model at one density (``float(result)`` is the number); see `evaluate`."""
     return evaluate([model], model.p if p is None else p, **kwargs)
+
+
+def combine(parts: Sequence[LossCurves]) -> LossCurves:
+    """Stack `LossCurves` of different models evaluated on the same densities, mode, samples and seed (so on the
+    same inputs: the result equals one joint evaluation)."""
+    parts = list(parts)
+    if not parts:
+        raise InputError("Nothing to combine.")
+    first = parts[0]
+    for r in parts[1:]:
+        if (
+            r.mode != first.mode
+            or r.n_samples != first.n_samples
+            or r.seed != first.seed
+            or not torch.equal(r.p, first.p)
+        ):
+            raise InputError(
+                "Only curves evaluated on the same densities, mode, samples and seed can be combined."
+            )
+    cat = lambda name: torch.cat([getattr(r, name) for r in parts])  # noqa: E731
+    return dataclasses.replace(
+        first,
+        loss=cat("loss"),
+        stderr=cat("stderr"),
+        per_feature=cat("per_feature"),
+        labels=tuple(x for r in parts for x in r.labels),
+        kinds=tuple(x for r in parts for x in r.kinds),
+        train_p=cat("train_p"),
+        own_loss=cat("own_loss"),
+        own_stderr=cat("own_stderr"),
+        naive=cat("naive"),
+        provenance=Provenance.capture(
+            "toymodels",
+            models=[m for r in parts for m in r.provenance.options.get("models", [])],
+            p=first.p.tolist(),
+            n_samples=first.n_samples,
+            mode=first.mode,
+            seed=first.seed,
+        ),
+    )

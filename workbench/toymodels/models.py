@@ -112,6 +112,16 @@ class ToyModel(Result):
     provenance: Provenance
 
     viz_module: ClassVar[str] = "workbench.viz.toymodels"
+    shapes: ClassVar[dict[str, str]] = {
+        "W_in": "feature neuron",
+        "W_out": "neuron feature",
+        "M": "feature feature",
+        "curve": "step",
+        "sigma_curve": "sigma_step",
+        "W_E": "feature embed",
+        "W_1": "embed neuron",
+        "W_2": "neuron embed",
+    }
 
     @property
     def cfg(self) -> ToyConfig:

@@ -68,7 +68,7 @@ def cached(key: str, cls: type = Result) -> Any:
     if hit is not None:
         return hit
     folder = cache_dir()
-    path = folder / f"{key.replace(':', '_')}.pt" if folder is not None else None
+    path = folder / f"{key.replace(':', '_')}.safetensors" if folder is not None else None
     if path is not None and path.exists():
         try:
             hit = load_result(path)
@@ -88,7 +88,7 @@ def store(key: str, result: Result) -> None:
     folder = cache_dir()
     if folder is not None:
         folder.mkdir(parents=True, exist_ok=True)
-        result.save(folder / f"{key.replace(':', '_')}.pt")
+        result.save(folder / f"{key.replace(':', '_')}.safetensors")
 
 
 def clear_cache(disk: bool = False) -> None:
@@ -97,7 +97,7 @@ def clear_cache(disk: bool = False) -> None:
         _MEMORY.clear()
     folder = cache_dir()
     if disk and folder is not None and folder.is_dir():
-        for f in folder.glob("*.pt"):
+        for f in folder.glob("*.safetensors"):
             f.unlink()
 
 
