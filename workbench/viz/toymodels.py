@@ -98,7 +98,7 @@ def training_curve(models, *, window: int = 100, log_y: bool = True, title: str 
     if models:
         _naive_line(fig, (models[0].n_features - models[0].d_mlp) / models[0].n_features / 6)
     fig.update_layout(
-        title=title or "training loss per feature (running mean over %d steps)" % window,
+        title=title or f"training loss per feature (running mean over {window} steps)",
         xaxis_title="step",
         yaxis_title="L / p",
         yaxis_type="log" if log_y else "linear",
