@@ -287,11 +287,11 @@ def mnist_data(
         raise InputError(f"split must be 'train' or 'test', got {split!r}")
     mnist = load_mnist(split, data_dir=data_dir, download=download)
     x = mnist.images.reshape(len(mnist), -1).float().div(255.0)
-    code = f'mnist_data("{split}")'
-    data = LibData(x, mnist.labels, f"MNIST {split} ({len(x)} images)", code)
+    where = f", data_dir={str(data_dir)!r}" if data_dir is not None else ""
+    data = LibData(x, mnist.labels, f"MNIST {split} ({len(x)} images)", f'mnist_data("{split}"{where})')
     if n is not None:
         data = data.subset(n, seed=seed)
-        data = dataclasses.replace(data, code=f'mnist_data("{split}", n={n}, seed={seed})')
+        data = dataclasses.replace(data, code=f'mnist_data("{split}", n={n}, seed={seed}{where})')
     return data
 
 

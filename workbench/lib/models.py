@@ -228,6 +228,13 @@ class ModAddTransformer(LibModel):
         raise InputError(f"section {i} does not exist (the mod-add model has 3)")
 
 
+def _where(path, data_dir) -> str:
+    """The location arguments of a loader call, for its code string."""
+    if path is not None:
+        return f", path={str(path)!r}"
+    return f", data_dir={str(data_dir)!r}" if data_dir is not None else ""
+
+
 _MODADD_SKIP = {"blocks.0.attn.mask", "blocks.0.attn.IGNORE"}
 
 
@@ -254,9 +261,7 @@ def load_modadd(seed: int = 0, *, path=None, data_dir=None, download: bool = Tru
         model.load_state_dict(keep)
     except RuntimeError as exc:
         raise ModelLoadError(f"{p} is not a mod-add checkpoint of the authors' shape: {exc}") from exc
-    model.code = (
-        f"load_modadd(seed={seed})" if path is None else f"load_modadd(seed={seed}, path={str(path)!r})"
-    )
+    model.code = f"load_modadd(seed={seed}{_where(path, data_dir)})"
     return model.eval()
 
 
@@ -326,7 +331,7 @@ def load_mnist_mlp(*, path=None, data_dir=None, download: bool = True) -> MnistM
         model.load_state_dict(state)
     except Exception as exc:
         raise ModelLoadError(f"{p} is not the authors' MNIST MLP state dict: {exc}") from exc
-    model.code = "load_mnist_mlp()" if path is None else f"load_mnist_mlp(path={str(path)!r})"
+    model.code = f"load_mnist_mlp({_where(path, data_dir).removeprefix(', ')})"
     return model.eval()
 
 

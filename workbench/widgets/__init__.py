@@ -8,6 +8,7 @@ _PANELS = {
     "LNRemovalPreview": "workbench.widgets.lnfree",
     "PlateauProbe": "workbench.widgets.plateau",
     "SyntheticActivationProbe": "workbench.widgets.sae",
+    "InteractionGraph": "workbench.widgets.lib",
 }
 
 __all__ = list(_PANELS)
