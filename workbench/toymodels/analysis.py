@@ -139,7 +139,8 @@ def mechanism(model: ToyModel) -> Mechanism:
     x, y = M[off], WW[off]
     sxx = float((x * x).sum())
     slope = float((x * y).sum()) / sxx if sxx > 0 else math.nan
-    r2 = 1 - float(((y - slope * x) ** 2).sum()) / float(((y - y.mean()) ** 2).sum()) if sxx > 0 else math.nan
+    sst = float(((y - y.mean()) ** 2).sum())
+    r2 = 1 - float(((y - slope * x) ** 2).sum()) / sst if sxx > 0 and sst > 0 else math.nan
     dx, dy = M.diagonal(), WW.diagonal()
     if float(dx.var()) > 1e-20:
         a, b = (
@@ -328,7 +329,7 @@ class SigmaSweep(Result):
             W_in=self.W_in[k, j],
             W_out=self.W_out[k, j],
             M=self.M[k, j],
-            sigma=float(self.sigma[j]),
+            sigma=cfg.sigma,
             curve=self.curves[k, j],
             sigma_curve=torch.empty(0),
             config=cfg.to_dict(),
@@ -415,11 +416,12 @@ def sigma_sweep(
     for k in kinds:
         if k not in ("symmetric", "asymmetric"):
             raise InputError(f"kinds must be 'symmetric' and/or 'asymmetric', got {k!r}.")
-    sig = torch.as_tensor(sigmas, dtype=torch.float32).flatten()
-    if len(sig) == 0 or bool((sig < 0).any()):
-        raise InputError("sigmas must be a non-empty list of values >= 0.")
+    values = [float(s) for s in torch.as_tensor(sigmas, dtype=torch.float64).flatten().tolist()]
+    if not values or any(not math.isfinite(s) or s < 0 for s in values):
+        raise InputError("sigmas must be a non-empty list of finite values >= 0.")
+    sig = torch.tensor(values)
     run = Run.of(run, progress=progress, cancel=cancel)
-    configs = [base.replace(mixing=k, sigma=float(s), learn_sigma=False) for k in kinds for s in sig.tolist()]
+    configs = [base.replace(mixing=k, sigma=s, learn_sigma=False) for k in kinds for s in values]
     models = train_many(configs, n_workers=n_workers, cache=cache, run=run)
 
     def score(m: ToyModel):

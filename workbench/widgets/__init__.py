@@ -7,6 +7,7 @@ _PANELS = {
     "PatchingExplorer": "workbench.widgets.patching",
     "LNRemovalPreview": "workbench.widgets.lnfree",
     "PlateauProbe": "workbench.widgets.plateau",
+    "ToyModelExplorer": "workbench.widgets.toymodels",
     "SyntheticActivationProbe": "workbench.widgets.sae",
     "InteractionGraph": "workbench.widgets.lib",
 }
