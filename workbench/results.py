@@ -73,6 +73,13 @@ _BUILTIN: dict[str, str] = {
     "FeatureResponse": "workbench.toymodels.analysis",
     "SigmaSweep": "workbench.toymodels.analysis",
     "Transplant": "workbench.toymodels.analysis",
+    "LibGraph": "workbench.lib.build",
+    "NodeAblation": "workbench.lib.ablations",
+    "EdgeAblation": "workbench.lib.ablations",
+    "FourierLabels": "workbench.lib.fourier",
+    "GraphCommunities": "workbench.lib.clusters",
+    "FeatureActivations": "workbench.lib.features",
+    "EdgeAttributions": "workbench.lib.features",
 }
 
 # Named axes of the built-in classes' tensors (see `Result.shapes`); a class that declares `shapes` itself wins.

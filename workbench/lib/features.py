@@ -167,6 +167,7 @@ class EdgeAttributions(Result):
     provenance: Provenance
 
     viz_module: ClassVar[str] = "workbench.viz.lib"
+    shapes: ClassVar[dict[str, str]] = {"x_in": "point", "y_out": "point", "attribution": "point"}
 
     def to_frame(self):
         import pandas as pd
