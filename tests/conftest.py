@@ -36,3 +36,15 @@ def casper_dir() -> Path:
             pytest.fail("the Casper data (../shared/data/casper) is missing on this CI machine")
         pytest.skip("the Casper data (../shared/data/casper) is not beside this checkout")
     return path
+
+
+@pytest.fixture(scope="session")
+def lib_dir() -> Path:
+    """The LIB authors' checkpoints (../shared/data/lib). Missing data fails in CI and skips elsewhere."""
+    base = shared_data_dir()
+    path = base / "lib" if base else None
+    if path is None or not path.is_dir():
+        if os.environ.get("CI"):
+            pytest.fail("the LIB checkpoints (../shared/data/lib) are missing on this CI machine")
+        pytest.skip("the LIB checkpoints (../shared/data/lib) are not beside this checkout")
+    return path

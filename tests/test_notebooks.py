@@ -50,6 +50,8 @@ def test_notebook_runs(path, shared_data):
     data = shared_data
     if data is not None and (data / "casper").is_dir():  # the Casper tutorials read the challenge files here
         os.environ.setdefault("WORKBENCH_CASPER_DIR", str(data / "casper"))
+    if data is not None and (data / "lib").is_dir():  # the LIB tutorial reads the authors' checkpoints here
+        os.environ.setdefault("WORKBENCH_LIB_DIR", str(data / "lib"))
     if path.name in ENTRY_POINTS:
         nb.cells.append(nbformat.v4.new_code_cell(PANEL_WARNINGS))
     try:
