@@ -219,6 +219,6 @@ def latent_attribution(
         layer=layer,
         sae=repr(sae),
         provenance=Provenance.capture(
-            model.name, sae=repr(sae), prompts=list(texts), metric=name, answers=ans
+            model.name, sae=repr(sae), prompts=list(texts), metric=name, answers=ans.tolist()
         ),
     )

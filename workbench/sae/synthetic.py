@@ -242,6 +242,20 @@ def plateau_steps(curves: torch.Tensor, threshold: float, reach: torch.Tensor) -
     return torch.where(hit.any(-1), first, torch.full_like(first, n))
 
 
+def path_points(
+    test: str, start: torch.Tensor, target: torch.Tensor, k: torch.Tensor, n_steps: int, step_size: float
+) -> torch.Tensor:
+    """[r, d] the activations written at steps `k` [r] of paths from `start` [r, d] toward `target` [r, d]:
+    test 1 x_k = (1 - k/(n_steps-1)) start + k/(n_steps-1) target; test 2 x_k = start + step_size k u with
+    u = (target - start)/|target - start|."""
+    k = k.to(start.dtype)[:, None]
+    if test == "blowup":
+        a = k / (n_steps - 1)
+        return (1 - a) * start + a * target
+    diff = target - start
+    return start + step_size * k * diff / diff.norm(dim=-1, keepdim=True).clamp(min=1e-12)
+
+
 # -- the result -----------------------------------------------------------------------------------------------
 
 
@@ -264,7 +278,10 @@ class SyntheticTestResult(Result):
         typical_distance: median read-site distance between the clean runs of a prompt and its other prompt.
         threshold: test 2's threshold in L2 units; threshold_fraction: the same / typical_distance.
         flat_slope: test 1's "no blow-up" slope in L2 units.
-        start_norm, target_norm: [family, sample] norms of the start and target activations.
+        start, target: [family, sample, d_model] each path's start (test 1: the real activation A; test 2: the
+            family's activation X) and target (test 1: the family's activation T; test 2: the random R), in the
+            SAE's input space; `path_points` gives the activations written.
+        start_norm, target_norm: [family, sample] their norms.
         real_norm, mvn_norm: median norms of real activations and of N(mean, cov) samples.
         source_latents, source_values: [sample, m] the active latents of the real code behind each sample
             (index -1 pads), largest first; source_cos_to_top: their decoder cosine to the top latent.
@@ -292,6 +309,8 @@ class SyntheticTestResult(Result):
     threshold: float
     threshold_fraction: float
     flat_slope: float
+    start: torch.Tensor
+    target: torch.Tensor
     start_norm: torch.Tensor
     target_norm: torch.Tensor
     real_norm: float
@@ -687,18 +706,11 @@ def synthetic_activation_test(
     base_of_row = base_index[blocks].repeat_interleave(n_steps)
     flat_start = start.reshape(n_f * n, -1)
     flat_target = target.reshape(n_f * n, -1)
-    unit_dir = None
-    if test == "plateau":
-        diff = flat_target - flat_start
-        unit_dir = diff / diff.norm(dim=-1, keepdim=True).clamp(min=1e-12)
 
     def vectors_for(lo: int, hi: int) -> torch.Tensor:
         r = torch.arange(lo, hi)
-        blk, k = blocks[r // n_steps], r % n_steps
-        if test == "blowup":
-            a = alphas[k, None]
-            return (1 - a) * flat_start[blk] + a * flat_target[blk]
-        return flat_start[blk] + (h * k.float())[:, None] * unit_dir[blk]
+        blk = blocks[r // n_steps]
+        return path_points(test, flat_start[blk], flat_target[blk], r % n_steps, n_steps, h)
 
     total = len(base_of_row)
     ticks = run.progress
@@ -753,6 +765,8 @@ def synthetic_activation_test(
         threshold=tau,
         threshold_fraction=frac,
         flat_slope=FLAT_SLOPE * typical,
+        start=start.float().contiguous(),
+        target=target.float().contiguous(),
         start_norm=start.norm(dim=-1).float(),
         target_norm=target.norm(dim=-1).float(),
         real_norm=float(A.norm(dim=-1).median()),
