@@ -128,7 +128,12 @@ def curves(
             text = f"threshold {tau:.3g} = {frac:.2f} × typical distance ({result.typical_distance:.3g})"
         else:
             text = f"threshold {tau:.3g} nats"
-        fig.add_hline(y=tau, line=dict(color="#444", dash="dash", width=1), annotation_text=text)
+        # a trace, not a shape: panels redraw FigureWidgets, which keep traces reliably
+        fig.add_trace(
+            go.Scatter(x=[steps[0], steps[-1]], y=[tau, tau], mode="lines", name=text,
+                       line=dict(color="#444", dash="dash", width=1), hoverinfo="name",
+                       meta={"role": "threshold", "value": tau})
+        )  # fmt: skip
     kind = "x: max-slope step" if result.test == "blowup" else "o: plateau length"
     fig.update_layout(
         title=f"{'Test 1 (blow-up toward a target)' if result.test == 'blowup' else 'Test 2 (plateau toward a random target)'}"
