@@ -329,7 +329,7 @@ class SigmaSweep(Result):
             W_in=self.W_in[k, j],
             W_out=self.W_out[k, j],
             M=self.M[k, j],
-            sigma=cfg.sigma,
+            sigma=cfg.sigma if cfg.has_sigma else math.nan,
             curve=self.curves[k, j],
             sigma_curve=torch.empty(0),
             config=cfg.to_dict(),
@@ -421,7 +421,14 @@ def sigma_sweep(
         raise InputError("sigmas must be a non-empty list of finite values >= 0.")
     sig = torch.tensor(values)
     run = Run.of(run, progress=progress, cancel=cancel)
-    configs = [base.replace(mixing=k, sigma=s, learn_sigma=False) for k in kinds for s in values]
+    # sigma = 0 is the clean task whatever the kind: one model (the clean config) serves every kind there
+    configs = [
+        base.replace(mixing=k, sigma=s, learn_sigma=False)
+        if s > 0
+        else base.replace(mixing="clean", sigma=0.0)
+        for k in kinds
+        for s in values
+    ]
     models = train_many(configs, n_workers=n_workers, cache=cache, run=run)
 
     def score(m: ToyModel):

@@ -74,6 +74,12 @@ def bernoulli_batch(batch: int, n_features: int, p: float, gen: torch.Generator)
     return SparseBatch(batch, n_features, pos // n_features, pos % n_features, values)
 
 
+def bernoulli_dense(batch: int, n_features: int, p: float, gen: torch.Generator) -> torch.Tensor:
+    """[batch, feature] dense inputs with the law of `bernoulli_batch` (for dense p, where coordinates cost more)."""
+    mask = torch.rand(batch, n_features, generator=gen) < p
+    return (torch.rand(batch, n_features, generator=gen) * 2 - 1) * mask
+
+
 def one_hot_batch(batch: int, n_features: int, gen: torch.Generator) -> SparseBatch:
     """Exactly one active feature per row, uniformly chosen, value U(-1, 1)."""
     cols = torch.randint(0, n_features, (batch,), generator=gen)

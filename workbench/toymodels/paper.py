@@ -53,6 +53,7 @@ PAPER: dict[str, PaperValue] = {
     "embed_GI_p1": PaperValue(0.105, "fig", "embedding-like M, L/p at p = 1"),
     "sym_learned_p1": PaperValue(0.106, "fig", "symmetric M, L/p at p = 1"),
     "asym_learned_p1": PaperValue(0.107, "fig", "asymmetric M, L/p at p = 1"),
+    "clean_p001": PaperValue(0.083, "fig", "M = 0, L/p at p = 0.001"),
     "clean_p1": PaperValue(0.080, "fig", "M = 0, L/p at p = 1"),
     "embed_GI_cross": PaperValue(0.07, "fig", "embedding-like M: p where L/p crosses naive"),
     "sym_learned_cross": PaperValue(0.07, "fig", "symmetric M: p where L/p crosses naive"),
@@ -113,6 +114,12 @@ PAPER: dict[str, PaperValue] = {
     "regime_0.2": PaperValue(0.079, "fig", "two regimes: p = 0.2"),
     "regime_0.5": PaperValue(0.072, "fig", "two regimes: p = 0.5"),
     "regime_1": PaperValue(0.053, "fig", "two regimes: p = 1"),
+    "sparse_slope_median": PaperValue(
+        0.575, "fig", "sparse-trained model: median slope of a feature's ReLU (0.4-0.75)"
+    ),
+    "dense_features_above_half": PaperValue(
+        50, "fig", "dense-trained model (p = 1): features with slope > 0.5 (about 50)"
+    ),
 }
 
 # figure overlays (viz)
@@ -132,12 +139,20 @@ OFFSET_POINTS = [(0.014, 0.081), (0.019, 0.053)]
 REGIMES = [(0.001, 0.072), (0.002, 0.073), (0.005, 0.075), (0.01, 0.076), (0.02, 0.078), (0.05, 0.080), (0.1, 0.080),
            (0.2, 0.079), (0.5, 0.072), (1.0, 0.053)]  # fmt: skip
 
-TOLERANCE: dict[str, dict[str, float]] = {"ci": {}, "cpu": {}}
-"""Measured tolerances per profile (see the module docstring); filled in below."""
+_ANALYTIC = {
+    # 20 draws of W_E (100 x 1000) and of 100,000 inputs: largest deviations 0.00077, 0.032, 0.083, 0.0032
+    "offdiag_std": 0.001,
+    "eig_min_GI": 0.04,
+    "eig_max_GI": 0.09,  # the top edge of a 100 x 1000 draw sits below the asymptotic 0.73 (0.65-0.74 measured)
+    "zero_fraction": 0.005,
+}
+TOLERANCE: dict[str, dict[str, float | None]] = {"ci": dict(_ANALYTIC), "cpu": dict(_ANALYTIC)}
+"""Measured tolerances per profile (see the module docstring); None: not comparable at that profile's size."""
 
 
-def tolerance(name: str, profile: str = "cpu") -> float:
-    """The tolerance of quantity `name` under `profile` ("ci", "cpu" or "full")."""
+def tolerance(name: str, profile: str = "cpu") -> float | None:
+    """The tolerance of quantity `name` under `profile` ("ci", "cpu" or "full"); None where that profile's runs are
+    too small to reproduce the number (it is then shown, not checked)."""
     profile = "cpu" if profile == "full" else profile
     if profile not in TOLERANCE:
         raise InputError(f"profile must be 'ci', 'cpu' or 'full', got {profile!r}.")
@@ -149,7 +164,8 @@ def tolerance(name: str, profile: str = "cpu") -> float:
 
 
 def compare(values: dict[str, float], profile: str = "cpu"):
-    """A DataFrame: quantity, what, source, paper, ours, difference, tolerance, within (|ours - paper| <= tol)."""
+    """A DataFrame: quantity, what, source, paper, ours, difference, tolerance, within (|ours - paper| <= tol;
+    None where the quantity is not comparable at this profile)."""
     import pandas as pd
 
     rows = []
@@ -157,6 +173,7 @@ def compare(values: dict[str, float], profile: str = "cpu"):
         ref = PAPER[name]
         tol = tolerance(name, profile)
         diff = float(ours) - ref.value
+        within = None if tol is None else bool(math.isfinite(diff) and abs(diff) <= tol)
         rows.append(
             {
                 "quantity": name,
@@ -166,7 +183,7 @@ def compare(values: dict[str, float], profile: str = "cpu"):
                 "ours": float(ours),
                 "difference": diff,
                 "tolerance": tol,
-                "within": bool(abs(diff) <= tol) if math.isfinite(diff) else False,
+                "within": within,
             }
         )
     return pd.DataFrame(rows)

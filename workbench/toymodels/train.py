@@ -26,12 +26,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from workbench.core import CancelToken, Run
 from workbench.errors import InputError
 from workbench.results import Provenance, Result, load_result
 from workbench.toymodels.config import ToyConfig
-from workbench.toymodels.data import bernoulli_batch, generator, one_hot_batch, sparse_labels, sparse_matmul
+from workbench.toymodels.data import bernoulli_batch, bernoulli_dense, generator, one_hot_batch
 from workbench.toymodels.models import ToyModel, build_task
 
 DENSE_NNZ = 0.05
@@ -167,36 +168,61 @@ def _fit(
         list(params.values()) + ([sigma] if sigma is not None else []),
         lr=cfg.lr,
         weight_decay=cfg.weight_decay,
+        fused=True,  # one kernel per step instead of a dozen: a third of the step time at this size
     )
     W_E = task.W_E
-    fixed_M = None if sigma is not None else task.mixing(cfg.sigma)
+    # labels: y = ReLU(x) + x M^T with M = fixed + sigma * unit; the part that does not train is a lookup table
+    # [M_fixed^T; I] read by one embedding bag (rows: input features, then their ReLU)
+    fixed_M = task.mixing(cfg.sigma) if sigma is None else task.fixed
+    table = torch.cat([fixed_M.T, torch.eye(n)]).contiguous()
+    unit_T = task.unit.T.contiguous() if sigma is not None else None
+    clean = not bool(fixed_M.any())
     p_eval = cfg.p_eval
     curve = torch.empty(cfg.steps)
     sigma_curve = torch.empty(cfg.steps if sigma is not None else 0)
     every = max(25, cfg.steps // 200)
     dense = cfg.data == "bernoulli" and cfg.p > DENSE_NNZ
+    scale = 1.0 / (cfg.batch_size * n)
     for step in run.steps(cfg.steps, desc=cfg.describe()):
         lr = learning_rate(cfg, step, cfg.steps)
         for group in opt.param_groups:
             group["lr"] = lr
         if cfg.data == "one_hot":
             batch = one_hot_batch(cfg.batch_size, n, gen_data)
-        else:
+        elif not dense:
             batch = bernoulli_batch(cfg.batch_size, n, cfg.p, gen_data)
         if W_E is not None:  # the residual model, folded: x W_E W_1 and W_2 W_E^T (same function, see models)
             V_in, V_out = W_E @ params["W_1"], params["W_2"] @ W_E.T
         else:
             V_in, V_out = params["W_in"], params["W_out"]
-        M = task.mixing(sigma) if sigma is not None else fixed_M
         if dense:
-            x = batch.dense()
-            out = torch.relu(x @ V_in) @ V_out
-            y = torch.relu(x) + x @ M.T
+            x = bernoulli_dense(cfg.batch_size, n, cfg.p, gen_data)
+            with torch.no_grad():
+                y = torch.relu(x) if clean else torch.relu(x) + x @ fixed_M.T
+            if sigma is not None:
+                y = y + sigma * (x @ unit_T)
+            err = torch.relu(x @ V_in) @ V_out - y
         else:
-            out = torch.relu(sparse_matmul(batch, V_in)) @ V_out
-            y = sparse_labels(batch, M.T)
-        err = out - y
-        loss = (err * err).mean() if cfg.loss_power == 2 else (err * err).pow(2).mean()
+            # all-zero inputs have output 0 and label 0 (no biases): they add exact zeros to the loss and its
+            # gradient, so only the non-empty rows are computed (rows of a batch come sorted)
+            _, counts = torch.unique_consecutive(batch.rows, return_counts=True)
+            offsets = torch.cumsum(counts, 0) - counts
+            h = F.embedding_bag(batch.cols, V_in, offsets, mode="sum", per_sample_weights=batch.values)
+            with torch.no_grad():
+                idx = torch.stack([batch.cols, batch.cols + n], 1).flatten()
+                w = torch.stack([batch.values, torch.relu(batch.values)], 1).flatten()
+                y = F.embedding_bag(idx, table, 2 * offsets, mode="sum", per_sample_weights=w)
+                if sigma is not None:
+                    mix = F.embedding_bag(
+                        batch.cols, unit_T, offsets, mode="sum", per_sample_weights=batch.values
+                    )
+            if sigma is not None:
+                y = y + sigma * mix
+            err = torch.relu(h) @ V_out - y
+        sq = err * err
+        loss = (sq.sum() if cfg.loss_power == 2 else (sq * sq).sum()) * (
+            scale if not dense else 1 / sq.numel()
+        )
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
