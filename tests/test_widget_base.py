@@ -8,11 +8,14 @@ import threading
 import numpy as np
 import plotly.graph_objects as go
 import pytest
+from frontend_mirror import Frontend, figure_json
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from plotly.subplots import make_subplots
 
 from workbench.errors import InputError
 from workbench.runner import run_chunked
-from workbench.widgets.base import Panel, replace_figure
+from workbench.widgets.base import Panel, PanelFigure, replace_figure
 
 
 class Echo(Panel):
@@ -132,3 +135,67 @@ def test_replace_figure_updates_values_in_place():
         and "customdata" not in changed
         and "template" not in changed
     )
+
+
+# -- a redraw in place shows exactly what a fresh figure would ------------------------------------------------
+FIGURE_PARTS = st.fixed_dictionaries(
+    {
+        "kinds": st.lists(st.sampled_from(["heatmap", "bar", "scatter"]), min_size=1, max_size=3),
+        "n": st.integers(1, 4),
+        "subplot_titles": st.booleans(),
+        "title": st.one_of(st.none(), st.sampled_from(["first view", "second view"])),
+        "legend_title": st.one_of(st.none(), st.just("family")),
+        "hline": st.one_of(st.none(), st.floats(-1, 1)),
+        "x_range": st.one_of(st.none(), st.tuples(st.just(-0.5), st.floats(1, 5))),
+        "log_y": st.booleans(),
+        "height": st.one_of(st.none(), st.sampled_from([300, 480])),
+    }
+)
+
+
+def build_figure(parts: dict) -> go.Figure:
+    """A figure with the layout pieces the panels use: subplots and their titles, a title, a legend title, a
+    threshold line with its label, a fixed axis range, a log axis, a height."""
+    kinds, n = parts["kinds"], parts["n"]
+    titles = [f"{k} {i}" for i, k in enumerate(kinds)] if parts["subplot_titles"] else None
+    fig = make_subplots(rows=1, cols=len(kinds), subplot_titles=titles) if len(kinds) > 1 else go.Figure()
+    for i, kind in enumerate(kinds):
+        where = {"row": 1, "col": i + 1} if len(kinds) > 1 else {}
+        values = np.arange(n, dtype=float) + i
+        if kind == "heatmap":
+            trace = go.Heatmap(z=np.outer(values, values), x=[f"p{j}" for j in range(n)], zmid=0.0)
+        elif kind == "bar":
+            trace = go.Bar(x=[f"L{j}" for j in range(n)], y=values, name=f"bars {i}")
+        else:
+            trace = go.Scatter(x=values, y=values**2, mode="lines", name=f"line {i}", line={"width": 1 + i})
+        fig.add_trace(trace, **where)
+    if parts["hline"] is not None:
+        fig.add_hline(y=parts["hline"], annotation_text=f"threshold {parts['hline']:.3g}")
+    if parts["x_range"] is not None:
+        fig.update_xaxes(range=list(parts["x_range"]))
+    if parts["log_y"]:
+        fig.update_yaxes(type="log")
+    fig.update_layout(template="plotly_white")
+    if parts["title"] is not None:
+        fig.update_layout(title={"text": parts["title"]})
+    if parts["legend_title"] is not None:
+        fig.update_layout(legend={"title": {"text": parts["legend_title"]}})
+    if parts["height"] is not None:
+        fig.update_layout(height=parts["height"])
+    return fig
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(FIGURE_PARTS, min_size=1, max_size=5))
+def test_any_sequence_of_redraws_shows_the_last_figure(sequence):
+    """After any sequence of in-place redraws, the figure (in Python), what a page that watched every delta
+    holds, and what a page that connects now receives all equal the last figure built fresh."""
+    target = PanelFigure()
+    watching = Frontend(target)
+    for parts in sequence:
+        fresh = build_figure(parts)
+        replace_figure(target, fresh)
+        expected = figure_json(fresh)
+        assert figure_json(target) == expected
+        assert watching.figure() == expected
+    assert Frontend(target).figure() == expected

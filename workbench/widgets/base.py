@@ -16,66 +16,15 @@ from collections.abc import Callable
 from typing import Any
 
 import ipywidgets as widgets
-import numpy as np
 import plotly.graph_objects as go
 
 from workbench.errors import Cancelled, WorkbenchError
 from workbench.runner import CancelToken
+from workbench.widgets.figure import PanelFigure, replace_figure
+
+__all__ = ["Panel", "PanelFigure", "replace_figure"]
 
 _COLOURS = {"info": "#444", "ok": "#1a7f37", "error": "#c62828", "busy": "#8a6d00"}
-
-
-def replace_figure(target: go.FigureWidget, new: go.Figure) -> None:
-    """Redraw `target` with the traces and layout of `new` (one message to the browser).
-
-    A redraw from a stored result mostly changes values, not structure. When `new` has the same traces and
-    layout properties as `target` (same trace types, same property names), only the values that differ are set,
-    in place: the traces keep their click handlers, and the template is not re-validated (the slowest part of a
-    full replacement). Otherwise traces and layout are replaced.
-    """
-    old_traces, new_traces = [_props(t) for t in target.data], [_props(t) for t in new.data]
-    old_layout, new_layout = target.layout.to_plotly_json(), new.layout.to_plotly_json()
-    same = len(old_traces) == len(new_traces) and all(
-        a.keys() == b.keys() and a["type"] == b["type"] for a, b in zip(old_traces, new_traces)
-    )
-    with target.batch_update():
-        if same:
-            for trace, a, b in zip(target.data, old_traces, new_traces):
-                _set_changed(trace, a, b)
-        else:
-            target.data = []
-            target.add_traces(list(new.data))
-        if same and old_layout.keys() == new_layout.keys():
-            _set_changed(target.layout, old_layout, new_layout)
-        else:
-            target.layout = new.layout
-
-
-def _props(trace) -> dict:
-    props = trace.to_plotly_json()
-    props.pop("uid", None)  # a FigureWidget names its traces itself
-    return props
-
-
-def _set_changed(obj, current: dict, props: dict) -> None:
-    changes = {k: v for k, v in props.items() if not _equal(current[k], v)}
-    if changes:
-        obj.update(changes, overwrite=True)
-
-
-def _equal(a, b) -> bool:
-    if type(a) is not type(b):
-        return False
-    if isinstance(a, np.ndarray):
-        return a.shape == b.shape and a.dtype == b.dtype and bool(np.array_equal(a, b))
-    if isinstance(a, dict):
-        return a.keys() == b.keys() and all(_equal(a[k], b[k]) for k in a)
-    if isinstance(a, (list, tuple)):
-        try:
-            return bool(a == b)
-        except ValueError:  # arrays inside: compare element by element
-            return len(a) == len(b) and all(_equal(x, y) for x, y in zip(a, b))
-    return a == b
 
 
 class Panel(widgets.VBox):
@@ -91,7 +40,7 @@ class Panel(widgets.VBox):
 
     def __init__(self, *, figure: go.FigureWidget | None = None, **kwargs):
         self.result = None
-        self.figure = figure if figure is not None else go.FigureWidget()
+        self.figure = figure if figure is not None else PanelFigure()
         self.status = widgets.HTML(layout=widgets.Layout(min_height="22px"))
         self.progress = widgets.FloatProgress(
             value=0, min=0, max=1, layout=widgets.Layout(width="220px", visibility="hidden")

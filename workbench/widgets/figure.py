@@ -1,0 +1,108 @@
+"""Redrawing a plotly `FigureWidget` so that the browser shows exactly what a fresh figure would.
+
+A FigureWidget talks to the browser in deltas: `Plotly.restyle` / `Plotly.relayout` / `Plotly.update` messages
+that *merge* into what the page already holds. A property the new figure lacks is therefore kept by the page
+unless the delta names it with `null`: subplot titles, axes and ranges of the previous view survive. `replace_figure`
+sends one delta that sets every changed top-level property (a container as a whole, so its stale sub-keys go
+too) and deletes every property the new figure does not have, for the layout and for each kept trace.
+
+`PanelFigure` is a FigureWidget whose widget state (what a page that connects later, or reloads, draws first) is the
+current figure: plain FigureWidgets keep the state they were built with and rely on deltas only, which a page
+that connects after the deltas were sent (Voila without progressive rendering) never sees.
+"""
+
+from __future__ import annotations
+
+from copy import deepcopy
+
+import numpy as np
+import plotly.graph_objects as go
+from plotly.basedatatypes import Undefined
+
+
+class PanelFigure(go.FigureWidget):
+    """A `go.FigureWidget` whose synced state always describes its current traces and layout.
+
+    The deltas that `replace_figure` sends update pages that are already showing the figure; a page that asks
+    for the widget's state later (a reloaded notebook, a Voila app that connects after its cells ran) gets the
+    figure as it is now, not as it was built.
+    """
+
+    def get_state(self, key=None, drop_defaults=False):
+        if hasattr(self, "_layout_obj"):  # (the widget machinery asks for state before the figure exists)
+            # set without a change notification: this state is being read, not changed
+            self._trait_values["_widget_data"] = deepcopy(self._data)
+            self._trait_values["_widget_layout"] = deepcopy(self._layout_obj._props)
+        return super().get_state(key=key, drop_defaults=drop_defaults)
+
+
+def replace_figure(target: go.FigureWidget, new: go.Figure) -> None:
+    """Make `target` show `new`: afterwards its traces and layout equal `new`'s, in Python and in the browser.
+
+    A trace is kept where the new figure has a trace of the same type at the same index (its click handlers stay,
+    and only its changed properties are sent); the old traces after the first difference are removed and the new
+    ones added. Properties are compared at the top level: a changed one is sent whole, a vanished one as null
+    (deleted). The changes to kept traces and to the layout go in one `Plotly.update` message.
+    """
+    old_traces = [t.to_plotly_json() for t in target.data]
+    new_traces = [t.to_plotly_json() for t in new.data]
+    keep = 0
+    while (
+        keep < min(len(old_traces), len(new_traces)) and old_traces[keep]["type"] == new_traces[keep]["type"]
+    ):
+        keep += 1
+    deltas = {i: _delta(old_traces[i], new_traces[i]) for i in range(keep)}
+    deltas = {i: d for i, d in deltas.items() if d}
+    indexes = sorted(deltas)
+    restyle = {
+        key: [deltas[i].get(key, Undefined) for i in indexes]
+        for key in sorted({k for d in deltas.values() for k in d})
+    }
+    relayout = _delta(target.layout.to_plotly_json(), new.layout.to_plotly_json())
+    if keep < len(old_traces):
+        target.data = target.data[:keep]
+    for key in relayout.keys() - set(target.layout):
+        if relayout[key] is not None:
+            target.layout[key] = {}  # a new subplot (xaxis2, ...): the layout accepts it from now on
+    if restyle or relayout:
+        target.plotly_update(restyle_data=restyle, relayout_data=relayout, trace_indexes=indexes or None)
+        # plotly_update changes the property dicts only: the Python objects of the changed properties
+        # (fig.layout.annotations, ...) are rebuilt from them on next access
+        _forget(target.layout, relayout)
+        for i in indexes:
+            _forget(target.data[i], deltas[i])
+    if keep < len(new_traces):
+        target.add_traces(list(new.data[keep:]))
+
+
+def _forget(obj, keys) -> None:
+    subplots = getattr(obj, "_subplotid_props", ())
+    for key in keys:
+        obj._compound_props.pop(key, None)
+        obj._compound_array_props.pop(key, None)
+        if key in subplots:  # (xaxis2, ...: read from this cache without a fallback)
+            obj._compound_props[key] = obj._get_validator(key).data_class(_parent=obj, plotly_name=key)
+
+
+def _delta(current: dict, props: dict) -> dict:
+    """Top-level properties to set (changed or new) and to delete (None) to turn `current` into `props`."""
+    delta = {k: v for k, v in props.items() if k not in current or not _equal(current[k], v)}
+    delta.update({k: None for k in current.keys() - props.keys() if k != "uid"})
+    delta.pop("uid", None)  # a FigureWidget names its traces itself
+    return delta
+
+
+def _equal(a, b) -> bool:
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, np.ndarray):
+        return (
+            a.shape == b.shape
+            and a.dtype == b.dtype
+            and bool(np.array_equal(a, b, equal_nan=a.dtype.kind == "f"))
+        )
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(_equal(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(_equal(x, y) for x, y in zip(a, b))
+    return a == b
