@@ -305,6 +305,18 @@ def test_topk_training(model, rows):
     assert ((sae.encode(_acts(model, rows)) > 0).sum(-1) <= 4).all()
 
 
+def test_batchtopk_training_saves_a_jumprelu_sae(model, rows, tmp_path):
+    sae = train_sae(model, rows, progress=False, **{**SMALL, "architecture": "batchtopk", "k": 6})
+    theta = sae.cfg.metadata["training"]["batchtopk_threshold"]
+    assert sae.cfg.architecture == "jumprelu" and theta > 0
+    assert torch.allclose(sae.threshold, torch.full((sae.d_sae,), theta))
+    l0 = (sae.encode(_acts(model, rows)) > 0).sum(-1).float()
+    assert l0.std() > 0 and 1 <= l0.mean() <= 30  # variable per token, around k
+    save_sae(sae, tmp_path)
+    assert json.loads((tmp_path / "cfg.json").read_text())["architecture"] == "jumprelu"
+    assert load_sae(tmp_path).same_as(sae)
+
+
 def test_training_progress_cancel_and_errors(model, rows):
     seen = []
     train_sae(model, rows, progress=lambda d, t: seen.append((d, t)), **{**SMALL, "steps": 5})

@@ -57,6 +57,17 @@ class LatentAttribution(Result):
     provenance: Provenance
 
     viz_module: ClassVar[str] = "workbench.viz.sae"
+    shapes: ClassVar[dict[str, str]] = {
+        "prompt": "entry",
+        "position": "entry",
+        "latent": "entry",
+        "activation": "entry",
+        "attribution": "entry",
+        "error_attribution": "tokens pos",
+        "metric_value": "tokens",
+        "answers": "tokens 2",
+        "tokens": "tokens pos",
+    }
 
     def by_latent(self):
         """Total attribution per latent over prompts and positions, largest magnitude first (a DataFrame)."""

@@ -61,6 +61,18 @@ class LatentContexts(Result):
     provenance: Provenance
 
     viz_module: ClassVar[str] = "workbench.viz.sae"
+    shapes: ClassVar[dict[str, str]] = {
+        "latents": "latents",
+        "values": "latents k",
+        "row": "latents k",
+        "position": "latents k",
+        "context_ids": "latents k window",
+        "context_acts": "latents k window",
+        "frequency": "latents",
+        "mean_active": "latents",
+        "histogram": "latents bins",
+        "bin_edges": "latents edges",
+    }
 
     def index_of(self, latent: int) -> int:
         hits = torch.nonzero(self.latents == latent).flatten()

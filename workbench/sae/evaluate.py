@@ -73,6 +73,11 @@ class SAEEvaluation(Result):
     provenance: Provenance
 
     viz_module: ClassVar[str] = "workbench.viz.sae"
+    shapes: ClassVar[dict[str, str]] = {
+        "l0_by_position": "seq_len",
+        "l0_per_token": "n_tokens",
+        "firing_frequency": "latent",
+    }
 
     def summary(self) -> dict[str, float]:
         """The headline numbers as a dict."""

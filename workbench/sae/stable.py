@@ -75,6 +75,13 @@ class StableRegionsResult(Result):
     provenance: Provenance
 
     viz_module: ClassVar[str] = "workbench.viz.sae"
+    shapes: ClassVar[dict[str, str]] = {
+        "alphas": "step",
+        "distance": "models prompts_a step",
+        "l2": "models prompts_a step",
+        "kl": "models prompts_a step",
+        "sharpness": "models prompts_a",
+    }
 
     @property
     def read_label(self) -> str:

@@ -339,6 +339,26 @@ class SyntheticTestResult(Result):
     provenance: Provenance
 
     viz_module: ClassVar[str] = "workbench.viz.sae"
+    shapes: ClassVar[dict[str, str]] = {
+        "l2": "families sample_prompt step",
+        "kl": "families sample_prompt step",
+        "steps": "step",
+        "alphas": "step",
+        "reach": "families sample_prompt",
+        "start": "families sample_prompt d_model",
+        "target": "families sample_prompt d_model",
+        "start_norm": "families sample_prompt",
+        "target_norm": "families sample_prompt",
+        "source_latents": "sample_prompt m",
+        "source_values": "sample_prompt m",
+        "source_cos_to_top": "sample_prompt m",
+        "twin_latents": "families sample_prompt m",
+        "twin_values": "families sample_prompt m",
+        "twin_cos_to_top": "families sample_prompt m",
+        "reencoding": "families sample_prompt",
+        "latent_frequency": "latent",
+        "noise_floor": "sample_prompt",
+    }
 
     @property
     def n_steps(self) -> int:

@@ -9,7 +9,7 @@ Recipe (Bricken et al. 2023, "Towards Monosemanticity", and SAELens' defaults wh
 - Inputs are scaled by one constant so that their mean squared norm is d_in (the L1 coefficient then means the
   same at any site); the constant is folded into the weights at the end, so the saved SAE reads raw activations.
 - ReLU SAEs minimise ``|x - x_hat|^2 + l1 * sum|f|`` (the L1 coefficient ramps up over the first `l1_warmup` of
-  the steps); TopK SAEs minimise the reconstruction error alone. Decoder rows are kept at unit norm: the gradient's
+  the steps); TopK and BatchTopK SAEs (`TRAINABLE`) minimise the reconstruction error alone. Decoder rows are kept at unit norm: the gradient's
   component along each row is removed before the step and the rows are renormalised after it (so the L1 term
   cannot be cheated by shrinking codes and growing rows).
 - Dead latents are resampled (Bricken et al.): every `resample_every` steps, until `resample_until` of training,
@@ -32,6 +32,12 @@ from workbench.core import CancelToken, ProgressCallback, Run
 from workbench.errors import InputError
 from workbench.sae import activations as acts
 from workbench.sae.model import SAE, SAEConfig
+
+TRAINABLE = ("relu", "topk", "batchtopk")
+"""relu: ReLU + L1; topk: the k largest pre-activations of every input; batchtopk (Bussmann et al. 2024): the
+k x batch largest of the whole batch, so inputs get more or fewer latents as they need, and at inference a
+threshold (a running mean of the smallest kept activation) in their place: saved as a JumpReLU SAE with one
+threshold for every latent."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,10 +62,10 @@ class TrainSettings:
     seed: int = 0
 
     def check(self) -> None:
-        if self.architecture not in ("relu", "topk"):
-            raise InputError(f"train_sae trains 'relu' or 'topk' SAEs, got {self.architecture!r}.")
-        if self.architecture == "topk" and not (isinstance(self.k, int) and self.k >= 1):
-            raise InputError("A topk SAE needs k, a positive whole number of active latents.")
+        if self.architecture not in TRAINABLE:
+            raise InputError(f"train_sae trains {', '.join(TRAINABLE)} SAEs, got {self.architecture!r}.")
+        if self.architecture in ("topk", "batchtopk") and not (isinstance(self.k, int) and self.k >= 1):
+            raise InputError(f"A {self.architecture} SAE needs k, a positive whole number of active latents.")
         for name in ("steps", "batch_size", "buffer_tokens", "rows_per_chunk", "resample_every", "expansion"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -175,7 +181,7 @@ def train_sae(
         )
     d_in = acts.site_width(model, site)
     d_sae = s.d_sae or s.expansion * d_in
-    if s.architecture == "topk" and s.k > d_sae:
+    if s.architecture in ("topk", "batchtopk") and s.k > d_sae:
         raise InputError(f"k={s.k} is more than the {d_sae} latents.")
     gen = torch.Generator().manual_seed(s.seed)
     started = time.perf_counter()
@@ -184,7 +190,7 @@ def train_sae(
     first = buffer.data
     scale = float((first.pow(2).sum(-1).mean() / d_in).rsqrt())  # mean squared norm -> d_in
 
-    init = SAE.init(d_in, d_sae, site=site, layer=layer, architecture=s.architecture, k=s.k, seed=s.seed)
+    init = SAE.init(d_in, d_sae, site=site, layer=layer, seed=s.seed)
     W_dec = init.W_dec.detach().clone().requires_grad_(True)
     W_enc = init.W_enc.detach().clone().requires_grad_(True)
     b_enc = torch.zeros(d_sae, requires_grad=True)
@@ -199,15 +205,26 @@ def train_sae(
     decay_from = int((1 - s.lr_decay) * s.steps)
     stop_resampling = int(s.resample_until * s.steps)
     log_every = max(1, s.steps // 100)
+    theta: float | None = (
+        None  # batchtopk's inference threshold (running mean of the smallest kept activation)
+    )
 
     for step in run.steps(s.steps, desc=f"training SAE ({site} {layer})"):
         x = buffer.batch(s.batch_size) * scale
         pre = (x - b_dec) @ W_enc + b_enc
         if s.architecture == "relu":
             f = torch.relu(pre)
-        else:
+        elif s.architecture == "topk":
             top = pre.topk(s.k, dim=-1)
             f = torch.zeros_like(pre).scatter(-1, top.indices, torch.relu(top.values))
+        else:
+            flat = torch.relu(pre).flatten()
+            top = flat.topk(min(s.k * len(x), flat.numel()))
+            f = torch.zeros_like(flat).scatter(0, top.indices, top.values).view_as(pre)
+            kept = top.values[top.values > 0]
+            if len(kept):
+                smallest = float(kept.min().detach())
+                theta = smallest if theta is None else 0.99 * theta + 0.01 * smallest
         x_hat = f @ W_dec + b_dec
         err = (x_hat - x).pow(2).sum(-1)
         mse = err.mean()
@@ -245,8 +262,13 @@ def train_sae(
     with torch.no_grad():  # fold the input scale: f_raw = f / scale, decoder rows stay unit
         b_dec_raw = b_dec.detach() / scale
         b_enc_raw = b_enc.detach() / scale
+    threshold = None
+    architecture = s.architecture
+    if architecture == "batchtopk":
+        architecture = "jumprelu"
+        threshold = torch.full((d_sae,), (theta or 0.0) / scale)
     cfg = SAEConfig(
-        architecture=s.architecture,
+        architecture=architecture,
         d_in=d_in,
         d_sae=d_sae,
         site=site,
@@ -261,6 +283,7 @@ def train_sae(
             "training": {
                 "settings": dataclasses.asdict(s),
                 "input_scale": scale,
+                "batchtopk_threshold": None if theta is None else theta / scale,
                 "tokens_seen": int(buffer.tokens_seen),
                 "training_tokens_available": int(tokens.shape[0] * buffer.per_row),
                 "passes_over_data": buffer.passes,
@@ -271,7 +294,7 @@ def train_sae(
             },
         },
     )
-    return SAE(cfg, W_enc.detach(), b_enc_raw, W_dec.detach(), b_dec_raw)
+    return SAE(cfg, W_enc.detach(), b_enc_raw, W_dec.detach(), b_dec_raw, threshold)
 
 
 def _resample(dead, x, err, W_enc, b_enc, W_dec, b_dec, opt, gen) -> None:
