@@ -247,9 +247,9 @@ def responses(model: ToyModel, n_points: int = 101) -> FeatureResponse:
     xs = torch.linspace(-1, 1, n_points)
     eye = torch.eye(n)
     with torch.no_grad():
-        inputs = xs[None, :, None] * eye[:, None, :]  # [feature, value, feature]
-        outs = model(inputs.reshape(-1, n)).reshape(n, n_points, n)
-        out = outs[torch.arange(n), :, torch.arange(n)]
+        # output i of input x e_i: ReLU(x W_in[i]) W_out[:, i], for every feature at once
+        hidden = torch.relu(xs[None, :, None] * model.W_in[:, None, :])  # [feature, value, neuron]
+        out = torch.einsum("fvk,kf->fv", hidden, model.W_out)
         target = torch.relu(xs)[None, :] + model.M.diagonal()[:, None] * xs[None, :]
         pos, neg = model(eye), model(-eye)
         tpos, tneg = model.target(eye), model.target(-eye)
