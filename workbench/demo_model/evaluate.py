@@ -20,6 +20,8 @@ import torch
 from transformers import AutoTokenizer, GPT2LMHeadModel
 
 from workbench.demo_model import DEMO_DIR
+from workbench.models import load_model
+from workbench.patching import sweep
 from workbench.tasks import (
     PromptPairs,
     demo_corpus,
@@ -138,50 +140,17 @@ def validation_loss(model, tok, n_docs: int = VALIDATION_DOCS) -> float:
     return total / count
 
 
-@torch.no_grad()
-def resid_pre_patching(model, toks: PairTokens) -> torch.Tensor:
+def resid_pre_patching(model, tok, toks: PairTokens) -> torch.Tensor:
     """Denoising activation patching of the residual stream before each block: [layer, pos].
 
-    For each (layer, position), run the corrupt prompts with ``resid_pre`` at that layer and position taken
-    from the clean run, and report ``(LD_patched - LD_corrupt) / (LD_clean - LD_corrupt)`` with LD the mean
-    logit difference over pairs: 1 where the position at that layer carries everything the answer needs, 0
-    where it carries nothing."""
-    blocks = model.transformer.h
-    n_layers, n_pos = len(blocks), toks.clean.shape[1]
-    rows = torch.arange(len(toks.answers))
-
-    def logit_diff(logits):
-        last = logits[:, -1]
-        return (last[rows, toks.answers[:, 0]] - last[rows, toks.answers[:, 1]]).mean().item()
-
-    cache = {}
-    hooks = [
-        b.register_forward_pre_hook(lambda m, args, i=i: cache.__setitem__(i, args[0].clone()))
-        for i, b in enumerate(blocks)
-    ]
-    try:
-        ld_clean = logit_diff(model(toks.clean).logits)
-    finally:
-        for h in hooks:
-            h.remove()
-    ld_corrupt = logit_diff(model(toks.corrupt).logits)
-    out = torch.zeros(n_layers, n_pos)
-    for layer in range(n_layers):
-        for pos in range(n_pos):
-
-            def patch(m, args, layer=layer, pos=pos):
-                x = args[0].clone()
-                x[:, pos] = cache[layer][:, pos]
-                return (x, *args[1:])
-
-            h = blocks[layer].register_forward_pre_hook(patch)
-            try:
-                out[layer, pos] = (logit_diff(model(toks.corrupt).logits) - ld_corrupt) / (
-                    ld_clean - ld_corrupt
-                )
-            finally:
-                h.remove()
-    return out
+    For each (layer, position), the corrupt prompts run with ``resid_pre`` at that layer and position taken from
+    the clean run (`workbench.patching.sweep`); the grid is ``(LD_patched - LD_corrupt) / (LD_clean -
+    LD_corrupt)`` with LD the mean logit difference over pairs: 1 where the position at that layer carries
+    everything the answer needs, 0 where it carries nothing."""
+    result = sweep(
+        load_model(model, tok), toks.clean, toks.corrupt, answers=toks.answers, progress=False, warn=False
+    )
+    return result.values("logit_diff")[0]
 
 
 def _patching(model, tok, kwargs) -> dict:
@@ -189,7 +158,7 @@ def _patching(model, tok, kwargs) -> dict:
         PATCHING_N, name_pairs="heldout", order="ABBA", corruption="swap", seed=IOI_SEED, **kwargs
     )
     toks = pairs.tokens(tok)
-    grid = resid_pre_patching(model, toks)
+    grid = resid_pre_patching(model, tok, toks)
     labels = tok.convert_ids_to_tokens(toks.clean[0].tolist())
     first = pairs.info[0]
     roles = {" " + first["io"]: "IO", " " + first["s"]: "S"}
