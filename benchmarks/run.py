@@ -56,6 +56,10 @@ CASES: dict[str, tuple[str, tuple[str, ...]]] = {
         "peak memory of a sweep under a budget; growth over 200 repeated traces",
         ("cpu", "gpu", "smoke"),
     ),
+    "circuits": (
+        "path patching vs plain PyTorch; EAP, EAP-IG, AtP, AtP* and attribute() against exact on the demo model's IOI",
+        ("cpu", "gpu", "smoke"),
+    ),
 }
 SIZES = ("cpu", "gpu", "smoke")
 ROW_KEYS = (
