@@ -396,6 +396,21 @@ def test_splice_loss_two_ways(model, rows, sae):
     assert ev_perfect.explained_variance == pytest.approx(1.0, abs=1e-5) and ev_perfect.kl_spliced < 1e-6
 
 
+def test_evaluation_on_rows_of_different_lengths(model, rows, sae):
+    var = [rows[i][: 4 + i % 6] for i in range(12)]  # one document per row, as models are trained
+    ev = evaluate_sae(model, sae, var, rows_per_chunk=3, progress=False)
+    weights = torch.tensor([len(r) - 1.0 for r in var])
+    per_row = [_plain_losses(model, sae, r[None]) for r in var]
+    for key, mode in (("loss_clean", "clean"), ("loss_spliced", "sae"), ("loss_zero", "zero")):
+        expected = float((torch.tensor([p[mode] for p in per_row]) * weights).sum() / weights.sum())
+        assert getattr(ev, key) == pytest.approx(expected, abs=1e-5), key
+    for pos in (1, 5, 8):
+        reach = [r for r in var if len(r) > pos]
+        l0 = [float((sae.encode(_acts(model, r[None], skip=0)[pos]) > 0).sum()) for r in reach]
+        assert float(ev.l0_by_position[pos]) == pytest.approx(sum(l0) / len(l0), abs=1e-5)
+    assert ev.n_tokens == sum(len(r) - 1 for r in var) and ev.seq_len == 9
+
+
 def test_next_token_loss_definition():
     logits = torch.randn(2, 4, 6)
     tokens = torch.randint(0, 6, (2, 4))

@@ -63,27 +63,59 @@ def write(model, site: str, layer: int | None, new) -> None:
     model.site(site, layer).value = new
 
 
-def token_rows(model, data, seq_len: int | None = None) -> torch.Tensor:
-    """Token rows [row, pos]: a LongTensor as given, or texts packed into rows of `seq_len` tokens (BOS first,
-    `workbench.tasks.pack`)."""
+Rows = list  # list[torch.Tensor]: 1-D LongTensors, one per row, lengths may differ
+
+
+def token_rows(model, data, seq_len: int | None = None) -> Rows:
+    """Token rows as a list of 1-D LongTensors (lengths may differ).
+
+    data: a [row, pos] LongTensor (its rows), a list of 1-D token tensors, or texts: one row per text, BOS first
+    (as the model saw documents in training), cut at `seq_len` tokens (default: the model's context).
+    """
     if isinstance(data, torch.Tensor):
         tokens = model.to_tokens(data)
         if tokens.shape[0] < 1:
             raise InputError("No token rows given.")
-        return tokens
+        return list(tokens)
     if isinstance(data, str):
         data = [data]
-    if not isinstance(data, Sequence) or not data or not all(isinstance(t, str) for t in data):
-        raise InputError("Give token rows as a [row, pos] LongTensor or texts (a list of strings).")
-    from workbench.tasks import pack
+    if not isinstance(data, Sequence) or len(data) == 0:
+        raise InputError("Give token rows as a [row, pos] LongTensor, a list of 1-D token tensors, or texts.")
+    if all(isinstance(t, torch.Tensor) for t in data):
+        return [model.to_tokens(t.reshape(1, -1))[0] for t in data]
+    if not all(isinstance(t, str) for t in data):
+        raise InputError("Give token rows as a [row, pos] LongTensor, a list of 1-D token tensors, or texts.")
+    limit = min(seq_len or model.cfg.n_ctx, model.cfg.n_ctx)
+    bos = (
+        [model.tokenizer.bos_token_id]
+        if model.default_prepend_bos and model.tokenizer.bos_token_id is not None
+        else []
+    )
+    ids = model.tokenizer(list(data), add_special_tokens=False).input_ids
+    return [torch.tensor((bos + x)[:limit], dtype=torch.long) for x in ids if len(bos + x) > 0]
 
-    seq_len = seq_len or min(model.cfg.n_ctx, 128)
-    return pack(model, list(data), seq_len)
+
+def batches(rows: Rows, order: Sequence[int] | None = None, rows_per_chunk: int = 32) -> list[list[int]]:
+    """Row indices (in `order`, default all) grouped into chunks of at most `rows_per_chunk` rows of one length
+    (rows of one length run as one batch, without padding)."""
+    order = list(range(len(rows))) if order is None else list(order)
+    by_len: dict[int, list[int]] = {}
+    for i in order:
+        by_len.setdefault(len(rows[i]), []).append(i)
+    return [
+        idx[j : j + rows_per_chunk] for idx in by_len.values() for j in range(0, len(idx), rows_per_chunk)
+    ]
+
+
+def n_tokens(rows: Rows, skip_positions: int, order: Sequence[int] | None = None) -> int:
+    """Positions at or after `skip_positions` in `rows` (those an SAE encodes)."""
+    order = range(len(rows)) if order is None else order
+    return sum(max(0, len(rows[i]) - skip_positions) for i in order)
 
 
 @torch.no_grad()
 def site_activations(model, tokens: torch.Tensor, site: str, layer: int | None) -> torch.Tensor:
-    """[row, pos, d_in] activations of one batch of token rows at the site (float32, CPU)."""
+    """[row, pos, d_in] activations of one batch of token rows [row, pos] at the site (float32, CPU)."""
     with model.trace(tokens.to(model.device)) as tracer:
         value = read(model, site, layer).save()
         tracer.stop()  # nothing after the site is needed
@@ -92,7 +124,7 @@ def site_activations(model, tokens: torch.Tensor, site: str, layer: int | None) 
 
 def stream(
     model,
-    tokens: torch.Tensor,
+    tokens,
     site: str,
     layer: int | None,
     *,
@@ -102,19 +134,18 @@ def stream(
     run: Run | None = None,
     desc: str = "activations",
 ) -> torch.Tensor:
-    """[n, d_in] activations at positions >= `skip_positions` of token rows `rows` (default all), in row order,
-    computed `rows_per_chunk` rows per trace through `run` (progress, cancel)."""
+    """[n, d_in] activations at positions >= `skip_positions` of token rows (a [row, pos] tensor or a list of 1-D
+    tensors), rows `rows` (default all), computed `rows_per_chunk` rows of one length per trace through `run`
+    (progress, cancel). Chunks come in order of first appearance of their length in `rows`."""
     run = run or Run(progress=False)
-    order = list(range(tokens.shape[0])) if rows is None else list(rows)
-    spans = [order[i : i + rows_per_chunk] for i in range(0, len(order), rows_per_chunk)]
-    if tokens.shape[1] <= skip_positions:
-        raise InputError(
-            f"Rows of {tokens.shape[1]} tokens have no positions after the first {skip_positions}."
-        )
+    data = list(tokens) if isinstance(tokens, torch.Tensor) else tokens
+    spans = [s for s in batches(data, rows, rows_per_chunk) if len(data[s[0]]) > skip_positions]
+    if not spans:
+        raise InputError(f"No row has positions after the first {skip_positions}.")
 
     def one(span: list[int]) -> torch.Tensor:
-        acts = site_activations(model, tokens[span], site, layer)
+        acts = site_activations(model, torch.stack([data[i] for i in span]), site, layer)
         return acts[:, skip_positions:].reshape(-1, acts.shape[-1])
 
     parts = run.map(spans, one, desc=desc, weights=[len(s) for s in spans])
-    return torch.cat(parts) if parts else torch.empty(0, site_width(model, site))
+    return torch.cat(parts)

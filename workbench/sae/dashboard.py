@@ -28,7 +28,8 @@ class LatentContexts(Result):
     Attributes:
         latents: [latent] the latents' indices in the SAE.
         values: [latent, k] their largest activations, descending (0 where a latent fired fewer than k times).
-        row, position: [latent, k] where each occurs (row of `tokens`, position in it; -1 when unused).
+        row, position: [latent, k] where each occurs (index of the row in the data, position in it; -1 when
+            unused).
         context_ids: [latent, k, window] token ids around each occurrence (-1 pads past a row's ends).
         context_acts: [latent, k, window] the latent's activation on those tokens.
         center: index in the window of the occurrence itself.
@@ -133,8 +134,8 @@ def top_contexts(
     progress: bool | ProgressCallback | None = None,
     cancel: CancelToken | None = None,
 ) -> LatentContexts:
-    """The `k` top-activating contexts of `latents` on `data` (token rows or texts), with `before` tokens before
-    and `after` after each occurrence.
+    """The `k` top-activating contexts of `latents` on `data` (token rows, or texts: one row each, BOS first), with
+    `before` tokens before and `after` after each occurrence.
 
     latents: indices (at most 512), or None for the 16 most frequent latents (needs `sae.firing_frequency`).
     """
@@ -154,9 +155,10 @@ def top_contexts(
     run = Run.of(run, progress=progress, cancel=cancel)
     tokens = acts.token_rows(model, data, seq_len)
     skip = sae.cfg.skip_positions
-    n_rows, n_pos = tokens.shape
-    if n_pos <= skip:
-        raise InputError(f"Rows of {n_pos} tokens leave nothing after {skip} skipped positions.")
+    n_rows = len(tokens)
+    n_tok = acts.n_tokens(tokens, skip)
+    if n_tok == 0:
+        raise InputError(f"The rows leave nothing after {skip} skipped positions.")
     idx = torch.tensor(latents)
     L, W = len(latents), before + 1 + after
     best_val = torch.zeros(L, k)
@@ -169,12 +171,13 @@ def top_contexts(
     nz_latent: list[torch.Tensor] = []
     nz_value: list[torch.Tensor] = []
     sae_cpu = sae.to("cpu")
-    spans = [list(range(i, min(i + rows_per_chunk, n_rows))) for i in range(0, n_rows, rows_per_chunk)]
+    spans = [s for s in acts.batches(tokens, rows_per_chunk=rows_per_chunk) if len(tokens[s[0]]) > skip]
     offsets = torch.arange(-before, after + 1)
 
     def one(span: list[int]) -> None:
         nonlocal best_val, best_row, best_pos, best_ids, best_acts
-        toks = tokens[span]
+        toks = torch.stack([tokens[i] for i in span])
+        n_pos = toks.shape[1]
         x = acts.site_activations(model, toks, sae.cfg.site, layer)
         with torch.no_grad():
             f = sae_cpu.encode(x)[..., idx]  # [rows, pos, L]
@@ -207,7 +210,6 @@ def top_contexts(
     run.map(spans, one, desc="latent contexts", weights=[len(s) for s in spans])
     unused = best_val <= 0
     best_row[unused], best_pos[unused], best_ids[unused] = -1, -1, -1
-    n_tok = n_rows * (n_pos - skip)
     nz_l, nz_v = torch.cat(nz_latent), torch.cat(nz_value)
     top = best_val[:, 0].clamp(min=1e-12)
     edges = torch.stack([torch.linspace(0, float(t), bins + 1) for t in top])
@@ -239,6 +241,6 @@ def top_contexts(
             before=before,
             after=after,
             n_rows=n_rows,
-            seq_len=n_pos,
+            seq_len=seq_len,
         ),
     )

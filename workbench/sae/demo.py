@@ -10,12 +10,18 @@ Everything is deterministic (the demo corpus is generated from fixed seeds), so 
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from workbench.errors import InputError
 from workbench.sae.io import load_sae
 from workbench.sae.model import SAE
-from workbench.sae.train_demo import DEMO_SAE_DIR, LAYER, PROMPT_TOKENS, SITE
+
+DEMO_SAE_DIR: Path = Path(__file__).resolve().parent / "demo"
+"""The committed demo SAE (SAELens layout), trained and measured by ``python -m workbench.sae.train_demo``."""
+SITE, LAYER = "resid_pre", 1
+PROMPT_TOKENS = 10
 
 PROMPT_DOCS = (7_000, 9_000)
 """Validation documents the prompts come from (the card's last-token statistics use the same)."""
@@ -39,15 +45,21 @@ def _validation(n_docs: int) -> list[str]:
     return demo_corpus("validation", n_docs)
 
 
+def document_starts(model, docs: list[str], n_tokens: int, n: int | None = None) -> torch.Tensor:
+    """[rows, n_tokens + 1] BOS + the first `n_tokens` tokens of each document that has that many (one document
+    per row, as the demo model saw text in training); at most `n` rows."""
+    bos = model.tokenizer.bos_token_id
+    ids = model.tokenizer(docs, add_special_tokens=False).input_ids
+    rows = [[bos, *x[:n_tokens]] for x in ids if len(x) >= n_tokens]
+    return torch.tensor(rows[:n] if n is not None else rows, dtype=torch.long)
+
+
 def demo_prompts(model, n: int = 200, n_tokens: int = PROMPT_TOKENS) -> torch.Tensor:
     """[n, n_tokens + 1] BOS + the first `n_tokens` tokens of validation documents (the paper's 10-token prompts,
     with the BOS the demo model expects)."""
-    from workbench.tasks import pack
-
-    if not isinstance(n, int) or not 1 <= n <= PROMPT_DOCS[1] - PROMPT_DOCS[0]:
-        raise InputError(f"n must be a whole number in 1..{PROMPT_DOCS[1] - PROMPT_DOCS[0]}.")
-    docs = _validation(PROMPT_DOCS[1])[PROMPT_DOCS[0] :]
-    rows = pack(model, docs, n_tokens + 1, n)
+    if not isinstance(n, int) or n < 1:
+        raise InputError(f"n must be a positive whole number, got {n!r}.")
+    rows = document_starts(model, _validation(PROMPT_DOCS[1])[PROMPT_DOCS[0] :], n_tokens, n)
     if len(rows) < n:
         raise InputError(f"Only {len(rows)} documents have {n_tokens} tokens; ask for fewer prompts.")
     return rows
@@ -55,10 +67,10 @@ def demo_prompts(model, n: int = 200, n_tokens: int = PROMPT_TOKENS) -> torch.Te
 
 def demo_reference(model, rows: int = 2_000, seq_len: int = 12, *, layer: int = LAYER, site: str = SITE):
     """`RefStats` (mean, Ledoit-Wolf covariance, median norm) of the demo model at `site` of `layer` on `rows`
-    rows of `seq_len` tokens (BOS first) of validation documents (position 0 excluded), disjoint from the
-    prompts' documents."""
+    document starts of `seq_len` tokens (BOS first) from validation documents (position 0 excluded), disjoint
+    from the prompts' documents."""
     from workbench.plateau import reference_stats
-    from workbench.tasks import pack
 
     docs = _validation(REFERENCE_DOCS[1])[REFERENCE_DOCS[0] :]
-    return reference_stats(model, pack(model, docs, seq_len, rows), layer=layer, site=site, progress=False)
+    starts = document_starts(model, docs, seq_len - 1, rows)
+    return reference_stats(model, starts, layer=layer, site=site, progress=False)

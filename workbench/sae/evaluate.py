@@ -36,15 +36,15 @@ class SAEEvaluation(Result):
 
     Attributes:
         l0: mean active latents per token.
-        l0_by_position: [pos] mean L0 at each position (NaN at skipped positions).
-        l0_per_token: [token] active latents of every evaluated token (rows x positions >= skip, row-major).
+        l0_by_position: [pos] mean L0 at each position over the rows that reach it (NaN at skipped positions).
+        l0_per_token: [token] active latents of every evaluated token (chunk by chunk, row-major).
         explained_variance, mse: over all evaluated tokens (mse: mean of |x - x_hat|^2 per token).
         loss_clean, loss_spliced, loss_zero, loss_mean: nats per predicted token.
         frac_recovered, frac_recovered_mean: fraction of loss recovered against zero / mean ablation.
         kl_spliced: mean KL(clean || spliced) per predicted token, nats.
         firing_frequency: [latent] fraction of evaluated tokens on which each latent fires.
         dead, dense: counts of latents that never fired / fired on more than `dense_threshold` of tokens.
-        n_rows, seq_len, n_tokens: the evaluation data (tokens: those the SAE encoded).
+        n_rows, seq_len, n_tokens: the evaluation data (rows, the longest row, tokens the SAE encoded).
         site, layer, sae: where the SAE reads and what it is.
     """
 
@@ -158,7 +158,8 @@ def evaluate_sae(
     progress: bool | ProgressCallback | None = None,
     cancel: CancelToken | None = None,
 ) -> SAEEvaluation:
-    """Evaluate `sae` on `model` with held-out `data` (token rows [row, pos] or texts, packed to `seq_len`).
+    """Evaluate `sae` on `model` with held-out `data`: token rows (a [row, pos] tensor or 1-D tensors) or texts,
+    one row per text (BOS first, cut at `seq_len`); rows of one length run together.
 
     Four traces per chunk of rows: clean, spliced, zero-ablated, mean-ablated (the mean over all evaluated
     tokens, so mean ablation runs in a second pass). Splicing runs the SAE inside the trace: local models only.
@@ -179,17 +180,16 @@ def evaluate_sae(
     if layer != sae.cfg.layer:
         sae = _at_layer(sae, layer)
     run = Run.of(run, progress=progress, cancel=cancel)
-    tokens = acts.token_rows(model, data, seq_len)
+    rows = acts.token_rows(model, data, seq_len)
     skip = sae.cfg.skip_positions
-    if tokens.shape[1] <= max(skip, 1):
-        raise InputError(
-            f"Rows of {tokens.shape[1]} tokens leave nothing to evaluate after {skip} skipped positions."
-        )
+    rows = [r for r in rows if len(r) > max(skip, 1)]
+    if not rows:
+        raise InputError(f"No row is longer than the {max(skip, 1)} positions an evaluation needs.")
     sae = sae.to(model.device)
-    spans = [
-        list(range(i, min(i + rows_per_chunk, len(tokens)))) for i in range(0, len(tokens), rows_per_chunk)
-    ]
-    n_pos = tokens.shape[1]
+    spans = acts.batches(rows, rows_per_chunk=rows_per_chunk)
+    n_pos = max(len(r) for r in rows)
+    l0_sum = torch.zeros(n_pos, dtype=torch.float64)
+    l0_count = torch.zeros(n_pos, dtype=torch.float64)
 
     totals = {
         "err": 0.0,
@@ -201,12 +201,15 @@ def evaluate_sae(
     losses = {"clean": [], "sae": [], "zero": [], "kl": []}
 
     def first_pass(span: list[int]) -> None:
-        toks = tokens[span]
+        toks = torch.stack([rows[i] for i in span])
         x = acts.site_activations(model, toks, sae.cfg.site, layer)[:, skip:].to(model.device)
         f = sae.encode(x)
         x_hat = sae.reconstruct(x)
         active = f > 0
-        l0_tokens.append(active.sum(-1).cpu().reshape(-1))
+        per = active.sum(-1).cpu()  # [row, pos - skip]
+        l0_tokens.append(per.reshape(-1))
+        l0_sum[skip : skip + per.shape[1]] += per.sum(0).double()
+        l0_count[skip : skip + per.shape[1]] += per.shape[0]
         fires.add_(active.reshape(-1, sae.d_sae).sum(0).double().cpu())
         flat = x.reshape(-1, sae.d_in).double().cpu()
         totals["err"] += float((x_hat - x).pow(2).sum().double())
@@ -215,11 +218,11 @@ def evaluate_sae(
         clean = spliced_logits(model, sae, toks, "clean")
         spliced = spliced_logits(model, sae, toks, "sae")
         zero = spliced_logits(model, sae, toks, "zero")
-        losses["clean"].append(_next_token_loss(clean, toks).cpu())
-        losses["sae"].append(_next_token_loss(spliced, toks).cpu())
-        losses["zero"].append(_next_token_loss(zero, toks).cpu())
+        losses["clean"].append(_next_token_loss(clean, toks).cpu().reshape(-1))
+        losses["sae"].append(_next_token_loss(spliced, toks).cpu().reshape(-1))
+        losses["zero"].append(_next_token_loss(zero, toks).cpu().reshape(-1))
         lp, lq = torch.log_softmax(clean.float(), -1), torch.log_softmax(spliced.float(), -1)
-        losses["kl"].append((lp.exp() * (lp - lq)).sum(-1)[:, :-1].cpu())
+        losses["kl"].append((lp.exp() * (lp - lq)).sum(-1)[:, :-1].cpu().reshape(-1))
 
     run.map(spans, first_pass, desc="evaluating SAE", weights=[len(s) for s in spans])
     n_tok = int(sum(len(t) for t in l0_tokens))
@@ -227,8 +230,10 @@ def evaluate_sae(
     mean_losses: list[torch.Tensor] = []
 
     def second_pass(span: list[int]) -> None:
-        toks = tokens[span]
-        mean_losses.append(_next_token_loss(spliced_logits(model, sae, toks, "fill", mean), toks).cpu())
+        toks = torch.stack([rows[i] for i in span])
+        mean_losses.append(
+            _next_token_loss(spliced_logits(model, sae, toks, "fill", mean), toks).cpu().reshape(-1)
+        )
 
     run.map(spans, second_pass, desc="mean ablation", weights=[len(s) for s in spans])
 
@@ -236,8 +241,9 @@ def evaluate_sae(
     loss = {k: float(torch.cat(v).double().mean()) for k, v in losses.items()}
     loss_mean = float(torch.cat(mean_losses).double().mean())
     l0_all = torch.cat(l0_tokens)
-    by_pos = torch.full((n_pos,), float("nan"))
-    by_pos[skip:] = l0_all.reshape(len(tokens), n_pos - skip).float().mean(0)
+    by_pos = torch.where(
+        l0_count > 0, l0_sum / l0_count.clamp(min=1), torch.full_like(l0_sum, float("nan"))
+    ).float()
     freq = (fires / n_tok).float()
 
     def recovered(baseline: float) -> float:
@@ -261,7 +267,7 @@ def evaluate_sae(
         dead=int((freq == 0).sum()),
         dense=int((freq > dense_threshold).sum()),
         dense_threshold=float(dense_threshold),
-        n_rows=int(len(tokens)),
+        n_rows=len(rows),
         seq_len=int(n_pos),
         n_tokens=n_tok,
         site=sae.cfg.site,
@@ -270,7 +276,7 @@ def evaluate_sae(
         provenance=Provenance.capture(
             model.name,
             sae=repr(sae),
-            n_rows=int(len(tokens)),
+            n_rows=len(rows),
             seq_len=int(n_pos),
             skip_positions=skip,
             dense_threshold=float(dense_threshold),

@@ -91,16 +91,17 @@ class _Buffer:
         self.pos = 0
         self.passes = 0
         self.tokens_seen = 0
-        self.per_row = tokens.shape[1] - s.skip_positions
+        self.total = acts.n_tokens(tokens, s.skip_positions)
+        self.per_row = max(1, self.total // len(tokens))
         # when every activation fits in the buffer, collect them once and reshuffle for each pass
-        self.fits = tokens.shape[0] * self.per_row <= s.buffer_tokens
+        self.fits = self.total <= s.buffer_tokens
         self.all: torch.Tensor | None = None
 
     def _next_rows(self, n: int) -> list[int]:
         out: list[int] = []
         while len(out) < n:
             if not self.order:
-                self.order = torch.randperm(self.tokens.shape[0], generator=self.gen).tolist()
+                self.order = torch.randperm(len(self.tokens), generator=self.gen).tolist()
                 self.passes += 1
             take = min(n - len(out), len(self.order))
             out += self.order[:take]
@@ -157,8 +158,8 @@ def train_sae(
 
     Args:
         model: a `WorkbenchModel` (local).
-        data: token rows [row, pos] (BOS first, e.g. `workbench.tasks.pack`) or texts, packed into rows of
-            `seq_len` tokens (default: min(context, 128)).
+        data: token rows (a [row, pos] tensor or a list of 1-D tensors, BOS first) or texts, one row each (BOS
+            first, cut at `seq_len` tokens; rows of one length run together).
         site, layer: where the SAE reads (any of `workbench.sae.activations.SAE_SITES`).
         settings: `TrainSettings`; keyword `overrides` replace single fields (``steps=500, l1_coefficient=2``).
         dataset: a note of where `data` came from, kept in the SAE's metadata.
@@ -175,10 +176,8 @@ def train_sae(
     layer = acts.check_site(model, site, layer)
     run = Run.of(run, progress=progress, cancel=cancel)
     tokens = acts.token_rows(model, data, seq_len)
-    if tokens.shape[1] <= s.skip_positions:
-        raise InputError(
-            f"Token rows of {tokens.shape[1]} tokens leave nothing after skipping {s.skip_positions}."
-        )
+    if acts.n_tokens(tokens, s.skip_positions) == 0:
+        raise InputError(f"The token rows leave nothing after skipping {s.skip_positions} positions.")
     d_in = acts.site_width(model, site)
     d_sae = s.d_sae or s.expansion * d_in
     if s.architecture in ("topk", "batchtopk") and s.k > d_sae:
@@ -277,7 +276,7 @@ def train_sae(
         model_name=model.name,
         skip_positions=s.skip_positions,
         metadata={
-            "context_size": int(tokens.shape[1]),
+            "context_size": max(len(t) for t in tokens),
             "prepend_bos": bool(model.default_prepend_bos),
             "dataset_path": dataset or None,
             "training": {
@@ -285,7 +284,7 @@ def train_sae(
                 "input_scale": scale,
                 "batchtopk_threshold": None if theta is None else theta / scale,
                 "tokens_seen": int(buffer.tokens_seen),
-                "training_tokens_available": int(tokens.shape[0] * buffer.per_row),
+                "training_tokens_available": int(buffer.total),
                 "passes_over_data": buffer.passes,
                 "resampled_latents": resampled,
                 "wall_time_s": round(time.perf_counter() - started, 1),
