@@ -73,15 +73,47 @@ def test_preset_and_kind_buttons(panel, model):
     assert panel.selected == ["mlp.0", "mlp.1"] and panel.preset.value == 2  # a prefix: the slider follows
 
 
-def test_code_reproduces_the_widgets_numbers(panel, model, tokens):
+def test_code_reproduces_the_widgets_numbers(panel, model, tokens, monkeypatch):
     panel.preset.value = 4
-    namespace = {"model": model, "tokens": tokens}
-    exec(panel.code(), namespace)
+    monkeypatch.setattr("workbench.models.load_model", lambda name: model)
+    code = panel.code()
+    assert "tokens = torch.tensor(" in code  # the data is written out: the code runs on its own
+    namespace = {}
+    exec(code, namespace)
     assert namespace["frozen"].mean == pytest.approx(panel.selection_loss, rel=1e-6)
     assert torch.allclose(namespace["result"].single_loss, panel.preview.single_loss)
+    # the estimator takes effect on Run: until then the code is the last run's
     panel.estimator.value = list(ESTIMATORS)[1]
+    assert "press Run" in panel.status_text and "exclude_first" not in panel.code()
+    panel.run()
     assert "exclude_first=True" in panel.code()
-    assert "press Run" in panel.status_text
+    panel.estimator.value = list(ESTIMATORS)[0]
+    panel.run()
+
+
+def test_one_norm_reads_in_the_singular(panel):
+    panel.select(["final"])
+    assert "1 norm frozen: loss" in panel.figure.layout.title.text
+
+
+def test_demo_corpus_is_written_as_its_call(model):
+    from workbench.tasks import demo_corpus
+
+    docs = demo_corpus("validation", 3)
+    p = LNRemovalPreview(model, docs, n_rows=2)
+    assert "tokens = demo_corpus('validation', 3)" in p.code()
+    assert p.code().startswith("# not run yet")
+    other = LNRemovalPreview(model, ["a made-up document"], n_rows=1)
+    assert "tokens = ['a made-up document']" in other.code()
+
+
+def test_constructor_checks_its_arguments(model, tokens):
+    from workbench.errors import InputError
+
+    with pytest.raises(InputError, match="n_rows=0: give a positive whole number"):
+        LNRemovalPreview(model, tokens, n_rows=0)
+    with pytest.raises(InputError, match="data_var='my tokens'"):
+        LNRemovalPreview(model, tokens, data_var="my tokens")
 
 
 def test_errors_show_in_the_status_line(model):

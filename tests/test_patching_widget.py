@@ -118,11 +118,12 @@ def test_click_drills_into_heads_at_that_cell(explorer, model):
     shown = torch.tensor(explorer.heads_figure.data[0].z)[0]
     torch.testing.assert_close(shown.float(), expected.values("prob")[0, 0, 0], atol=1e-6, rtol=0)
     code = explorer.code()
-    assert (
-        "heads = sweep(model, " in code
-        and "site=['z', 'pattern']" in code
-        and "layers=[1], positions=[[14]]" in code
-    )
+    assert "heads = sweep(" in code and "site=['z', 'pattern']," in code
+    assert "layers=[1]," in code and "positions=[[14]]," in code
+    # the drill-down shares the main map's colour scale, and says how strong its own largest effect is
+    main, drill = explorer.figure.data[0], explorer.heads_figure.data[0]
+    assert drill.zmax - drill.zmid == pytest.approx(main.zmax - main.zmid)
+    assert "largest effect here" in explorer.heads_figure.layout.title.text
 
 
 def test_per_head_view_and_its_drill_down(explorer):
@@ -155,25 +156,86 @@ def test_errors_show_in_the_status_line_and_keep_the_picture(explorer):
     explorer.answers_box.value = "' Mary', ' Mary John'"
     explorer.run()
     assert "single token" in explorer.status_text
-    # a view that cannot be drawn (equal baselines: normalisation undefined) is an error in the status line
+    # a view that cannot be drawn (equal baselines: normalisation undefined) says why, in the status line and
+    # in place of the figure: no older heatmap stays under the message
     explorer.grid = dataclasses.replace(before, corrupt=before.clean.clone())
     explorer.redraw()
     assert "Cannot normalise logit_diff" in explorer.status_text
-    assert (explorer.figure.data[0].z == z_before).all()
+    assert not explorer.figure.data and "Cannot normalise" in explorer.figure.layout.annotations[0].text
     explorer.normalize_box.value = False
-    assert explorer.status_text.startswith("Showing")
+    assert explorer.status_text.startswith("Showing") and explorer.figure.data[0].type == "heatmap"
 
 
-def test_code_reproduces_the_view(explorer, model):
+def test_a_run_that_cannot_be_drawn_does_not_report_done(explorer, monkeypatch):
+    explorer.run()
+    good = explorer.grid
+    same = dataclasses.replace(good, corrupt=good.clean.clone())  # a metric that does not move
+    monkeypatch.setattr(panel_module, "sweep", lambda *a, **k: same)
+    explorer.run()
+    assert explorer.grid is same and "Cannot normalise" in explorer.status_text
+    assert not explorer.status_text.startswith("Done") and not explorer.figure.data
+
+
+def run_code(code: str, model, monkeypatch) -> dict:
+    monkeypatch.setattr("workbench.models.load_model", lambda name: model)
+    namespace = {}
+    exec(code, namespace)
+    return namespace
+
+
+def test_code_follows_the_last_successful_run(explorer, model, monkeypatch):
+    assert explorer.code().startswith("# not run yet")
     explorer.direction_box.value = "noising"
     explorer.metric_box.value = "logprob"
     explorer.run()
     code = explorer.code()
-    namespace = {"load_model": lambda name: model}
-    body = code.replace("from workbench.models import load_model\n", "")
-    exec(body, namespace)
-    torch.testing.assert_close(namespace["result"].raw, explorer.grid.raw)
-    assert "direction='noising'" in code and "result.plot(metric='logprob', normalize=True)" in code
+    torch.testing.assert_close(run_code(code, model, monkeypatch)["result"].raw, explorer.grid.raw)
+    assert "direction='noising'," in code and "result.plot(metric='logprob', normalize=True)" in code
+    # a drill-down shows in the code; a new run drops it; a failed run changes nothing
+    click(explorer.figure, 1, 14)
+    assert "heads = sweep(" in explorer.code()
+    explorer.corrupt_box.value = "\n".join(reversed(CORRUPT))
+    explorer.code_button.value = True  # shown: reprinted after each run
+    explorer.run()
+    shown = explorer.code_view.value
+    assert (
+        "heads = sweep(" not in explorer.code() and "Tom gave a book to" in shown.split("corrupt=")[1][:200]
+    )
+    explorer.clean_box.value = "one two"
+    explorer.run()
+    assert "corrupt prompt" in explorer.status_text and explorer.code_view.value == shown
+    explorer.clean_box.value = "\n".join(CLEAN)
+    explorer.direction_box.value = "denoising"  # takes effect on Run: the panel says so
+    assert explorer.status_text.startswith("Press Run")
+
+
+def test_pair_view_labels_positions_with_that_pairs_tokens(explorer):
+    explorer.run()
+    explorer.pair_box.value = 1
+    x = list(explorer.figure.data[0].x)
+    assert x[2] == "2:Tom" and x[4] == "4:Anna" and x[10] == "10:Anna/Tom", x
+    explorer.pair_box.value = -1
+    assert list(explorer.figure.data[0].x)[2] == "2:Mary"
+
+
+def test_constructor_checks_like_the_engine(model):
+    from workbench.errors import InputError, SiteError
+
+    with pytest.raises(SiteError, match="Cannot patch site 'resid'. Patchable sites: resid_pre"):
+        PatchingExplorer(model, CLEAN, CORRUPT, ANSWERS, site="resid")
+    with pytest.raises(InputError, match="direction='sideways'"):
+        PatchingExplorer(model, CLEAN, CORRUPT, ANSWERS, direction="sideways")
+    with pytest.raises(
+        InputError, match="metric='accuracy' is not available here; choose one of 'logit_diff'"
+    ):
+        PatchingExplorer(model, CLEAN, CORRUPT, ANSWERS, metric="accuracy")
+    panel = PatchingExplorer(model, CLEAN, CORRUPT, ANSWERS, site="block", direction="noise")
+    assert panel.site_box.value == "block" and panel.direction_box.value == "noising"
+    # every line of the text boxes shows; labels start with the site name
+    assert panel.clean_box.rows == 2 and panel.answers_box.rows == 2
+    panel.answers_box.value = "\n".join(["' Mary', ' John'"] * 4)
+    assert panel.answers_box.rows == 4
+    assert all(label.startswith(value) for label, value in panel.site_box.options)
 
 
 def test_user_metric_in_the_dropdown(model):
@@ -183,7 +245,7 @@ def test_user_metric_in_the_dropdown(model):
     assert panel.answers_box.value == "' Mary', ' John'"
     panel.run()
     assert panel.grid.metric == "answer_logit" and panel.metric_box.value == "answer_logit"
-    assert "# answer_logit: the Metric" in panel.code() and "metric=answer_logit" in panel.code()
+    assert "# answer_logit: the Metric" in panel.code() and "metric=answer_logit," in panel.code()
 
 
 def test_parse_answers():

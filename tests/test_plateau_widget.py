@@ -87,8 +87,16 @@ def test_plateau_length_histogram(result):
 def test_tokens_along_figure(result):
     fig = viz.tokens_along(result, base=1, direction=2)
     heat = fig.data[0]
-    assert heat.text[0][0] == result.token_strings[int(result.ref_top_ids[1, 0])]  # size 0: unperturbed
-    assert heat.text[0][-1] == result.token_strings[int(result.top_ids[1, 2, -1, 0])]
+    assert heat.customdata[0][0] == result.token_strings[int(result.ref_top_ids[1, 0])]  # size 0: unperturbed
+    assert heat.customdata[0][-1] == result.token_strings[int(result.top_ids[1, 2, -1, 0])]
+    # a cell is labelled where its token changes: runs of one token read once
+    for tokens, labels in zip(heat.customdata, heat.text):
+        assert [bool(label) for label in labels] == [
+            j == 0 or t != tokens[j - 1] for j, t in enumerate(tokens)
+        ]
+    family = result.families[2]
+    n = result.families.count(family)
+    assert f"{family} direction {2 - result.families.index(family) + 1} of {n}" in fig.layout.title.text
     with pytest.raises(InputError, match="No curve"):
         viz.tokens_along(result, base=9, direction=0)
 
@@ -120,14 +128,24 @@ def test_panel_runs_and_code_reproduces(model):
     # no reference given: the prompts' own activations, with a warning
     assert "covariance" in panel.notes.value
     code = panel.code()
-    assert "probe(model" in code and "families=('isotropic', 'toward_real')" in code
+    assert "result = probe(" in code and "families=('isotropic', 'toward_real')," in code
     # the printed call gives the same numbers
+    torch.testing.assert_close(run_code(code, model)["result"].kl, panel.plateau.kl)
+
+
+def run_code(code: str, model) -> dict:
+    import workbench.models
+
     namespace = {}
-    body = code.replace(f"model = load_model({model.name!r})", "")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        exec(body, {"model": model}, namespace)
-    torch.testing.assert_close(namespace["result"].kl, panel.plateau.kl)
+    real = workbench.models.load_model
+    workbench.models.load_model = lambda name: model
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            exec(code, namespace)
+    finally:
+        workbench.models.load_model = real
+    return namespace
 
 
 def test_panel_views_metric_and_threshold(model):
@@ -156,7 +174,7 @@ def test_click_a_curve_shows_its_tokens(model):
     assert panel.token_box.layout.display == ""
     expected = viz.tokens_along(panel.plateau, base, direction)
     assert panel.token_figure.data[0].text == expected.data[0].text
-    assert f"direction {direction}" in panel.status_text
+    assert viz.direction_label(panel.plateau, direction) in panel.status_text
 
 
 def test_panel_interpolation_view(model):
@@ -164,7 +182,8 @@ def test_panel_interpolation_view(model):
     panel.view_box.value = "Interpolation"
     panel.run()
     assert panel.interpolation is not None and "pair" in roles(panel.figure)
-    assert "interpolate(model, 'When Mary" in panel.code()
+    assert "result = interpolate(" in panel.code() and "'When Mary" in panel.code()
+    torch.testing.assert_close(run_code(panel.code(), model)["result"].distance, panel.interpolation.distance)
     trace = next(t for t in panel.figure.data if (t.meta or {}).get("role") == "pair")
     trace._dispatch_on_click(Points(point_inds=[1], xs=[trace.x[1]], ys=[trace.y[1]]), InputDeviceState())
     assert panel.token_box.layout.display == ""
@@ -201,7 +220,7 @@ def test_positions_follow_the_first_prompt(model):
     panel = panel_for(model)
     values = [v for _, v in panel.position_box.options]
     n = model.to_tokens(PROMPTS[0]).shape[1]
-    assert values[:2] == [-1, "all"] and values[2:] == list(range(n))
+    assert values[:2] == [-1, "all-but-first"] and values[2:] == list(range(n))
     panel.prompts_box.value = "The cat sat"
     assert len(panel.position_box.options) == 2 + 4
 

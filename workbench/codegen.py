@@ -82,10 +82,12 @@ def render_call(
 
 @dataclass
 class Script:
-    """Statements in order, and the imports they need (rendered once, sorted, at the top)."""
+    """Statements in order, and the imports they need (rendered once, sorted, at the top, below `header`
+    comments)."""
 
     lines: list[str] = field(default_factory=list)
     imports: set[Import] = field(default_factory=set)
+    header: list[str] = field(default_factory=list)  # comment lines above the imports
 
     def add(self, line: str | Expr, *, assign: str | None = None, imports: Iterable[Import] = ()) -> Script:
         """Append a statement: source text, or an expression (``assign = expression`` when `assign` is given)."""
@@ -120,7 +122,8 @@ class Script:
         head = [f"import {m}" for m in plain]
         head += [f"from {m} import {', '.join(sorted(names))}" for m, names in sorted(grouped.items())]
         body = "\n".join(self.lines)
-        return "\n".join(head) + ("\n\n" if head and body else "") + body
+        text = "\n".join(head) + ("\n\n" if head and body else "") + body
+        return "\n".join(f"# {c}" for c in self.header) + ("\n" if self.header else "") + text
 
 
 # -- rendering ----------------------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from workbench.lnfree.sites import KIND_LABELS, norm_module, site_label, split_site
+from workbench.viz.common import log_ticks
 
 KIND_COLOURS = {"mlp": "#1f77b4", "qk": "#ff7f0e", "v": "#2ca02c", "final": "#7f3fbf"}
 FIRST_COLOUR, EOT_COLOUR = "#d62728", "#111111"
@@ -124,8 +125,10 @@ def _distributions(
 
     first = torch.zeros_like(stats.eot)
     first[:, 0] = True
+    shown = []  # every value drawn, for the log axis' ticks
     for norm in norms:
         s = stats.norm_scales(norm)
+        shown.append(s.flatten().float())
         body = s[~first & ~stats.eot]
         if body.numel() > max_points:  # a box needs the quantiles only; keep the figure light
             body = body[torch.linspace(0, body.numel() - 1, max_points).long()]
@@ -178,7 +181,12 @@ def _distributions(
             row=row,
             col=col,
         )
-    fig.update_yaxes(type="log", title_text="per-token scale (log)", row=row, col=col)
+    if scales is not None:
+        shown.append(torch.tensor([float(scales[s]) for s in scales.sites]))
+    values = torch.cat(shown) if shown else torch.empty(0)
+    values = values[torch.isfinite(values) & (values > 0)]
+    ticks = log_ticks(float(values.min()), float(values.max())) if values.numel() else {}
+    fig.update_yaxes(type="log", title_text="per-token scale (log)", **ticks, row=row, col=col)
     fig.update_xaxes(title_text="norm module (input of)", type="category", row=row, col=col)
 
 
@@ -252,8 +260,9 @@ def preview_figure(
     if title is None:
         title = f"{result.model}: zero-shot LayerNorm removal preview (base loss {result.base_loss:.4f} nats)"
         if frozen_loss is not None and selected:
+            n = len(selected)
             title += (
-                f"<br>{len(selected)} norms frozen together: loss {frozen_loss:.4f} "
+                f"<br>{n} norm{'s' * (n != 1)} frozen{' together' * (n != 1)}: loss {frozen_loss:.4f} "
                 f"({frozen_loss - result.base_loss:+.4f} nats)"
             )
     fig.update_layout(title=title, height=980, barmode="group", legend={"orientation": "h", "y": -0.06})

@@ -16,6 +16,16 @@ from workbench.patching.inputs import SITE_LABELS
 from workbench.patching.result import AttributionComparison, PatchingResult
 
 COLORSCALE = "RdBu"
+# subplot titles of multi-site grids: short enough for a third of a notebook-wide figure
+SITE_SHORT = {
+    "resid_pre": "resid_pre (entering the block)",
+    "resid_mid": "resid_mid (between attn and MLP)",
+    "resid_post": "resid_post (leaving the block)",
+    "attn_out": "attn_out (attention output)",
+    "mlp_out": "mlp_out (MLP output)",
+    "z": "z (head output)",
+    "pattern": "pattern (attention pattern)",
+}
 
 
 def plot(result, **kwargs) -> go.Figure:
@@ -32,10 +42,29 @@ def value_title(result: PatchingResult, metric: str | None, normalize: bool) -> 
     return label + (" (nats)" if (metric or result.metric) == "kl" else "")
 
 
-def _layout_axes(result: PatchingResult) -> tuple[str, list[str], str, list[str], str]:
+def position_labels(result: PatchingResult, pair: int | None = None) -> list[str]:
+    """Labels of the position axis: the index and the clean token ("clean/corrupt" where they differ) of `pair`
+    (the first pair when None: the mean over pairs is labelled with the first pair's tokens)."""
+    if pair is None or pair == 0:
+        return list(result.position_labels)
+    clean, corrupt = result.clean_tokens[pair], result.corrupt_tokens[pair]
+    out = []
+    for group, first_label in zip(result.positions, result.position_labels):
+        if len(group) != 1:  # all positions together, or a group: the same for every pair
+            out.append(first_label)
+            continue
+        t = group[0]
+        tok = clean[t] if clean[t] == corrupt[t] else f"{clean[t]}/{corrupt[t]}"
+        out.append(f"{t}:{tok}")
+    return out
+
+
+def _layout_axes(
+    result: PatchingResult, pair: int | None = None
+) -> tuple[str, list[str], str, list[str], str]:
     """(y name, y labels, x name, x labels, mode) of each facet."""
     layers = [f"L{layer}" for layer in result.layers]
-    positions = list(result.position_labels)
+    positions = position_labels(result, pair)
     if not result.per_head:
         return "layer", layers, "position", positions, "layer_pos"
     heads = [f"H{h}" for h in result.heads]
@@ -75,33 +104,51 @@ def _cell_ids(result: PatchingResult, mode: str) -> np.ndarray:
     return grid.transpose(0, 2, 1, 3).reshape(-1, n_pos, 3)
 
 
+def _shown_values(result: PatchingResult, metric: str | None, normalize: bool, pair: int | None):
+    values = result.values(metric, normalize, per_pair=pair is not None)
+    return values[pair] if pair is not None else values
+
+
+def effect_reach(
+    result: PatchingResult, metric: str | None = None, normalize: bool = True, pair: int | None = None
+) -> float:
+    """The largest |value - unpatched level| of the view (0 when nothing moved): half the span of its colours."""
+    values = _shown_values(result, metric, normalize, pair).numpy()
+    values = values[np.isfinite(values)]
+    base = result.base_level(metric, normalize)
+    return float(np.abs(values - base).max()) if values.size else 0.0
+
+
 def heatmap(
     result: PatchingResult,
     metric: str | None = None,
     normalize: bool = True,
     pair: int | None = None,
     height: int | None = None,
+    reach: float | None = None,
+    title: str | None = None,
 ) -> go.Figure:
     """Heatmap per site: layer x position (block sites), layer x head (per-head sites patched at all positions
     at once), head x position (one layer), or (layer, head) x position.
 
     metric: which stored metric (default the result's primary); normalize: (M - corrupt) / (clean - corrupt);
-    pair: show one prompt pair instead of the mean over pairs. Hover shows the exact value, the raw metric and
-    the spread over pairs.
+    pair: show one prompt pair (its values, and its tokens on the position axis) instead of the mean over pairs.
+    reach: the colour scale spans the unpatched level +- reach (default: the largest effect shown), so a
+    drill-down can share its main map's scale. Hover shows the exact value, the raw metric and the spread over
+    pairs.
     """
-    values = result.values(metric, normalize, per_pair=pair is not None)
-    raw = result.values(metric, False, per_pair=pair is not None)
-    if pair is not None:
-        values, raw = values[pair], raw[pair]
+    values = _shown_values(result, metric, normalize, pair)
+    raw = _shown_values(result, metric, False, pair)
     spread = result.spread(metric, normalize) if pair is None else None
     base = result.base_level(metric, normalize)
-    ylab, ys, xlab, xs, mode = _layout_axes(result)
+    ylab, ys, xlab, xs, mode = _layout_axes(result, pair)
     grids = [_facet(values[i].numpy(), mode) for i in range(len(result.sites))]
     raws = [_facet(raw[i].numpy(), mode) for i in range(len(result.sites))]
     spreads = (
         [_facet(spread[i].numpy(), mode) for i in range(len(result.sites))] if spread is not None else None
     )
-    reach = max(float(np.nanmax(np.abs(g - base))) for g in grids) or 1.0
+    largest = effect_reach(result, metric, normalize, pair)
+    reach = reach if reach is not None and reach > 0 else (largest or 1.0)
     ids = _cell_ids(result, mode)
     n = len(result.sites)
     if n == 1:  # make_subplots costs as much as the rest of a one-site figure, and a redraw should be fast
@@ -112,8 +159,9 @@ def heatmap(
             cols=n,
             shared_yaxes=True,
             horizontal_spacing=0.04,
-            subplot_titles=[SITE_LABELS.get(s, s) for s in result.sites],
+            subplot_titles=[SITE_SHORT.get(s, s) for s in result.sites],
         )
+        fig.update_annotations(font_size=12)
         cells = [{"row": 1, "col": i + 1} for i in range(n)]
     vtitle = value_title(result, metric, normalize)
     for i, site in enumerate(result.sites):
@@ -145,19 +193,29 @@ def heatmap(
             ),
             **cells[i],
         )
+        many = len(xs) > 16 or (xlab == "position" and n > 1)
         fig.update_xaxes(
-            title_text=xlab, type="category", tickangle=-45 if xlab == "position" else 0, **cells[i]
+            title_text=xlab,
+            type="category",
+            tickangle=(-90 if many else -45) if xlab == "position" else 0,
+            tickfont_size=10 if many else 12,
+            **cells[i],
         )
     fig.update_yaxes(title_text=ylab, type="category", autorange="reversed", **cells[0])
     who = f"pair {pair}" if pair is not None else f"mean of {result.n_pairs} pair{'s' * (result.n_pairs > 1)}"
     method = "Attribution patching (estimate)" if result.method == "attribution" else "Activation patching"
     site_text = f" of {SITE_LABELS.get(result.sites[0], result.sites[0])}" if n == 1 else ""
-    fig.update_layout(
+    if title is None:
         # two lines: one line is wider than a default-width figure (700 px) and plotly clips it
-        title={"text": f"{method}{site_text}, {result.direction}:<br>{vtitle}; {who}", "x": 0.01},
+        title = f"{method}{site_text}, {result.direction}:<br>{vtitle}; {who}"
+    if reach != (largest or 1.0):  # a scale given by the caller: say how strong the colours here really are
+        title += f"<br>largest effect here {largest:.3g}; colour scale ±{reach:.3g}"
+    fig.update_layout(
+        # above the subplot titles of a multi-site grid, not over them
+        title={"text": title, "x": 0.01, "y": 0.98, "yanchor": "top"},
         # tall enough for the colour bar's title, which runs along the bar
         height=height or max(480, 22 * len(ys) + 180),
-        margin={"l": 60, "r": 20, "t": 80, "b": 80},
+        margin={"l": 60, "r": 20, "t": 110 if n > 1 else 80, "b": 80},
         template="plotly_white",
     )
     return fig

@@ -93,8 +93,8 @@ def curves(
                     legendgroup=g,
                     showlegend=False,
                     meta={"role": "curves", "group": g},
-                    hovertemplate="base %{customdata[0]}, direction %{customdata[1]}<br>size %{x:.4g}<br>"
-                    "%{y:.4g}<extra>" + g + "</extra>",
+                    hovertemplate="base %{customdata[0]}, direction %{customdata[1]} (click for its tokens)"
+                    "<br>size %{x:.4g}<br>%{y:.4g}<extra>" + g + "</extra>",
                 )
             )
         q25, med, q75 = np.quantile(stack, [0.25, 0.5, 0.75], axis=0)
@@ -198,7 +198,13 @@ def plateau_lengths(
             row=2,
             col=1,
         )
-    fig.add_vline(x=smax, line=dict(color="#888", dash="dot", width=1), annotation_text="never crossed →")
+    # the label to the left of its line: to the right it runs into the legend
+    fig.add_vline(
+        x=smax,
+        line=dict(color="#888", dash="dot", width=1),
+        annotation_text="never crossed →",
+        annotation_position="top left",
+    )
     unit = "nats" if metric == "kl" else "L2"
     fig.update_layout(
         barmode="overlay",
@@ -216,38 +222,54 @@ def plateau_lengths(
 
 
 def token_ribbon(x, ids, probs, token_strings: dict[int, str], x_title: str, title: str) -> go.Figure:
-    """Top-k tokens along a path: x [step], ids/probs [step, k]. Cell colour = probability, text = token."""
+    """Top-k tokens along a path: x [step], ids/probs [step, k]. Cell colour = probability; a cell is labelled
+    where its token differs from the step before (a run of one token is labelled once, so 32 steps stay
+    readable); hover shows every cell's token."""
     ids, probs = torch.as_tensor(ids), torch.as_tensor(probs)
-    k = ids.shape[-1]
-    text = [
-        [token_strings.get(int(ids[j, r]), str(int(ids[j, r]))) for j in range(ids.shape[0])]
-        for r in range(k)
+    n_steps, k = ids.shape
+    tokens = [
+        [token_strings.get(int(ids[j, r]), str(int(ids[j, r]))) for j in range(n_steps)] for r in range(k)
     ]
+    labels = [[_short(t) if j == 0 or t != row[j - 1] else "" for j, t in enumerate(row)] for row in tokens]
     z = probs.T.numpy()
     fig = go.Figure(
         go.Heatmap(
-            x=[f"{float(v):.3g}" for v in x],
+            x=[float(v) for v in x],
             y=[f"#{r + 1}" for r in range(k)],
             z=z,
-            text=text,
+            text=labels,
+            customdata=tokens,
             texttemplate="%{text}",
             textfont=dict(size=11),
             colorscale="Blues",
             zmin=0,
             zmax=1,
             colorbar=dict(title="probability"),
-            hovertemplate="%{x}<br>rank %{y}: '%{text}'<br>p = %{z:.3f}<extra></extra>",
+            hovertemplate="%{x:.4g}<br>rank %{y}: '%{customdata}'<br>p = %{z:.3f}<extra></extra>",
             meta={"role": "tokens"},
         )
     )
     fig.update_layout(
         title=title,
-        xaxis_title=x_title,
+        xaxis=dict(title=x_title, nticks=12),
         yaxis=dict(title="rank", autorange="reversed"),
         template="plotly_white",
         height=260,
     )
     return fig
+
+
+def _short(token: str, n: int = 10) -> str:
+    token = token.replace("\n", "⏎")
+    return token if len(token) <= n else token[: n - 1] + "…"
+
+
+def direction_label(result, direction: int) -> str:
+    """'toward_real direction 5 of 16': the number within its family (the result numbers directions across
+    families)."""
+    family = result.families[direction]
+    same = [i for i, f in enumerate(result.families) if f == family]
+    return f"{family} direction {same.index(direction) + 1} of {len(same)}"
 
 
 def tokens_along(result, base: int = 0, direction: int = 0, k: int = 3) -> go.Figure:
@@ -264,7 +286,7 @@ def tokens_along(result, base: int = 0, direction: int = 0, k: int = 3) -> go.Fi
     )
     zero = sizes == 0
     ids[zero], probs[zero] = result.ref_top_ids[base, :k], result.ref_top_probs[base, :k]
-    title = f"Predictions along {result.families[direction]} direction {direction}, {result.base_label(base)}"
+    title = f"Predictions along {direction_label(result, direction)}, {result.base_label(base)}"
     return token_ribbon(sizes, ids, probs, result.token_strings, _size_title(result), title)
 
 
@@ -281,7 +303,7 @@ def interpolation(result, pair: int = 0, max_pairs: int = 40, k: int = 3) -> go.
         row_heights=[0.62, 0.38],
         vertical_spacing=0.2,
         subplot_titles=(
-            f"Normalised distance at {result.read_label}, A's activation → B's at {result.site_label}",
+            f"Normalised distance at {result.read_label}",
             f"Top tokens along pair {pair} (hover for the prompts)",
         ),
     )
@@ -328,14 +350,19 @@ def interpolation(result, pair: int = 0, max_pairs: int = 40, k: int = 3) -> go.
     ribbon.data[0].colorbar = dict(title="p", len=0.35, y=0.17)
     pair_text = f"{result.prompts_a[pair]!r} → {result.prompts_b[pair]!r}".replace("{", "(").replace("}", ")")
     ribbon.data[0].hovertemplate = (
-        "α %{x}<br>rank %{y}: '%{text}'<br>p = %{z:.3f}<extra>" + pair_text + "</extra>"
+        "α %{x:.3g}<br>rank %{y}: '%{customdata}'<br>p = %{z:.3f}<extra>" + pair_text + "</extra>"
     )
     fig.add_trace(ribbon.data[0], row=2, col=1)
     fig.update_yaxes(title_text="d(α) / d(1)", row=1, col=1)
     fig.update_xaxes(title_text="α (0: A's activation, 1: B's)", row=1, col=1)
     fig.update_xaxes(title_text="α", row=2, col=1)
     fig.update_yaxes(autorange="reversed", row=2, col=1)
-    fig.update_layout(template="plotly_white", height=620, showlegend=n_p <= 8)
+    fig.update_layout(
+        title=f"Interpolation: prompt A's activation → prompt B's at {result.site_label}",
+        template="plotly_white",
+        height=620,
+        showlegend=n_p <= 8,
+    )
     return fig
 
 

@@ -2,8 +2,10 @@
 
 A panel subclasses `Panel`, builds its controls, and calls `self.start(compute, on_result)` from its Run
 button. `compute(progress, cancel)` runs an engine in a background thread, so the kernel stays responsive and
-the Stop button works; `on_result(result)` redraws. Errors the workbench raises on purpose (`WorkbenchError`)
-appear in the status line as their sentence; the last good result and its picture stay.
+the Stop button works; `on_result(result)` stores the result and redraws. Errors the workbench raises on purpose
+(`WorkbenchError`) appear in the status line as their sentence; the last good result and its picture stay. A
+result that cannot be drawn in the current view (`draw_failed`) says why in the status line and in the figure,
+never "Done" over an older picture. **Show code** follows the last successful run.
 """
 
 from __future__ import annotations
@@ -18,11 +20,74 @@ from typing import Any
 import ipywidgets as widgets
 import plotly.graph_objects as go
 
-from workbench.errors import Cancelled, WorkbenchError
+from workbench.errors import Cancelled, InputError, WorkbenchError
 from workbench.runner import CancelToken
 from workbench.widgets.figure import PanelFigure, replace_figure
 
-__all__ = ["Panel", "PanelFigure", "replace_figure"]
+__all__ = ["Panel", "PanelFigure", "replace_figure", "check_choice", "show_app", "source_of", "FULL_WIDTH"]
+
+# `width: 100%` plus the 2 px margins ipywidgets puts around every control overflows the output area by 4 px
+# (a horizontal scrollbar); in a column, `auto` fills the width inside the margins.
+FULL_WIDTH = "auto"
+
+
+def check_choice(name: str, value, allowed, error: type[WorkbenchError] = InputError, hint: str = "") -> None:
+    """Raise `error` with a sentence listing `allowed` when `value` is not one of them (a panel constructor's
+    check, before the value reaches a widget, whose own error is a long TraitError)."""
+    allowed = list(allowed)
+    if value not in allowed:
+        raise error(
+            f"{name}={value!r} is not available here; choose one of {', '.join(map(repr, allowed))}."
+            + (f" {hint}" if hint else "")
+        )
+
+
+def source_of(data):
+    """Code (a `workbench.codegen.Expr`) for data a panel was given: the `demo_corpus(split, n)` call that
+    makes it when it is the demo corpus, else its literal (texts, or a token tensor)."""
+    from workbench.codegen import call, literal
+
+    if isinstance(data, (list, tuple)) and data and all(isinstance(d, str) for d in data):
+        from workbench.tasks.corpus import SPLIT_SEEDS, demo_corpus
+
+        for split in SPLIT_SEEDS:
+            if demo_corpus(split, 1)[0] == data[0] and demo_corpus(split, len(data)) == list(data):
+                return call("workbench.tasks", "demo_corpus", [split, len(data)])
+    return literal(data)
+
+
+def _in_voila() -> bool:
+    import os
+
+    return os.environ.get("SERVER_SOFTWARE", "").startswith("voila/")
+
+
+def show_app(
+    build: Callable[[], widgets.Widget], placeholder: str = "Loading the panels..."
+) -> widgets.Widget:
+    """The widget `build()` returns, for a notebook's app cell.
+
+    Under Voila the app is built when the page first shows it, not while the notebook runs. Voila (without
+    progressive rendering) runs every cell before the page connects, and the page then loads all existing widgets
+    at once; some plotly figures loaded that way never receive a later update (measured: 2 of 3 figures stayed
+    on their first picture after a click, in 4 of 5 page loads). Widgets created after the page connected are
+    announced to it one by one, as in JupyterLab, and update reliably. Elsewhere (JupyterLab, a notebook run by
+    a script) `build()` runs at once.
+    """
+    if not _in_voila():
+        return build()
+    box = widgets.VBox([widgets.HTML(f'<span style="color:#555">{html.escape(placeholder)}</span>')])
+    box.add_class("wb-app")
+    box._view_count = 0  # the page reports its views of the box: the first one means it is connected
+
+    def shown(change) -> None:
+        if change["new"] and not getattr(box, "_built", False):
+            box._built = True
+            box.children = [build()]
+
+    box.observe(shown, "_view_count")
+    return box
+
 
 _COLOURS = {"info": "#444", "ok": "#1a7f37", "error": "#c62828", "busy": "#8a6d00"}
 
@@ -40,6 +105,7 @@ class Panel(widgets.VBox):
 
     def __init__(self, *, figure: go.FigureWidget | None = None, **kwargs):
         self.result = None
+        self.draw_error: str | None = None
         self.figure = figure if figure is not None else PanelFigure()
         self.status = widgets.HTML(layout=widgets.Layout(min_height="22px"))
         self.progress = widgets.FloatProgress(
@@ -86,14 +152,32 @@ class Panel(widgets.VBox):
 
     def _toggle_code(self, change) -> None:
         if change["new"]:
-            try:
-                text = self.code()
-            except WorkbenchError as err:
-                text = f"# {err}"
-            self.code_view.value = f'<pre class="wb-code" style="font-size:12px">{html.escape(text)}</pre>'
+            self.refresh_code()
             self.code_view.layout.display = ""
         else:
             self.code_view.layout.display = "none"
+
+    def refresh_code(self) -> None:
+        """Reprint the code (after a run or a view change) if it is shown."""
+        if not self.code_button.value:
+            return
+        try:
+            text = self.code()
+        except WorkbenchError as err:
+            text = f"# {err}"
+        self.code_view.value = (
+            f'<pre class="wb-code" style="font-size:12px;white-space:pre-wrap">{html.escape(text)}</pre>'
+        )
+
+    # -- drawing -------------------------------------------------------------------------------------
+    def draw_failed(self, figure: go.FigureWidget, err: Exception) -> None:
+        """`figure` cannot show the current view (e.g. normalising a metric whose baselines are equal): the
+        figure and the status line say why, and the run that produced the result does not report "Done"."""
+        from workbench.viz.common import message_figure
+
+        self.draw_error = str(err)
+        replace_figure(figure, message_figure(str(err), height=figure.layout.height or 360))
+        self.set_status(str(err), "error")
 
     # -- running -------------------------------------------------------------------------------------
     @property
@@ -141,9 +225,12 @@ class Panel(widgets.VBox):
                 # Remote traces inside `compute` report here, and Stop ends their wait too.
                 with RemoteRunner(self._on_remote_update, cancel=self._cancel):
                     result = compute(self._on_progress, self._cancel)
+                self.draw_error = None
                 on_result(result)
                 self.result = result
-                self.set_status(f"Done in {time.perf_counter() - started:.1f} s.", "ok")
+                if self.draw_error is None:
+                    self.set_status(f"Done in {time.perf_counter() - started:.1f} s.", "ok")
+                self.refresh_code()
             except Cancelled:
                 self.set_status("Stopped; the previous result is kept.", "info")
             except WorkbenchError as err:

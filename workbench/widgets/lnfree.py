@@ -3,7 +3,8 @@
 Run computes the preview (`workbench.lnfree.preview`): the loss change of freezing each norm alone, the
 cumulative curve in the paper's removal order, and the per-token scale distributions. Choosing norms (per layer
 and kind, or the preset "paper order up to step k") highlights them and measures the loss with exactly those
-norms frozen together (`workbench.lnfree.evaluate_loss`).
+norms frozen together (`workbench.lnfree.evaluate_loss`). `.code()` prints the calls of the last successful run
+and measurement, with the data written out (or the `demo_corpus` call that makes it).
 """
 
 from __future__ import annotations
@@ -14,11 +15,13 @@ import ipywidgets as widgets
 import plotly.graph_objects as go
 
 from workbench import remote
+from workbench.codegen import Expr, Name, Script, call
 from workbench.errors import InputError
 from workbench.lnfree.evaluation import evaluate_loss
 from workbench.lnfree.preview import preview
 from workbench.lnfree.sites import KIND_LABELS, paper_order, site_label, split_site
-from workbench.widgets.base import Panel, replace_figure
+from workbench.viz.common import message_figure
+from workbench.widgets.base import Panel, replace_figure, source_of
 
 ESTIMATORS = {
     "mean over tokens (paper)": ("mean", False, False),
@@ -37,6 +40,10 @@ class LNRemovalPreview(Panel):
         n_rows, seq_len: how much of `data` to use (rows of `seq_len` tokens when packing documents).
         model_var, data_var: the variable names `.code()` uses.
         run: compute the preview immediately.
+
+    Attributes:
+        preview: the last `RemovalPreview`; selection_loss: the measured loss with `frozen` (the sites of the
+            last measurement) frozen together, or None.
     """
 
     def __init__(
@@ -55,8 +62,16 @@ class LNRemovalPreview(Panel):
         self.model, self.data = model, data
         self.n_rows, self.seq_len, self.batch_size = n_rows, seq_len, batch_size
         self.model_var, self.data_var = model_var, data_var
+        for name, value in (("n_rows", n_rows), ("seq_len", seq_len), ("batch_size", batch_size)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise InputError(f"{name}={value!r}: give a positive whole number (or None for the default).")
+        for name, value in (("model_var", model_var), ("data_var", data_var)):
+            if not value.isidentifier():
+                raise InputError(f"{name}={value!r}: give a Python variable name for the printed code.")
         self.preview = None
         self.selection_loss = None
+        self.frozen: list[str] = []  # the sites `selection_loss` was measured with
+        self._preview_options: dict | None = None  # the options of the last successful preview
         self._pending = False
         self._syncing = False
         n_layers = model.cfg.n_layers
@@ -105,7 +120,7 @@ class LNRemovalPreview(Panel):
         self.sites.add_class("wb-lnfree-sites")
         self.figure.add_class("wb-lnfree-figure")
         self.run_button.add_class("wb-lnfree-run")
-        self.figure.layout.height = 980
+        replace_figure(self.figure, message_figure("Press Run to compute the zero-shot preview.", height=200))
 
         self.estimator.observe(self._on_estimator, names="value")
         self.preset.observe(self._on_preset, names="value")
@@ -210,8 +225,8 @@ class LNRemovalPreview(Panel):
             return remote.call(preview, self.model, self.data, progress=progress, cancel=cancel, **options)
 
         def on_result(result):
-            self.preview = result
-            self.selection_loss = None
+            self.preview, self._preview_options = result, options
+            self.selection_loss, self.frozen = None, []
             self._redraw()
             if self.selected:
                 self._pending = True
@@ -229,7 +244,7 @@ class LNRemovalPreview(Panel):
             return
         selected = self.selected
         if not selected:
-            self.selection_loss = None
+            self.selection_loss, self.frozen = None, []
             self._redraw()
             self.set_status("Nothing frozen: the loss is the model's own.", "info")
             return
@@ -249,7 +264,7 @@ class LNRemovalPreview(Panel):
 
         def on_result(result):
             if selected == self.selected:
-                self.selection_loss = result.mean
+                self.selection_loss, self.frozen = result.mean, selected
                 self._redraw()
             else:
                 self._pending = True
@@ -278,34 +293,42 @@ class LNRemovalPreview(Panel):
         from workbench.viz.lnfree import preview_figure
 
         k = self.preset.value or None
-        return preview_figure(self.preview, selected=self.selected, k=k, frozen_loss=self.selection_loss)
+        loss = self.selection_loss if self.frozen == self.selected else None
+        return preview_figure(self.preview, selected=self.selected, k=k, frozen_loss=loss)
 
     def _redraw(self) -> None:
         if self.preview is not None:
             replace_figure(self.figure, self.build_figure())
+            self.refresh_code()
 
     def code(self) -> str:
-        est = self._estimator_options()
-        data_opts = "".join(f", {k}={v!r}" for k, v in self._data_options().items())
-        est_opts = f"method={est['method']!r}"
-        if est["exclude_first"] or est["exclude_eot"]:
-            est_opts += f", exclude_first={est['exclude_first']}, exclude_eot={est['exclude_eot']}"
-        lines = [
-            "from workbench.lnfree import evaluate_loss, preview",
-            "",
-            f"result = preview({self.model_var}, {self.data_var}{data_opts}, {est_opts})",
-        ]
-        selected = self.selected
-        if selected:
-            k = self.preset.value
-            sites = f"paper_prefix({k}, {self.model_var}.cfg.n_layers)" if k else repr(selected)
-            if k:
-                lines[0] += "\nfrom workbench.lnfree.sites import paper_prefix"
-            lines += [
-                f"frozen = evaluate_loss({self.model_var}, {self.data_var}, freeze={sites}, "
-                f"scales=result.scales{data_opts})",
-                f"result.plot(selected={sites}, k={k or None}, frozen_loss=frozen.mean)",
-            ]
-        else:
-            lines.append("result.plot()")
-        return "\n".join(lines)
+        """The calls behind the figure: the last successful preview, and the loss measured with the chosen norms
+        frozen together (when it was measured), then the plot of the current selection."""
+        script = Script()
+        options = self._preview_options
+        if options is None:
+            options = {**self._estimator_options(), **self._data_options()}
+            script.header.append("not run yet: the preview Run will compute")
+        model, data = Name(self.model_var), Name(self.data_var)
+        script.add(
+            Expr(f"{self.model_var} = load_model({self.model.name!r})", (("workbench.models", "load_model"),))
+        )
+        script.add(source_of(self.data), assign=self.data_var)
+        method = {"method": options["method"]}
+        if options["exclude_first"] or options["exclude_eot"]:
+            method.update(exclude_first=options["exclude_first"], exclude_eot=options["exclude_eot"])
+        data_opts = {k: options[k] for k in ("n_rows", "seq_len", "batch_size") if k in options}
+        script.call("result", "workbench.lnfree", "preview", [model, data], {**data_opts, **method})
+        selected, k = self.selected, self.preset.value or None
+        plot = {"selected": selected, "k": k} if selected else {}
+        if selected and self.frozen == selected and self.selection_loss is not None:
+            script.call(
+                "frozen",
+                "workbench.lnfree",
+                "evaluate_loss",
+                [model, data],
+                {"freeze": selected, "scales": Expr("result.scales"), **data_opts},
+            )
+            plot["frozen_loss"] = Expr("frozen.mean")
+        script.add(call("", "result.plot", [], plot))
+        return script.render()

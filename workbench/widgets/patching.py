@@ -4,9 +4,10 @@
     PatchingExplorer(model, "When Mary and John went to the store, John gave a drink to",
                      "When Mary and John went to the store, Mary gave a drink to", answers=(" Mary", " John"))
 
-The panel holds no science: its controls become a `workbench.patching.sweep` call (see `.code()`), and its
-figures come from `workbench.viz.patching`. Switching the metric, the normalisation or the pair redraws from the
-stored result without running the model again.
+The panel holds no science: its controls become a `workbench.patching.sweep` call (see `.code()`, which prints
+the call of the last successful run), and its figures come from `workbench.viz.patching`. Switching the metric,
+the normalisation or the pair redraws from the stored result without running the model again; prompts, answers,
+site and direction take effect on Run.
 """
 
 from __future__ import annotations
@@ -15,16 +16,28 @@ import ast
 import html
 
 import ipywidgets as widgets
-import plotly.graph_objects as go
 
 from workbench import remote
-from workbench.errors import InputError, WorkbenchError
+from workbench.codegen import Expr, Name, Script
+from workbench.errors import InputError, SiteError, WorkbenchError
 from workbench.patching import METRICS, Metric, sweep
-from workbench.patching.inputs import BLOCK_SITES, SITE_LABELS
-from workbench.viz.patching import heatmap
-from workbench.widgets.base import Panel, replace_figure
+from workbench.patching.inputs import resolve_direction, resolve_sites
+from workbench.viz.patching import effect_reach, heatmap
+from workbench.widgets.base import FULL_WIDTH, Panel, PanelFigure, check_choice, replace_figure
 
 HEAD_VIEWS = ("z", "pattern")
+# the site name first, so that a narrow dropdown still shows which site it is
+SITE_OPTIONS = [
+    ("resid_pre: entering the block", "resid_pre"),
+    ("resid_mid: between attention and MLP", "resid_mid"),
+    ("resid_post: leaving the block", "resid_post"),
+    ("attn_out: attention output", "attn_out"),
+    ("mlp_out: MLP output", "mlp_out"),
+    ("block: attn_out + mlp_out + resid_pre", "block"),
+    ("z: each head's output, all positions", "z"),
+    ("pattern: each head's attention pattern", "pattern"),
+]
+BLOCK_VIEW = ["resid_pre", "attn_out", "mlp_out"]
 _DIRECTION_HELP = {
     "denoising": "Denoising: clean activations go into the corrupt run. 1 = the patch alone restores the clean "
     "answer (sufficient).",
@@ -35,6 +48,11 @@ _DIRECTION_HELP = {
 
 def _lines(text: str) -> list[str]:
     return [line for line in (t.rstrip("\r") for t in text.split("\n")) if line.strip()]
+
+
+def _fit_rows(box: widgets.Textarea, least: int = 1, most: int = 8) -> None:
+    """Show every line of a text box (up to `most`)."""
+    box.rows = max(least, min(most, len(box.value.split("\n"))))
 
 
 def parse_answers(text: str) -> list[tuple[str, str]]:
@@ -71,8 +89,11 @@ class PatchingExplorer(Panel):
     Attributes:
         grid: the main sweep's `PatchingResult` (kept when a later run fails).
         heads: the drill-down `PatchingResult` for the clicked cell, or None.
-        figure / heads_figure: the two `go.FigureWidget`s.
+        figure / heads_figure: the two figure widgets.
         remote_status: for NDIF models, the job status line (job id, state, Cancel); else None.
+
+    Raises `SiteError` / `InputError` (with the sites, directions or metrics there are) for a `site`,
+    `direction` or `metric` the panel cannot offer.
     """
 
     def __init__(
@@ -91,51 +112,61 @@ class PatchingExplorer(Panel):
         self.model = model
         self.grid = None
         self.heads = None
+        self._grid_kwargs: dict | None = None  # the sweep of the last successful run (what .code() prints)
+        self._heads_kwargs: dict | None = None
         self._drill_cell = None
         self._user_metrics = {
             m.name: m for m in ([metric] if isinstance(metric, Metric) else []) + list(extra_metrics or [])
         }
-        wide = widgets.Layout(width="100%")
+        # the same checks and sentences as the engine's, before the values reach the controls
+        sites = [v for _, v in SITE_OPTIONS]
+        if site not in sites:
+            resolve_sites(model, site)  # the engine's sentence for a site it does not know
+            check_choice("site", site, sites, SiteError, "A panel shows one site, or 'block' for three.")
+        resolve_sites(model, BLOCK_VIEW if site == "block" else site)  # ... or that the model lacks
+        direction = resolve_direction(direction)
+        metric_names = list(METRICS) + list(self._user_metrics)
+        check_choice(
+            "metric",
+            metric.name if isinstance(metric, Metric) else metric,
+            metric_names,
+            hint="Give your own as Metric(name, fn).",
+        )
         self.clean_box = widgets.Textarea(
             value="\n".join([clean] if isinstance(clean, str) else clean),
             description="Clean",
             placeholder="one prompt per line",
-            rows=2,
-            layout=wide,
+            layout=widgets.Layout(width=FULL_WIDTH),
         )
         self.corrupt_box = widgets.Textarea(
             value="\n".join([corrupt] if isinstance(corrupt, str) else corrupt),
             description="Corrupt",
             placeholder="same number of tokens as the clean prompt",
-            rows=2,
-            layout=wide,
+            layout=widgets.Layout(width=FULL_WIDTH),
         )
         self.answers_box = widgets.Textarea(
             value=_format_answers(list(answers)),
             description="Answers",
             placeholder="' Mary', ' John'   (correct, incorrect)",
-            rows=1,
-            layout=wide,
+            layout=widgets.Layout(width=FULL_WIDTH),
         )
-        site_options = [(SITE_LABELS[s], s) for s in BLOCK_SITES] + [
-            ("attn_out + mlp_out + resid_pre", "block"),
-            ("head output (z), per head, all positions", "z"),
-            ("attention pattern, per head, all positions", "pattern"),
-        ]
+        for box, least in ((self.clean_box, 2), (self.corrupt_box, 2), (self.answers_box, 1)):
+            _fit_rows(box, least)
+            box.observe(lambda change, least=least: _fit_rows(change["owner"], least), "value")
         self.site_box = widgets.Dropdown(
-            options=site_options, value=site, description="Site", layout=widgets.Layout(width="420px")
+            options=SITE_OPTIONS, value=site, description="Site", layout=widgets.Layout(width="360px")
         )
         self.direction_box = widgets.ToggleButtons(
             options=[("denoising", "denoising"), ("noising", "noising")],
-            value={"denoise": "denoising", "noise": "noising"}.get(direction, direction),
+            value=direction,
             description="Direction",
             tooltips=[_DIRECTION_HELP["denoising"], _DIRECTION_HELP["noising"]],
         )
-        metric_names = list(METRICS) + list(self._user_metrics)
         self.metric_box = widgets.Dropdown(
             options=[(METRICS[m].title if m in METRICS else m, m) for m in metric_names],
             value=metric.name if isinstance(metric, Metric) else metric,
             description="Metric",
+            layout=widgets.Layout(width="300px"),
         )
         self.normalize_box = widgets.Checkbox(
             value=normalize,
@@ -144,7 +175,7 @@ class PatchingExplorer(Panel):
             layout=widgets.Layout(width="auto"),  # the default width cuts the label
         )
         self.pair_box = widgets.Dropdown(
-            options=[("mean", -1)], value=-1, description="Pair", layout=widgets.Layout(width="180px")
+            options=[("mean", -1)], value=-1, description="Pair", layout=widgets.Layout(width="160px")
         )
         self.direction_help = widgets.HTML(self._help_text())
         for w, cls in [
@@ -158,9 +189,8 @@ class PatchingExplorer(Panel):
             (self.pair_box, "wb-patching-pair"),
         ]:
             w.add_class(cls)
-        self.heads_figure = go.FigureWidget()
+        self.heads_figure = PanelFigure()
         self.heads_figure.add_class("wb-patching-heads")
-        self._redraw_failed = False
         self._quiet = False  # set while the panel itself changes controls, so observers do not redraw
         super().__init__()
         self.figure.add_class("wb-patching-figure")
@@ -171,6 +201,8 @@ class PatchingExplorer(Panel):
         )
         for box in (self.metric_box, self.normalize_box, self.pair_box):
             box.observe(lambda _: self.redraw(), "value")
+        for box in (self.clean_box, self.corrupt_box, self.answers_box, self.site_box, self.direction_box):
+            box.observe(lambda _: self._note_pending(), "value")
         self.warning_line = widgets.HTML()
         self.warning_line.add_class("wb-patching-warnings")
         self.heads_box = widgets.VBox([self.heads_figure], layout=widgets.Layout(display="none"))
@@ -183,8 +215,12 @@ class PatchingExplorer(Panel):
             self.clean_box,
             self.corrupt_box,
             self.answers_box,
-            widgets.HBox([self.site_box, self.metric_box, self.pair_box]),
-            widgets.HBox([self.direction_box, self.normalize_box]),
+            widgets.HBox(
+                [self.site_box, self.metric_box, self.pair_box], layout=widgets.Layout(flex_flow="row wrap")
+            ),
+            widgets.HBox(
+                [self.direction_box, self.normalize_box], layout=widgets.Layout(flex_flow="row wrap")
+            ),
             self.direction_help,
             self.run_bar,
             *([self.remote_status] if self.remote_status is not None else []),
@@ -216,16 +252,16 @@ class PatchingExplorer(Panel):
             "clean": clean,
             "corrupt": corrupt,
             "answers": answers[0] if len(answers) == 1 else answers,
-            "site": ["resid_pre", "attn_out", "mlp_out"] if site == "block" else site,
+            "site": list(BLOCK_VIEW) if site == "block" else site,
             "direction": self.direction_box.value,
             "metric": self._metric_arg(),
         }
         if site in HEAD_VIEWS:
-            kwargs["positions"] = "all"
+            kwargs["positions"] = "together"
         return kwargs
 
     def _drill_kwargs(self, layer: int, position: int, head: int | None) -> dict:
-        kwargs = self._sweep_kwargs()
+        kwargs = dict(self._grid_kwargs)
         grid = self.grid
         if (
             head is None
@@ -235,25 +271,47 @@ class PatchingExplorer(Panel):
             kwargs.update(layers=[layer], heads=[head], positions="each")
         return kwargs
 
+    def _note_pending(self) -> None:
+        """A control that takes effect on Run changed: say so (the picture still shows the last run)."""
+        if self.grid is None or self.busy:
+            return
+
+        def run_inputs(kwargs):  # (the metric is also a view: switching it redraws)
+            return {k: v for k, v in kwargs.items() if k != "metric"}
+
+        try:
+            pending = run_inputs(self._sweep_kwargs()) != run_inputs(self._grid_kwargs)
+        except WorkbenchError:
+            pending = True
+        if pending:
+            self.set_status("Press Run to patch with the new prompts, site or direction.", "info")
+
     def code(self) -> str:
-        """The public-API calls that reproduce the current view."""
-        kwargs = self._sweep_kwargs()
-        lines = [
-            "from workbench.models import load_model",
-            "from workbench.patching import sweep",
-            "",
-            f"model = load_model({self.model.name!r})",
-        ]
-        if isinstance(kwargs["metric"], Metric):
-            lines.append(f"# {kwargs['metric'].name}: the Metric(name, fn) you gave the explorer")
-        lines += [
-            f"result = sweep(model, {_call_args(kwargs)})",
-            f"result.plot({_plot_args(self)})",
-        ]
-        if self._drill_cell is not None and self.grid is not None:
-            d = self._drill_kwargs(*self._drill_cell)
-            lines += [f"heads = sweep(model, {_call_args(d)})", f"heads.plot({_plot_args(self)})"]
-        return "\n".join(lines)
+        """The public-API calls that reproduce what the panel shows: the last successful sweep (and drill-down),
+        drawn with the current metric, normalisation and pair."""
+        script = Script()
+        kwargs = self._grid_kwargs
+        if kwargs is None:
+            kwargs = self._sweep_kwargs()
+            script.header.append("not run yet: the sweep Run will make")
+        script.add(Expr(f"model = load_model({self.model.name!r})", (("workbench.models", "load_model"),)))
+        kwargs = self._code_kwargs(kwargs, script)
+        script.call("result", "workbench.patching", "sweep", [Name("model")], kwargs)
+        script.add(f"result.plot({_plot_args(self)})")
+        if self.heads is not None and self._heads_kwargs is not None:
+            heads = self._code_kwargs(self._heads_kwargs, None)
+            script.call("heads", "workbench.patching", "sweep", [Name("model")], heads)
+            script.add(f"heads.plot({_plot_args(self)})")
+        return script.render()
+
+    def _code_kwargs(self, kwargs: dict, script: Script | None) -> dict:
+        metric = kwargs.get("metric")
+        if isinstance(metric, Metric):
+            name = metric.name if metric.name.isidentifier() else "metric"
+            if script is not None:
+                script.add(f"# {name}: the Metric({metric.name!r}, fn) you gave the explorer")
+            kwargs = {**kwargs, "metric": Name(name)}
+        return kwargs
 
     # -- running -------------------------------------------------------------------------------------
     def run(self) -> None:
@@ -264,7 +322,11 @@ class PatchingExplorer(Panel):
             self.show_error(err)
             return
 
-        self.start(self._compute(kwargs), self._show_grid, label="Patching")
+        def show(result):
+            self._grid_kwargs = kwargs
+            self._show_grid(result)
+
+        self.start(self._compute(kwargs), show, label="Patching")
 
     def drill(self, layer: int, position: int, head: int | None = None) -> None:
         """Patch each head at (layer, position index) of the main grid, or (for per-head views) the head `head`
@@ -272,14 +334,13 @@ class PatchingExplorer(Panel):
         if self.grid is None:
             self.set_status("Run a sweep first, then click a cell.", "info")
             return
-        try:
-            kwargs = self._drill_kwargs(layer, position, head)
-        except WorkbenchError as err:
-            self.show_error(err)
-            return
-        self._drill_cell = (layer, position, head)
+        kwargs = self._drill_kwargs(layer, position, head)
 
-        self.start(self._compute(kwargs), self._show_heads, label=f"Patching heads of layer {layer}")
+        def show(result):
+            self._drill_cell, self._heads_kwargs = (layer, position, head), kwargs
+            self._show_heads(result)
+
+        self.start(self._compute(kwargs), show, label=f"Patching heads of layer {layer}")
 
     def _compute(self, kwargs: dict):
         def compute(progress, cancel):
@@ -307,7 +368,7 @@ class PatchingExplorer(Panel):
         self.warning_line.value = "".join(
             f'<div style="color:#8a6d00">&#9888; {html.escape(w)}</div>' for w in result.warnings
         )
-        self.heads, self._drill_cell = None, None
+        self.heads, self._heads_kwargs, self._drill_cell = None, None, None
         self.heads_box.layout.display = "none"
         options = [("mean", -1)] + [(f"pair {i}", i) for i in range(result.n_pairs)]
         if list(self.pair_box.options) != options:
@@ -323,28 +384,43 @@ class PatchingExplorer(Panel):
         self.heads_box.layout.display = ""
         self.redraw()
 
-    def redraw(self) -> None:
-        """Redraw both figures from the stored results (no model run). Errors go to the status line."""
-        if self._quiet:
-            return
+    def build_figures(self) -> tuple:
+        """(main figure, drill-down figure or None) for the stored results and the current view; raises the
+        workbench's error when the view cannot be drawn."""
         view = self._view()
+        main = heatmap(self.grid, **view)
+        drill = None
+        if self.heads is not None:
+            layer, position, head = self._drill_cell
+            where = self.grid.position_labels[position] if head is None else f"head {head}"
+            if head is None and view["pair"]:
+                where = main.data[0].x[position]  # the chosen pair's token at that position
+            reach = effect_reach(self.grid, **view)  # the main map's colour scale: comparable colours
+            drill = heatmap(self.heads, **view, reach=reach, title=f"Drill-down: layer {layer}, {where}")
+        return main, drill
+
+    def redraw(self) -> None:
+        """Redraw both figures from the stored results (no model run). A view that cannot be drawn says why in
+        the figure and the status line."""
+        if self._quiet or self.grid is None:
+            return
         try:
-            if self._redraw_failed and self.grid is not None:
-                self.set_status("Showing the stored result (no model run).", "ok")
-            if self.grid is not None:
-                replace_figure(self.figure, heatmap(self.grid, **view))
-                for trace in self.figure.data:
-                    trace.on_click(self._on_click)
-            if self.heads is not None:
-                fig = heatmap(self.heads, **view)  # one row (a layer, or a head), however many heads
-                layer, position, head = self._drill_cell
-                where = self.grid.position_labels[position] if head is None else f"head {head}"
-                fig.update_layout(title={"text": f"Drill-down: layer {layer}, {where}"})
-                replace_figure(self.heads_figure, fig)
-            self._redraw_failed = False
+            main, drill = self.build_figures()
         except WorkbenchError as err:
-            self._redraw_failed = True
-            self.set_status(str(err), "error")
+            self.draw_failed(self.figure, err)
+            self.heads_box.layout.display = "none"
+            self.refresh_code()
+            return
+        if self.draw_error is not None:
+            self.draw_error = None
+            self.set_status("Showing the stored result (no model run).", "ok")
+        replace_figure(self.figure, main)
+        for trace in self.figure.data:
+            trace.on_click(self._on_click)
+        if drill is not None:
+            replace_figure(self.heads_figure, drill)
+            self.heads_box.layout.display = ""
+        self.refresh_code()
 
     def _on_click(self, trace, points, selector=None) -> None:
         if not points.point_inds:
@@ -352,10 +428,6 @@ class PatchingExplorer(Panel):
         row, col = points.point_inds[0]
         layer, position, head = (int(v) for v in trace.customdata[row][col][:3])
         self.drill(layer, position, None if head < 0 else head)
-
-
-def _call_args(kwargs: dict) -> str:
-    return ", ".join(f"{k}={v.name if isinstance(v, Metric) else repr(v)}" for k, v in kwargs.items())
 
 
 def _plot_args(panel: PatchingExplorer) -> str:

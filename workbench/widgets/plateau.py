@@ -4,9 +4,9 @@
     PlateauProbe(model, ["When Mary and John went to the store, John gave a drink to"], reference_data=corpus)
 
 The panel holds no science: its controls become a `workbench.plateau.probe` (or `interpolate`) call, shown by
-`.code()`, and its figures come from `workbench.viz.plateau`. Changing the metric, threshold or log scale
-redraws from the stored result without running the model. Click a curve to see the tokens the model predicts
-along it.
+`.code()` for the last successful run, and its figures come from `workbench.viz.plateau`. Changing the view, the
+metric, threshold or log scale redraws from the stored results without running the model; a view whose result
+is not computed yet says so and waits for Run. Click a curve to see the tokens the model predicts along it.
 """
 
 from __future__ import annotations
@@ -14,11 +14,11 @@ from __future__ import annotations
 import html
 
 import ipywidgets as widgets
-import plotly.graph_objects as go
 import torch
 
 from workbench import remote
-from workbench.errors import InputError, WorkbenchError
+from workbench.codegen import Expr, Name, Script, call, literal
+from workbench.errors import InputError, SiteError, WorkbenchError
 from workbench.plateau import (
     DEFAULT_FAMILIES,
     FAMILIES,
@@ -30,9 +30,11 @@ from workbench.plateau import (
 )
 from workbench.plateau.probe import KL_THRESHOLD
 from workbench.viz import plateau as viz
-from workbench.widgets.base import Panel, replace_figure
+from workbench.viz.common import message_figure
+from workbench.widgets.base import FULL_WIDTH, Panel, PanelFigure, check_choice, replace_figure, source_of
 
 VIEWS = ("Curves", "Plateau lengths", "Interpolation")
+LITERAL_LIMIT = 20_000  # numbers of a user direction tensor .code() writes out (a larger one is referred to)
 
 
 def _lines(text: str) -> list[str]:
@@ -74,18 +76,32 @@ class PlateauProbe(Panel):
         layer: int = 1,
         site: str = "resid_pre",
     ):
+        n_layers = model.cfg.n_layers
+        check_choice("site", site, WRITE_SITES, SiteError, "Plateau probes perturb one of these sites.")
+        model.check_site(site, layer)
+        directions = dict(directions or {})
+        for name, d in directions.items():
+            if not (isinstance(d, torch.Tensor) and d.dim() == 2 and d.shape[1] == model.cfg.d_model):
+                shape = tuple(d.shape) if isinstance(d, torch.Tensor) else type(d).__name__
+                raise InputError(
+                    f"directions[{name!r}] is {shape}: give a tensor [k, d_model] = [k, {model.cfg.d_model}]."
+                )
+            if name in FAMILIES:
+                raise InputError(f"directions[{name!r}]: that name is a built-in family; choose another.")
         self.model = model
         self.plateau = None
         self.interpolation = None
+        self._probe_run: dict | None = None  # the calls of the last successful runs (what .code() prints)
+        self._interp_run: dict | None = None
+        self._tokens_of: str | None = None  # which result the token figure shows: "probe" or "interpolation"
         self._quiet = False  # set while the panel changes its own controls, so observers do not redraw
-        self.user_directions = dict(directions or {})
+        self.user_directions = directions
         self.reference_data = reference_data
         self._references: dict[tuple[str, int], RefStats] = {}
         if reference is not None:
             self._references[(reference.site, reference.layer)] = reference
         self._given_reference = reference
-        n_layers = model.cfg.n_layers
-        wide = widgets.Layout(width="100%")
+        wide = widgets.Layout(width=FULL_WIDTH)
         self.prompts_box = widgets.Textarea(
             value="\n".join([prompts] if isinstance(prompts, str) else prompts),
             description="Prompts",
@@ -119,7 +135,16 @@ class PlateauProbe(Panel):
         )
         self.threshold_box = widgets.FloatText(value=KL_THRESHOLD, description="Threshold")
         self.log_box = widgets.Checkbox(value=False, description="log y", indent=False)
-        self.view_box = widgets.ToggleButtons(options=list(VIEWS), value="Curves", description="View")
+        self.view_box = widgets.ToggleButtons(
+            options=list(VIEWS),
+            value="Curves",
+            description="View",
+            tooltips=[
+                "median and spread of the response curves (after Run)",
+                "where each curve first crosses the threshold (after Run)",
+                "A's activation walked to prompt B's (Run computes it)",
+            ],
+        )
         self.prompt_b_box = widgets.Text(
             value=prompt_b, description="Prompt B", placeholder="interpolation target", layout=wide
         )
@@ -142,7 +167,7 @@ class PlateauProbe(Panel):
             (self.notes, "wb-plateau-notes"),
         ]:
             w.add_class(cls)
-        self.token_figure = go.FigureWidget()
+        self.token_figure = PanelFigure()
         self.token_figure.add_class("wb-plateau-tokens")
         super().__init__()
         self.figure.add_class("wb-plateau-figure")
@@ -152,6 +177,19 @@ class PlateauProbe(Panel):
         self.metric_box.observe(lambda _: self._metric_changed(), "value")
         for box in (self.threshold_box, self.log_box, self.view_box):
             box.observe(lambda _: None if self._quiet else self.redraw(), "value")
+        for box in (
+            self.prompts_box,
+            self.site_box,
+            self.layer_box,
+            self.position_box,
+            self.families_box,
+            self.synthetic_box,
+            self.n_directions_box,
+            self.max_size_box,
+            self.n_sizes_box,
+            self.prompt_b_box,
+        ):
+            box.observe(lambda _: self._note_pending(), "value")
         self.token_box = widgets.VBox([self.token_figure], layout=widgets.Layout(display="none"))
         self.children = [
             self.prompts_box,
@@ -177,10 +215,14 @@ class PlateauProbe(Panel):
         self.set_status(
             "Press Run. Sizes are in units of the median activation norm at the site. Click a curve."
         )
+        replace_figure(self.figure, message_figure("Press Run to probe.", height=200))
 
     # -- controls --------------------------------------------------------------------------------------------
     def _update_positions(self) -> None:
-        options: list[tuple[str, int | str]] = [("last token", -1), ("every position but the first", "all")]
+        options: list[tuple[str, int | str]] = [
+            ("last token", -1),
+            ("every position but the first", "all-but-first"),
+        ]
         prompts = _lines(self.prompts_box.value)
         if prompts and self.model.tokenizer is not None:
             try:
@@ -245,7 +287,7 @@ class PlateauProbe(Panel):
                 "Type prompt B: the interpolation walks from the first prompt's activation to B's."
             )
         position = self.position_box.value
-        if position == "all":
+        if position == "all-but-first":
             raise InputError("Interpolation uses one position: choose the last token or a token.")
         return {
             "prompts_a": self._prompts()[0],
@@ -271,52 +313,76 @@ class PlateauProbe(Panel):
         return self._references.get(key)
 
     # -- show code ---------------------------------------------------------------------------------------
+    def _view_kind(self) -> str:
+        return "interpolation" if self.view_box.value == "Interpolation" else "probe"
+
     def code(self) -> str:
-        """The public-API calls that reproduce the current view."""
-        lines = ["import torch", "", "from workbench.models import load_model"]
-        if self.view_box.value == "Interpolation":
-            kw = self._interp_kwargs()
-            lines += [
-                "from workbench.plateau import interpolate",
-                "",
-                f"model = load_model({self.model.name!r})",
-                f"result = interpolate(model, {_args(kw)})",
-                "result.plot()",
-            ]
-            return "\n".join(lines)
-        kw = self._probe_kwargs()
-        site, layer = kw["site"], kw["layer"]
-        imports = ["probe"]
-        setup = []
-        if self.reference_data is not None or (site, layer) in self._references:
-            if self.reference_data is not None:
-                imports.append("reference_stats")
-                setup.append(f"reference = reference_stats(model, corpus, layer={layer}, site={site!r})")
-                setup.insert(0, "# corpus: the reference_data you gave the panel")
-            else:
-                setup.append("# reference: the RefStats you gave the panel")
-            kw["reference"] = _Name("reference")
+        """The public-API calls behind the current view: the last successful probe (or interpolation), drawn
+        with the current metric, threshold and log scale."""
+        script = Script()
+        kind = self._view_kind()
+        run = self._interp_run if kind == "interpolation" else self._probe_run
+        if run is None:
+            run = self._next_run(kind)
+            script.header.append("not run yet: the call Run will make")
+        script.add(Expr(f"model = load_model({self.model.name!r})", (("workbench.models", "load_model"),)))
+        if kind == "interpolation":
+            kw = dict(run)
+            args = [kw.pop("prompts_a"), kw.pop("prompts_b")]
+            script.call("result", "workbench.plateau", "interpolate", [Name("model"), *args], kw)
+            script.add("result.plot()")
+            return script.render()
+        kw = dict(run)
+        prompts = kw.pop("prompts")
+        reference = kw.pop("_reference", None)
+        if reference == "data":
+            script.add(source_of(self.reference_data), assign="corpus")
+            script.call(
+                "reference",
+                "workbench.plateau",
+                "reference_stats",
+                [Name("model"), Name("corpus")],
+                {"layer": kw["layer"], "site": kw["site"]},
+            )
+            kw["reference"] = Name("reference")
+        elif reference == "given":
+            script.add("# reference: the RefStats you gave the panel")
+            kw["reference"] = Name("reference")
         if "directions" in kw:
-            setup.append("# directions: the dict you gave the panel, " + ", ".join(kw["directions"]))
-            kw["directions"] = _Name("directions")
-        plot = f"metric={self.metric_box.value!r}, threshold={self.threshold_box.value!r}"
-        lines += [
-            f"from workbench.plateau import {', '.join(imports)}",
-            "",
-            f"model = load_model({self.model.name!r})",
-            *setup,
-            f"result = probe(model, {_args(kw)})",
-        ]
+            given = kw["directions"]
+            if sum(d.numel() for d in given.values()) <= LITERAL_LIMIT:
+                script.add(literal(given), assign="directions")
+            else:
+                script.add("# directions: the dict you gave the panel, " + ", ".join(given))
+            kw["directions"] = Name("directions")
+        script.call("result", "workbench.plateau", "probe", [Name("model"), prompts], kw)
+        plot = {"metric": self.metric_box.value, "threshold": self.threshold_box.value}
         if self.view_box.value == "Plateau lengths":
-            lines += [
-                "from workbench.viz.plateau import plateau_lengths",
-                "",
-                f"plateau_lengths(result, {plot})",
-                f"result.compare(baseline='cov_mixture', {plot})",
-            ]
+            script.add(call("workbench.viz.plateau", "plateau_lengths", [Name("result")], plot))
+            script.add(call("", "result.compare", [], {"baseline": "cov_mixture", **plot}))
         else:
-            lines.append(f"result.plot({plot}, log_y={self.log_box.value})")
-        return "\n".join(lines)
+            script.add(call("", "result.plot", [], {**plot, "log_y": self.log_box.value}))
+        return script.render()
+
+    def _next_run(self, kind: str) -> dict:
+        """The call Run would make now (for code before the first run)."""
+        if kind == "interpolation":
+            return self._interp_kwargs()
+        kw = self._probe_kwargs()
+        key = (kw["site"], kw["layer"])
+        if self.reference_data is not None:
+            kw["_reference"] = "data"
+        elif key in self._references:
+            kw["_reference"] = "given"
+        return kw
+
+    def _note_pending(self) -> None:
+        """A control that takes effect on Run changed while a result is shown: say so."""
+        if self.busy or (self.plateau is None and self.interpolation is None):
+            return
+        self.set_status(
+            "Press Run to compute with the changed settings (the figure shows the last run).", "info"
+        )
 
     # -- running -----------------------------------------------------------------------------------------
     def run(self) -> None:
@@ -328,13 +394,22 @@ class PlateauProbe(Panel):
                 def compute(progress, cancel):
                     return remote.call(interpolate, self.model, **kwargs, progress=progress, cancel=cancel)
 
-                self.start(compute, self._show_interpolation, label="Interpolating")
+                def show(result):
+                    self._interp_run = kwargs
+                    self._show_interpolation(result)
+
+                self.start(compute, show, label="Interpolating")
                 return
             kwargs = self._probe_kwargs()
         except WorkbenchError as err:
             self.show_error(err)
             return
-        prompts = kwargs.pop("prompts")
+        call_kwargs = dict(kwargs)
+        prompts = call_kwargs.pop("prompts")
+        key = (kwargs["site"], kwargs["layer"])
+        reference = (
+            "data" if self.reference_data is not None else "given" if key in self._references else None
+        )
 
         def compute(progress, cancel):
             import warnings
@@ -344,20 +419,28 @@ class PlateauProbe(Panel):
                 ref = self._reference(kwargs["site"], kwargs["layer"], False, cancel)
                 # remote models: a repeated run is served from the result cache, not resubmitted
                 return remote.call(
-                    probe, self.model, prompts, **kwargs, reference=ref, progress=progress, cancel=cancel
+                    probe, self.model, prompts, **call_kwargs, reference=ref, progress=progress, cancel=cancel
                 )
 
-        self.start(compute, self._show_probe, label="Probing")
+        def show(result):
+            self._probe_run = {**kwargs, **({"_reference": reference} if reference else {})}
+            self._show_probe(result)
+
+        self.start(compute, show, label="Probing")
 
     def _show_probe(self, result) -> None:
         self.plateau = result
         self._set_default_threshold()
         self._show_notes(result.warnings)
+        if self._tokens_of == "probe":  # the clicked curve belonged to the previous result
+            self._hide_tokens()
         self.redraw()
 
     def _show_interpolation(self, result) -> None:
         self.interpolation = result
         self._show_notes(())
+        if self._tokens_of == "interpolation":
+            self._hide_tokens()
         self.redraw()
 
     def _show_notes(self, notes) -> None:
@@ -366,30 +449,53 @@ class PlateauProbe(Panel):
         )
 
     # -- drawing -----------------------------------------------------------------------------------------
+    def build_figure(self):
+        """The figure of the current view from the stored results (a message when the view's result is not
+        computed yet)."""
+        view = self.view_box.value
+        if view == "Interpolation":
+            if self.interpolation is None:
+                return message_figure(
+                    "Interpolation walks the first prompt's activation to prompt B's: type prompt B and press "
+                    "Run to compute it.",
+                    height=300,
+                )
+            return viz.interpolation(self.interpolation)
+        if self.plateau is None:
+            return message_figure(f"{view}: press Run to probe.", height=300)
+        metric, threshold = self.metric_box.value, self.threshold_box.value
+        if view == "Curves":
+            return viz.curves(self.plateau, metric, threshold, log_y=self.log_box.value)
+        return viz.plateau_lengths(self.plateau, metric, threshold)
+
     def redraw(self) -> None:
         """Redraw the current view from stored results (no model runs)."""
-        view = self.view_box.value
         try:
-            if view == "Interpolation":
-                if self.interpolation is None:
-                    return
-                fig = viz.interpolation(self.interpolation)
-            else:
-                if self.plateau is None:
-                    return
-                metric, threshold = self.metric_box.value, self.threshold_box.value
-                if view == "Curves":
-                    fig = viz.curves(self.plateau, metric, threshold, log_y=self.log_box.value)
-                else:
-                    fig = viz.plateau_lengths(self.plateau, metric, threshold)
+            fig = self.build_figure()
         except WorkbenchError as err:
-            self.show_error(err)
+            self.draw_failed(self.figure, err)
+            self._hide_tokens()
             return
+        if self.draw_error is not None:
+            self.draw_error = None
+            self.set_status("Showing the stored result (no model run).", "ok")
         replace_figure(self.figure, fig)
         for trace in self.figure.data:
             role = (trace.meta or {}).get("role") if isinstance(trace.meta, dict) else None
             if role in ("curves", "pair"):
                 trace.on_click(self._on_click)
+        kind = self._view_kind()
+        waiting = (self.interpolation if kind == "interpolation" else self.plateau) is None
+        if waiting and not self.busy:
+            hint = "type prompt B and " if kind == "interpolation" and not self.prompt_b_box.value else ""
+            self.set_status(f"{self.view_box.value}: {hint}press Run to compute this view.", "info")
+        # the token ribbon belongs to a curve of the result this view shows
+        self.token_box.layout.display = "" if self._tokens_of == kind and not waiting else "none"
+        self.refresh_code()
+
+    def _hide_tokens(self) -> None:
+        self._tokens_of = None
+        self.token_box.layout.display = "none"
 
     def _on_click(self, trace, points, selector=None) -> None:
         if not points.point_inds:
@@ -412,10 +518,10 @@ class PlateauProbe(Panel):
             self.show_error(err)
             return
         replace_figure(self.token_figure, fig)
+        self._tokens_of = "probe"
         self.token_box.layout.display = ""
         self.set_status(
-            f"Tokens along {self.plateau.families[direction]} direction {direction}, "
-            f"{self.plateau.base_label(base)}.",
+            f"Tokens along {viz.direction_label(self.plateau, direction)}, {self.plateau.base_label(base)}.",
             "info",
         )
 
@@ -429,26 +535,5 @@ class PlateauProbe(Panel):
             f"Predictions along pair {pair}: {res.prompts_a[pair]!r} → {res.prompts_b[pair]!r}",
         )  # fmt: skip
         replace_figure(self.token_figure, fig)
+        self._tokens_of = "interpolation"
         self.token_box.layout.display = ""
-
-
-class _Name(str):
-    """A variable name in generated code (printed without quotes)."""
-
-    def __repr__(self) -> str:
-        return str(self)
-
-
-def _args(kwargs: dict) -> str:
-    """Keyword arguments as call text; prompts first and positional."""
-    positional, named = [], []
-    for key, value in kwargs.items():
-        if isinstance(value, torch.Tensor):
-            text = f"torch.linspace(0, {float(value[-1])!r}, {len(value)})"
-        else:
-            text = repr(value)
-        if key in ("prompts", "prompts_a", "prompts_b"):
-            positional.append(text)
-        else:
-            named.append(f"{key}={text}")
-    return ", ".join(positional + named)

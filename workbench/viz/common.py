@@ -1,0 +1,47 @@
+"""Figure parts every panel uses: a message in place of a figure, readable ticks for log axes."""
+
+from __future__ import annotations
+
+import math
+import textwrap
+
+import plotly.graph_objects as go
+
+
+def message_figure(text: str, height: int = 360) -> go.Figure:
+    """An empty figure that says `text` (why there is nothing to show, or what to do to see something)."""
+    fig = go.Figure()
+    fig.add_annotation(
+        text="<br>".join(textwrap.wrap(text, 90)),
+        x=0.5,
+        y=0.5,
+        xref="paper",
+        yref="paper",
+        showarrow=False,
+        font={"size": 14, "color": "#555"},
+    )
+    fig.update_layout(
+        xaxis={"visible": False},
+        yaxis={"visible": False},
+        template="plotly_white",
+        height=height,
+        margin={"l": 20, "r": 20, "t": 20, "b": 20},
+    )
+    return fig
+
+
+def log_ticks(low: float, high: float) -> dict:
+    """Tick values and labels for a log axis spanning [low, high] (> 0): 1-2-5 steps, every label a whole
+    number such as 0.2 (plotly's own ticks on short ranges read "5, 2, 1, 5, 2, 0.1, 5")."""
+    if not (low > 0 and high > 0):
+        return {}
+    low, high = min(low, high), max(low, high)
+    values = []
+    for exponent in range(math.floor(math.log10(low)) - 1, math.ceil(math.log10(high)) + 1):
+        for mantissa in (1, 2, 5):
+            v = mantissa * 10.0**exponent
+            if low / 1.5 <= v <= high * 1.5:
+                values.append(float(f"{v:.6g}"))
+    if len(values) > 12:  # a long range: decades only
+        values = [v for v in values if f"{v:.6g}".lstrip("0.").startswith("1")]
+    return {"tickvals": values, "ticktext": [f"{v:g}" for v in values]}
