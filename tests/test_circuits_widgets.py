@@ -104,7 +104,7 @@ def test_circuit_explorer_keeps_its_last_result_on_bad_input(model):
     panel.run()
     assert "same number" in panel.status_text or "corrupt prompt" in panel.status_text
     assert panel.scores is good
-    assert "edge_attribution(model, clean=" in panel.code()
+    assert "scores = edge_attribution(" in panel.code() and "steps=2" in panel.code()
 
 
 def test_head_views_show_pattern_dla_and_paths(model):

@@ -27,6 +27,7 @@ from workbench.circuits import (
     faithfulness,
     path_patch,
 )
+from workbench.codegen import Name, Script, call
 from workbench.errors import InputError, WorkbenchError
 from workbench.viz import circuits as viz
 from workbench.widgets.base import Panel, replace_figure
@@ -73,8 +74,11 @@ def _unpack(clean, corrupt, answers):
     return as_list, corrupt_list, [tuple(a) for a in answers]
 
 
-def _call(name: str, kwargs: dict) -> str:
-    return f"{name}(model, {', '.join(f'{k}={v!r}' for k, v in kwargs.items())})"
+def _script(model_name: str) -> Script:
+    """A script that starts by loading the model (what every panel's code begins with)."""
+    script = Script()
+    script.add(call("workbench.models", "load_model", [model_name]), assign="model")
+    return script
 
 
 class _Prompts:
@@ -208,22 +212,18 @@ class CircuitExplorer(_Prompts, Panel):
         """The calls that reproduce the last successful run and the view."""
         if self._last is None:
             raise InputError("Nothing has run yet: press Run first.")
-        lines = [
-            "from workbench.circuits import edge_attribution, faithfulness, path_patch",
-            "from workbench.models import load_model",
-            "",
-            f"model = load_model({self.model.name!r})",
-            f"scores = {_call('edge_attribution', self._last)}",
-            "curve = faithfulness(model, scores)",
-            f"scores.plot(threshold={self.threshold.value:.4g})",
-            "curve.plot()",
-        ]
+        script = _script(self.model.name)
+        script.call("scores", "workbench.circuits", "edge_attribution", [Name("model")], self._last)
+        script.call("curve", "workbench.circuits", "faithfulness", [Name("model"), Name("scores")])
+        script.add(f"scores.plot(threshold={self.threshold.value:.4g})")
+        script.add("curve.plot()")
         if self._edge_label is not None:
             sender, receiver = self._edge_label
             edge_kwargs = {k: self._last[k] for k in ("clean", "corrupt", "answers", "direction")}
             edge_kwargs.update(senders=sender, receivers=receiver)
-            lines.append(f"edge = {_call('path_patch', edge_kwargs)}   # the clicked edge, patched exactly")
-        return "\n".join(lines)
+            script.add("# the clicked edge, patched exactly")
+            script.call("edge", "workbench.circuits", "path_patch", [Name("model")], edge_kwargs)
+        return script.render()
 
     # -- running ------------------------------------------------------------------------------------------
     def _tracked(self, compute):
@@ -401,18 +401,12 @@ class HeadViews(_Prompts, Panel):
         if self._last is None:
             raise InputError("No head shown yet: call show_head(layer, head).")
         calls = self._last
-        return "\n".join(
-            [
-                "from workbench.circuits import attention_patterns, direct_logit_attribution, path_patch",
-                "from workbench.models import load_model",
-                "",
-                f"model = load_model({self.model.name!r})",
-                f"pattern = {_call('attention_patterns', calls['pattern'])}",
-                f"dla = {_call('direct_logit_attribution', calls['dla'])}",
-                f"paths = {_call('path_patch', calls['paths'])}",
-                "pattern.plot(); dla.plot(); paths.plot()",
-            ]
-        )
+        script = _script(self.model.name)
+        script.call("pattern", "workbench.circuits", "attention_patterns", [Name("model")], calls["pattern"])
+        script.call("dla", "workbench.circuits", "direct_logit_attribution", [Name("model")], calls["dla"])
+        script.call("paths", "workbench.circuits", "path_patch", [Name("model")], calls["paths"])
+        script.add("pattern.plot(); dla.plot(); paths.plot()")
+        return script.render()
 
     def show_head(self, layer: int, head: int) -> None:
         """Compute and draw the three views of head `head` of `layer`."""
