@@ -122,6 +122,11 @@ class OffsetSweep(Result):
         "mc_stderr": "p",
     }
 
+    def at(self, p: float) -> tuple[float, float, float]:
+        """(best b, analytic L/p, Monte Carlo L/p) at the swept density nearest `p`."""
+        i = int((self.p.double().log() - math.log(p)).abs().argmin())
+        return float(self.best_b[i]), float(self.best_loss[i]), float(self.mc_loss[i])
+
     def to_frame(self):
         """One row per (p, b): analytic L/p; plus the optimum and its Monte Carlo check per p."""
         import pandas as pd

@@ -229,7 +229,8 @@ def evaluate(
     for i, q in enumerate(all_ps):
         strata.append(_strata(n, q, n_samples, mode))
         for s, (k, _w, count) in enumerate(strata[i]):
-            gens[(i, s)] = generator(seed * 100_003 + i * 1009 + k, "eval")
+            # inputs depend on (seed, p, k) only, so a model's numbers do not depend on what it is evaluated with
+            gens[(i, s)] = generator(seed * 100_003 + round(q * 1e7) * 1009 + k, "eval")
             chunks += [(i, s, min(rows, count - a)) for a in range(0, count, rows)]
     weights = [(M.W_in, M.W_out, M.M.T.contiguous()) for M in models]
 

@@ -250,9 +250,8 @@ def dense_section(P: Profile, seed: int = 0, n_workers: int = 2, run: Run | None
                       run=run)  # fmt: skip
     values = {}
     for q, key in ((0.1, "p0.1"), (1.0, "p1")):
-        i = [float(x) for x in off.p].index(q)
-        values[f"offset_b_{key}"] = float(off.best_b[i])
-        values[f"offset_loss_{key}"] = float(off.mc_loss[i])
+        b, _analytic, mc = off.at(q)
+        values[f"offset_b_{key}"], values[f"offset_loss_{key}"] = b, mc
     if 1.0 in P.dense_ps:
         values["clean_trained_p1"] = float(curves.own_loss[list(P.dense_ps).index(1.0)])
     return values, {"offsets": off, "models": models, "curves": curves}

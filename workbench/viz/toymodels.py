@@ -38,11 +38,18 @@ def running_mean(values: torch.Tensor | np.ndarray, window: int = 100) -> np.nda
 
 
 def _naive_line(fig: go.Figure, value: float, **where) -> None:
-    fig.add_hline(
-        y=value,
-        line=NAIVE_STYLE,
-        annotation_text=f"naive {value:.4f}",
-        annotation_position="top left",
+    """The clean-task naive L/p as a dashed line across the plot, named in the legend (an annotation would be
+    misplaced on log axes, where plotly reads its position as log10)."""
+    fig.add_hline(y=value, line=NAIVE_STYLE, **where)
+    fig.add_trace(
+        go.Scatter(
+            x=[None],
+            y=[None],
+            mode="lines",
+            line=NAIVE_STYLE,
+            name=f"naive, clean task ({value:.4f})",
+            meta={"role": "naive"},
+        ),
         **where,
     )
 
@@ -272,6 +279,13 @@ def sigma_sweep(
             )
         )
     _naive_line(fig, sweep.naive)
+    from workbench.toymodels import paper as ref
+
+    shown = [float(sweep.loss.min()), float(sweep.loss.max()), sweep.naive]
+    shown += [y for kind in sweep.kinds for _, y in ref.SWEEP.get(kind, [])] if paper else []
+    fig.update_yaxes(
+        range=[min(shown) - 0.01, max(shown) + 0.015]
+    )  # the naive-on-noisy lines may run off the top
     fig.update_layout(
         title=title or f"L/p at p = {sweep.p:g} against the mixing scale σ (one model per point)",
         xaxis_title="σ (std of M's entries)",
@@ -386,7 +400,13 @@ def spectrum(mech, *, basis: str = "eig", title: str | None = None) -> go.Figure
         annotation_position="top left",
     )
     fig.update_yaxes(title_text=bar_name, secondary_y=False)
-    fig.update_yaxes(title_text="cosine", range=[-0.3, 1.05], secondary_y=True)
+    fig.update_yaxes(
+        title_text="cosine",
+        range=[-0.3, 1.05],
+        tickvals=[-0.25, 0, 0.25, 0.5, 0.75, 1],
+        showgrid=False,
+        secondary_y=True,
+    )
     fig.update_layout(
         title=title or f"{mech.label}: does the network map M's directions onto themselves?",
         xaxis_title="direction i (sorted, largest first)",
@@ -405,11 +425,11 @@ def projections(mech, title: str | None = None) -> go.Figure:
         (mech.proj_sv_out, "Uᵀ W_outᵀ"),
     ]
     fig = make_subplots(
-        rows=2, cols=2, subplot_titles=[t for _, t in panels], horizontal_spacing=0.08, vertical_spacing=0.1
+        rows=2, cols=2, subplot_titles=[t for _, t in panels], horizontal_spacing=0.08, vertical_spacing=0.16
     )
+    lim = max(float(np.abs(_np(z)).max()) for z, _ in panels) or 1.0  # one colour scale for the four maps
     for i, (z, _name) in enumerate(panels):
         z = _np(z)
-        lim = float(np.abs(z).max()) or 1.0
         fig.add_trace(
             go.Heatmap(
                 z=z,
