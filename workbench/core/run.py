@@ -128,6 +128,9 @@ class Run:
         batch_size: at most this many rows per forward pass (None: the engine's default).
         on_partial: called by engines that can show work in progress with what is finished so far (e.g. a
             partial Result), after each item.
+        reporter: who hears about remote jobs (a `workbench.remote.RemoteRunner`: job states, timeout, result
+            size limit); engines pass the run to every ``model.trace``. None: nnsight's own status line, or a
+            runner entered with ``with runner:``. Local models never use it.
     """
 
     def __init__(
@@ -138,6 +141,7 @@ class Run:
         memory_budget: int | float | str | None = "auto",
         batch_size: int | None = None,
         on_partial: Callable[[Any], None] | None = None,
+        reporter: Any = None,
     ):
         if not (isinstance(progress, bool) or callable(progress)):
             raise InputError(f"progress must be True, False or a callback(done, total), got {progress!r}.")
@@ -150,6 +154,7 @@ class Run:
             parse_budget(memory_budget, "cpu")  # validate now, before any model runs
         self.memory_budget = memory_budget
         self.on_partial = on_partial
+        self.reporter = reporter
 
     @classmethod
     def of(cls, run: Run | None = None, **settings: Any) -> Run:
@@ -162,6 +167,16 @@ class Run:
 
     def __repr__(self) -> str:
         return f"Run(memory_budget={self.memory_budget!r}, batch_size={self.batch_size!r})"
+
+    def quiet(self) -> Run:
+        """The same run without progress reports (for a sub-step whose progress would confuse the bar)."""
+        return Run(
+            progress=False,
+            cancel=self.cancel,
+            memory_budget=self.memory_budget,
+            batch_size=self.batch_size,
+            reporter=self.reporter,
+        )
 
     # -- sizes ---------------------------------------------------------------------------------------
     def budget(self, device: torch.device | str) -> int:

@@ -238,7 +238,7 @@ def norm_statistics(
     norms = norm_modules(model.cfg.n_layers)
 
     def one(start: int, stop: int):
-        out = frozen_forward(model, tokens[start:stop], infos=infos, read_scales=True)
+        out = frozen_forward(model, tokens[start:stop], infos=infos, read_scales=True, run=run)
         return torch.stack([out[f"scale.{n}"].float().cpu() for n in norms]), out["loss"].float().cpu()
 
     parts = run.chunked(len(tokens), rows_per_chunk(model, tokens.shape[1], run), one, desc="norm scales")

@@ -131,7 +131,11 @@ def evaluate_loss(
     run = Run.of(run, progress=progress, cancel=cancel, memory_budget=memory_budget, batch_size=batch_size)
 
     def one(start: int, stop: int) -> torch.Tensor:
-        return frozen_forward(model, tokens[start:stop], infos=infos, freeze=frozen)["loss"].float().cpu()
+        return (
+            frozen_forward(model, tokens[start:stop], infos=infos, freeze=frozen, run=run)["loss"]
+            .float()
+            .cpu()
+        )
 
     parts = run.chunked(len(tokens), rows_per_chunk(model, tokens.shape[1], run), one, desc="loss")
     return LossStats(
@@ -255,7 +259,7 @@ def dla_exactness(
     def one(start: int, stop: int):
         batch = tokens[start:stop]
         targets = batch[:, idx + 1]
-        saved = _dla_trace(model, batch, idx, targets)
+        saved = _dla_trace(model, batch, idx, targets, run)
         r = saved["resid"].double().flatten(0, 1)  # [N, d_model]
         u = saved["u"].double().flatten(0, 1)  # [N, d_model]
         w = saved["w"].double() + info.weight_offset
@@ -317,10 +321,10 @@ class _normaliser:
         return self._centre(c) / self.r_scale
 
 
-def _dla_trace(model, tokens: torch.Tensor, idx: torch.Tensor, targets: torch.Tensor) -> dict:
+def _dla_trace(model, tokens: torch.Tensor, idx: torch.Tensor, targets: torch.Tensor, run=None) -> dict:
     """Saved per-head outputs, MLP outputs, final residual and target unembeddings at positions `idx`."""
     cfg, a = model.cfg, model.adapter
-    with torch.no_grad(), model.trace(tokens):
+    with torch.no_grad(), model.trace(tokens, run=run):
         out = {}
         for layer in range(cfg.n_layers):
             z = model.site("z", layer).value[:, idx]  # [B, P, H, d_head]

@@ -98,6 +98,7 @@ def frozen_forward(
     cache_blocks: bool = False,
     skip_cache: list | None = None,
     loss: bool = True,
+    run=None,
 ) -> dict:
     """One trace over `tokens` [batch, pos]. Returns a dict of saved tensors:
 
@@ -114,7 +115,7 @@ def frozen_forward(
     first = min(per_layer) if per_layer else n_layers
     skip_below = first if skip_cache is not None else 0
     targets = tokens[:, 1:]
-    with torch.no_grad(), model.trace(tokens):
+    with torch.no_grad(), model.trace(tokens, run=run):
         out = {}
         if skip_below > 0:
             enter_at(model, skip_below, skip_cache[skip_below - 1])

@@ -205,7 +205,7 @@ class _PreviewSweep:
     site are not rerun: their outputs are cached once per chunk."""
 
     def __init__(self, model, tokens, infos, single_sites, steps, scales, skip, run, eot, calibration):
-        self.model, self.tokens, self.infos = model, tokens, infos
+        self.model, self.tokens, self.infos, self.run = model, tokens, infos, run
         self.steps, self.scales, self.skip, self.eot, self.calibration = steps, scales, skip, eot, calibration
         n_layers = model.cfg.n_layers
         chunk = rows_per_chunk(model, tokens.shape[1], run, cache_blocks=skip)
@@ -239,7 +239,9 @@ class _PreviewSweep:
         n_layers = self.model.cfg.n_layers
         # With one chunk, this pass's block outputs serve every skip of the sweep.
         keep = self.skip and len(self.bounds) == 1
-        out = frozen_forward(self.model, batch, infos=self.infos, read_scales=True, cache_blocks=keep)
+        out = frozen_forward(
+            self.model, batch, infos=self.infos, read_scales=True, cache_blocks=keep, run=self.run
+        )
         if keep:
             self.cache = [out[f"block.{i}"] for i in range(n_layers)]
         scales = torch.stack([out[f"scale.{n}"].float().cpu() for n in self.norms])
@@ -252,11 +254,15 @@ class _PreviewSweep:
         names = [key] if kind == "single" else self.steps[: key + 1]
         freeze = {s: self.scales[s] for s in names}
         if kind == "single" and key == "final" and self.skip and self.cache is None:
-            out = frozen_forward(self.model, batch, infos=self.infos, freeze=freeze, cache_blocks=True)
+            out = frozen_forward(
+                self.model, batch, infos=self.infos, freeze=freeze, cache_blocks=True, run=self.run
+            )
             self.cache = [out[f"block.{i}"] for i in range(self.model.cfg.n_layers)]
         else:
             cache = self.cache if self.skip else None
-            out = frozen_forward(self.model, batch, infos=self.infos, freeze=freeze, skip_cache=cache)
+            out = frozen_forward(
+                self.model, batch, infos=self.infos, freeze=freeze, skip_cache=cache, run=self.run
+            )
         loss = out["loss"].double()
         entry = (float(loss.sum()), loss.numel())
         if kind == "single":

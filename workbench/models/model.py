@@ -114,8 +114,11 @@ class WorkbenchModel:
             f"d_model {c.d_model}, vocab {c.d_vocab}, {where})"
         )
 
-    def trace(self, *inputs, **kwargs):
+    def trace(self, *inputs, run=None, **kwargs):
         """`nnsight` trace honouring this model's remote setting; HF models run without a KV cache.
+
+        run: the engine call's `workbench.core.Run`; a remote trace is one NDIF job (or one dry run) reported to
+        its `reporter`, cancelled by its Stop and bounded by its runner's timeout.
 
         Traces of one model run one at a time, whatever thread opens them: nnsight interleaves a trace with the
         model's forward pass on greenlets, which cannot switch across threads, and panels run in background
@@ -123,11 +126,10 @@ class WorkbenchModel:
         """
         remote = kwargs.pop("remote", self.remote)
         if remote and "backend" not in kwargs:
-            # one NDIF job (or "local" dry run) per trace, reported to the RemoteRunner active in this thread:
-            # status line, cancel, timeout, clear errors
+            # imported here so that local runs never load the remote machinery (httpx, websockets, ...)
             from workbench.remote import backend_for
 
-            kwargs["backend"] = backend_for(self, remote)
+            kwargs["backend"] = backend_for(self, remote, getattr(run, "reporter", None))
         if self.is_transformer:
             kwargs.setdefault("use_cache", False)
         tracer = self.nnsight.trace(*inputs, **kwargs)

@@ -39,7 +39,9 @@ def _grad_key(site: str) -> str:
     return "z" if site in ("z", "pattern") else site
 
 
-def gradients(model, s, tokens: torch.Tensor, clean_lp: torch.Tensor, answers: torch.Tensor) -> dict:
+def gradients(
+    model, s, tokens: torch.Tensor, clean_lp: torch.Tensor, answers: torch.Tensor, run: Run | None = None
+) -> dict:
     """dM/da at the run of `tokens` for every metric M and every (site, layer): {(metric index, site, layer):
     grad}, with z gradients as [pair, pos, head, d_head]."""
     keys = sorted(
@@ -52,7 +54,7 @@ def gradients(model, s, tokens: torch.Tensor, clean_lp: torch.Tensor, answers: t
     # at the embedding output. A metric that does not depend on the activations keeps zero gradients.
     # (No comments inside the trace body: remote serialisation drops them, which shifts the line numbers
     # that nnsight's `with tensor.backward():` blocks rely on.)
-    with torch.enable_grad(), model.trace(tokens, **kwargs):
+    with torch.enable_grad(), model.trace(tokens, run=run, **kwargs):
         embed = model.site("embed").value
         embed.requires_grad_(True)
         acts = []
@@ -110,7 +112,7 @@ def attribute(
     chunk = run.rows_per_chunk(
         3 * bytes_per_row(model, s) * (len(s.layers) + 1), model.device, s.pairs.n_pairs
     )
-    cache = read_caches(model, s, extra=("v",) if "pattern" in s.sites else (), chunk=chunk)
+    cache = read_caches(model, s, extra=("v",) if "pattern" in s.sites else (), chunk=chunk, run=run)
     clean_m, corrupt_m, clean_lp = baselines(s, cache["logits"])
     base_half, source_half = s.halves()
     base_m = corrupt_m if s.direction == "denoising" else clean_m
@@ -120,7 +122,9 @@ def attribute(
     spans = chunks(n, chunk)
     parts = run.map(
         spans,
-        lambda span: gradients(model, s, *(x[span[0] : span[1]] for x in (tokens, clean_lp, answers_t))),
+        lambda span: gradients(
+            model, s, *(x[span[0] : span[1]] for x in (tokens, clean_lp, answers_t)), run=run
+        ),
         desc="attribution patching",
         weights=[b - a for a, b in spans],
     )

@@ -53,7 +53,13 @@ def _rank(site: str) -> float:
 
 
 def read_caches(
-    model, s: PatchSpec, *, extra: tuple[str, ...] = (), chunk: int | None = None, kv: bool = False
+    model,
+    s: PatchSpec,
+    *,
+    extra: tuple[str, ...] = (),
+    chunk: int | None = None,
+    kv: bool = False,
+    run: Run | None = None,
 ) -> dict:
     """Traces over [clean; corrupt], `chunk` rows at a time (default: all at once): logits (last position unless
     a metric needs all) and, per layer, the residual entering it plus every requested site (and `extra` sites),
@@ -70,7 +76,7 @@ def read_caches(
     for start in range(0, len(tokens), chunk or len(tokens)):
         with (
             torch.no_grad(),
-            model.trace(tokens[start : start + (chunk or len(tokens))].to(model.device), **kwargs),
+            model.trace(tokens[start : start + (chunk or len(tokens))].to(model.device), run=run, **kwargs),
         ):
             cache = {}
             for layer in layers:
@@ -205,7 +211,17 @@ def plan(s: PatchSpec, chunk: int, suffix: bool) -> list[Unit]:
 
 
 def patched_logits(
-    model, s: PatchSpec, site: str, layer: int, rows: Rows, base_resid, source, *, start: int = 0, kv=None
+    model,
+    s: PatchSpec,
+    site: str,
+    layer: int,
+    rows: Rows,
+    base_resid,
+    source,
+    *,
+    start: int = 0,
+    kv=None,
+    run: Run | None = None,
 ):
     """Logits [row, d_vocab] (or [row, pos, d_vocab]) of the base run with `source` written at `rows`.
 
@@ -227,7 +243,7 @@ def patched_logits(
         prefix_v = kv_rows[layer][1].transpose(1, 2)
     t = rows.t - start
     group = model.cfg.n_heads // model.cfg.n_kv_heads
-    with torch.no_grad(), model.trace(tokens, **kwargs):
+    with torch.no_grad(), model.trace(tokens, run=run, **kwargs):
         if layer > 0:
             x = base_resid[rows.pair][:, start:]
             if site == "resid_pre":
@@ -407,7 +423,7 @@ def sweep(
     default_max = _DEFAULT_MAX_ROWS.get(torch.device(model.device).type, 128)
     per_row = bytes_per_row(model, s) + (0 if no_suffix else row_bytes(model, 0, kv_pos=s.pairs.n_pos))
     chunk = run.rows_per_chunk(per_row, model, default_max)
-    cache = read_caches(model, s, chunk=chunk, kv=no_suffix is None)
+    cache = read_caches(model, s, chunk=chunk, kv=no_suffix is None, run=run)
     clean_m, corrupt_m, clean_lp = baselines(s, cache["logits"])
     check_baselines(s, clean_m, corrupt_m)
     n = s.pairs.n_pairs
@@ -439,7 +455,9 @@ def sweep(
         source = cache[(site, layer)][source_half]
         for unit in by_layer[key]:
             rows = _rows(s, list(unit.cells), base_resid.device)
-            logits = patched_logits(model, s, site, layer, rows, base_resid, source, start=unit.start, kv=kv)
+            logits = patched_logits(
+                model, s, site, layer, rows, base_resid, source, start=unit.start, kv=kv, run=run
+            )
             values = metric_values(s, logits, rows.pair, clean_lp).cpu()
             raw[:, rows.pair.cpu(), s.sites.index(site), s.layers.index(layer), rows.cell.cpu()] = values
         done[0] += 1

@@ -109,7 +109,11 @@ def use_prefix_cache(model) -> bool:
 
 
 def clean_bases(
-    model, where: Where, rows: Sequence[torch.Tensor], positions: Sequence[Sequence[int]]
+    model,
+    where: Where,
+    rows: Sequence[torch.Tensor],
+    positions: Sequence[Sequence[int]],
+    run: Run | None = None,
 ) -> list[Base]:
     """Run each prompt once and cut one `Base` per (prompt, position), in order. rows: [1, pos] token tensors."""
     site, layer = where.target(model.cfg.n_layers)
@@ -119,7 +123,7 @@ def clean_bases(
         # nnsight hands back only values saved inside the trace: set the others before it
         resid_in = out = None
         kw = {"use_cache": True} if cached else {}
-        with torch.no_grad(), model.trace(row.to(model.device), **kw):
+        with torch.no_grad(), model.trace(row.to(model.device), run=run, **kw):
             if layer > 0:
                 resid_in = model.site("resid_pre", layer).value.save()
             if site == "resid_pre" and layer > 0:
@@ -168,7 +172,17 @@ def _batch_cache(model, rows: list[Base], device):
     return kv_cache(model, kv)
 
 
-def _trace_rows(model, where: Where, rows: list[Base], vecs, ref_logp, ref_read, top_k: int, watch=None):
+def _trace_rows(
+    model,
+    where: Where,
+    rows: list[Base],
+    vecs,
+    ref_logp,
+    ref_read,
+    top_k: int,
+    watch=None,
+    run: Run | None = None,
+):
     """One trace over rows (bases of equal token length): vecs [n, d] to write at the last position, reference
     log-probs [n or 1, d_vocab] / read [n or 1, d_read] (or None; one row broadcasts to all), watch [n, m] token
     ids whose log-probs to return."""
@@ -190,7 +204,7 @@ def _trace_rows(model, where: Where, rows: list[Base], vecs, ref_logp, ref_read,
         )
         if site == "resid_pre":
             resid_in[:, -1] = vecs
-    with torch.no_grad(), model.trace(tokens.to(device), **kw):
+    with torch.no_grad(), model.trace(tokens.to(device), run=run, **kw):
         if resid_in is not None:
             enter_at(model, layer, resid_in)
         if resid_in is None or site != "resid_pre":
@@ -270,7 +284,7 @@ def run_rows(
             ref_idx = idx[:1] if bool((idx == idx[0]).all()) else idx
             ref_logp, ref_read = reference[0][ref_idx], reference[1][ref_idx]
         w = None if watch is None else watch[idx]
-        return _trace_rows(model, where, rows, vectors(start, stop), ref_logp, ref_read, top_k, w)
+        return _trace_rows(model, where, rows, vectors(start, stop), ref_logp, ref_read, top_k, w, run=run)
 
     return concat(run.map(spans, one, desc=desc, weights=[b - a for a, b in spans]))
 

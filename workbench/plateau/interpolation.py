@@ -191,17 +191,16 @@ def interpolate(
     rows_a, rows_b = _pairs(model, prompts_a, prompts_b)
     pos_a = _one_position(model, rows_a, position, "position")
     pos_b = _one_position(model, rows_b, position if position_b is None else position_b, "position_b")
-    bases_a = clean_bases(model, where, rows_a, pos_a)
-    bases_b = clean_bases(model, where, rows_b, pos_b)
+    run = Run.of(run, progress=progress, cancel=cancel, memory_budget=memory_budget)
+    bases_a = clean_bases(model, where, rows_a, pos_a, run=run)
+    bases_b = clean_bases(model, where, rows_b, pos_b, run=run)
     x_a = torch.stack([b.x0 for b in bases_a])
     x_b = torch.stack([b.x0 for b in bases_b])
     answer_a = torch.stack([b.clean_logp.argmax() for b in bases_a])
     answer_b = torch.stack([b.clean_logp.argmax() for b in bases_b])
     watch = torch.stack([answer_a, answer_b], dim=1)
 
-    run = Run.of(run, progress=progress, cancel=cancel, memory_budget=memory_budget)
-    quiet = Run(progress=False, cancel=run.cancel, memory_budget=run.memory_budget, batch_size=run.batch_size)
-    ref_logp, ref_read = reference_rows(model, where, bases_a, top_k=top_k, run=quiet)
+    ref_logp, ref_read = reference_rows(model, where, bases_a, top_k=top_k, run=run.quiet())
     alphas = torch.linspace(0, 1, n_steps)
     n_p = len(bases_a)
     order = sorted(range(n_p), key=lambda j: len(bases_a[j].tokens))
@@ -364,14 +363,14 @@ def slice_2d(
         raise InputError("slice_2d takes exactly one prompt for each of A, B and C.")
     rows = [r[0] for r in rows]
     pos = _one_position(model, rows, position, "position")
-    bases = clean_bases(model, where, rows, pos)
+    run = Run.of(run, progress=progress, cancel=cancel, memory_budget=memory_budget)
+    bases = clean_bases(model, where, rows, pos, run=run)
     x = torch.stack([b.x0 for b in bases])
     u = torch.linspace(lo, hi, n)
     vv, uu = torch.meshgrid(u, u, indexing="ij")
     points = x[0] + uu.flatten()[:, None] * (x[1] - x[0]) + vv.flatten()[:, None] * (x[2] - x[0])
     vecs = torch.cat([x, points])  # endpoints first, all in A's context
     base_of_row = torch.zeros(len(vecs), dtype=torch.long)
-    run = Run.of(run, progress=progress, cancel=cancel, memory_budget=memory_budget)
     out = run_rows(model, where, [bases[0]], base_of_row, lambda a, b: vecs[a:b], desc="2-D slice", run=run)
     logp, read = out["logp"], out["read"]
     ends, grid_read = read[:3], read[3:]

@@ -267,15 +267,11 @@ def _resolve_reference(model, reference, rows, where: Where, *, run: Run) -> Ref
             raise InputError("The reference statistics have a different width (d_model) from this model.")
         return reference
     if reference is None:
-        acts = collect_activations(
-            model, rows, site=where.site, layer=where.layer, progress=False, cancel=run.cancel
-        )
+        acts = collect_activations(model, rows, site=where.site, layer=where.layer, run=run.quiet())
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # re-raised by probe() with the others
             return stats_from_activations(acts, site=where.site, layer=where.layer, model_name=model.name)
-    return reference_stats(
-        model, reference, layer=where.layer, site=where.site, progress=run.progress, cancel=run.cancel
-    )
+    return reference_stats(model, reference, layer=where.layer, site=where.site, run=run)
 
 
 def _check_sizes(sizes) -> torch.Tensor:
@@ -485,7 +481,7 @@ def probe(
     else:
         scale = spec.scale
         scale_label = "L2 units" if scale == 1 else f"{scale:.4g} L2 units"
-    all_bases, labels, D = _bases_and_directions(model, spec, ref)
+    all_bases, labels, D = _bases_and_directions(model, spec, ref, run)
     ref_logp, ref_read, floor = _reference_runs(model, spec, all_bases, run)
     if bool((floor > FLOAT_NOISE_WARN).any()):
         notes.append(
@@ -526,13 +522,13 @@ def probe(
     )
 
 
-def _bases_and_directions(model, spec: ProbeSpec, ref: RefStats | None):
+def _bases_and_directions(model, spec: ProbeSpec, ref: RefStats | None, run: Run):
     """Clean runs of every prompt, synthetic bases put in their place, and the directions of every base.
 
     Returns (bases, labels [(kind, prompt, position)], directions [base, direction, d_model]). Each cell gets
     the same direction draws for every base kind, so comparisons between kinds are paired.
     """
-    clean = clean_bases(model, spec.where, spec.rows, spec.pos_lists)
+    clean = clean_bases(model, spec.where, spec.rows, spec.pos_lists, run=run)
     cells = spec.cells
     base_gen = torch.Generator().manual_seed(spec.seed + 7919)
     all_bases: list[Base] = []
@@ -558,8 +554,7 @@ def _bases_and_directions(model, spec: ProbeSpec, ref: RefStats | None):
 def _reference_runs(model, spec: ProbeSpec, all_bases: list[Base], run: Run):
     """Each base unperturbed through the probe path: log-probs [base, d_vocab], read [base, d_read], and the noise
     floor [base] KL(clean run || that path) (NaN for synthetic bases)."""
-    quiet = Run(progress=False, cancel=run.cancel, memory_budget=run.memory_budget, batch_size=run.batch_size)
-    ref_logp, ref_read = reference_rows(model, spec.where, all_bases, top_k=spec.top_k, run=quiet)
+    ref_logp, ref_read = reference_rows(model, spec.where, all_bases, top_k=spec.top_k, run=run.quiet())
     floor = torch.tensor(
         [
             float(kl_divergence(b.clean_logp, ref_logp[j])) if b.clean_logp is not None else float("nan")

@@ -210,7 +210,7 @@ def collect_activations(
         nonlocal total
         if max_samples is not None and total >= max_samples:
             return
-        with torch.no_grad(), model.trace(batch.to(model.device)):
+        with torch.no_grad(), model.trace(batch.to(model.device), run=run):
             value = model.site(site, layer).value.save()
         acts = value[:, skip_positions:].detach().float().cpu().reshape(-1, value.shape[-1])
         out.append(acts)
@@ -256,6 +256,7 @@ def reference_stats(
     seed: int = 0,
     progress: bool | ProgressCallback = True,
     cancel: CancelToken | None = None,
+    run: Run | None = None,
 ) -> RefStats:
     """Mean, covariance and typical norm of real activations at `site` of `layer`, position 0 excluded.
 
@@ -280,8 +281,7 @@ def reference_stats(
         skip_positions=skip_positions,
         max_samples=max_samples,
         batch_size=batch_size,
-        progress=progress,
-        cancel=cancel,
+        run=Run.of(run, progress=progress, cancel=cancel),
     )
     return stats_from_activations(
         acts,

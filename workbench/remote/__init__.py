@@ -9,8 +9,9 @@
     job = remote.submit(patching.sweep, model, clean, corrupt)    # returns at once
     job.status; job.result(); job.cancel()
 
-Every ``model.trace(...)`` of a remote model is one NDIF job; an engine call may send several. A
-`RemoteRunner` active in the calling thread receives each job's status updates (job id, RECEIVED -> QUEUED ->
+Every ``model.trace(...)`` of a remote model is one NDIF job; an engine call may send several. The
+`RemoteRunner` of the engine call's `Run` (``Run(reporter=runner)``), or one entered with ``with runner:``,
+receives each job's status updates (job id, RECEIVED -> QUEUED ->
 RUNNING -> COMPLETED or ERROR, elapsed time), stops waiting when its cancel token is set, and gives up after
 its timeout. `call`/`RemoteRunner.run` cache results by (model, engine, inputs, options). Errors are
 `RemoteError`s with a sentence saying what to do: no API key, NDIF unreachable, model not served, the server's
@@ -20,13 +21,15 @@ message when a job fails, timeout, result too large.
 what works there is what NDIF will be sent.
 """
 
-from workbench.remote.backend import LIFECYCLE, JobUpdate, backend_for
+from workbench.remote.backend import backend_for
 from workbench.remote.cache import RESULTS, ResultCache, cache_key
 from workbench.remote.config import Settings, check_api_key, settings
+from workbench.remote.jobs import LIFECYCLE, JobUpdate
 from workbench.remote.runner import (
     RemoteCall,
     RemoteRunner,
     VersionDriftWarning,
+    active_runner,
     call,
     current_runner,
     submit,
@@ -43,6 +46,7 @@ __all__ = [
     "ServedModel",
     "Settings",
     "VersionDriftWarning",
+    "active_runner",
     "check_api_key",
     "backend_for",
     "cache_key",

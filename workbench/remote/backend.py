@@ -26,8 +26,7 @@ import pickle
 import sys
 import time
 import types
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from nnsight.intervention.backends.local import LocalSimulationBackend
 from nnsight.intervention.backends.remote import RemoteBackend
@@ -36,12 +35,9 @@ from nnsight.schema.response import ResponseModel, Status
 
 from workbench.errors import Cancelled, RemoteError
 from workbench.remote.config import KEY_HELP, check_host, configured_key
-
-if TYPE_CHECKING:
-    from workbench.remote.runner import RemoteRunner
-
-LIFECYCLE = ("RECEIVED", "QUEUED", "PROVISIONING", "DEPLOYING", "DISPATCHED", "RUNNING", "COMPLETED", "ERROR")
-"""NDIF's job states in order (nnsight's `Status`, without the transient LOG)."""
+from workbench.remote.jobs import JobUpdate, unreachable
+from workbench.remote.runner import RemoteRunner, active_runner
+from workbench.remote.service import served_models
 
 _CONNECT_TIMEOUT = 10.0
 _READ_TIMEOUT = 600.0
@@ -49,48 +45,6 @@ _CHUNK = 128 * 1024
 _ENVELOPE = (
     64 * 1024
 )  # what an inline result's websocket frame may add to the result itself (id, status, meta)
-
-
-@dataclass(frozen=True)
-class JobUpdate:
-    """One status report of a remote job, as shown in a status line.
-
-    Attributes:
-        job_id: NDIF's id for the job ("" before the server has answered).
-        state: the lifecycle state (one of `LIFECYCLE`), or "CANCELLED" / "TIMEOUT" / "DISCONNECTED" when the
-            workbench stopped waiting.
-        elapsed: seconds since the job was submitted.
-        description: the server's message for this state (for ERROR: why the job failed), or a log line.
-        number: the job's position among the jobs of its `RemoteRunner` (an engine call may submit several).
-        model: the model's name.
-        where: "NDIF" (or the host when it is not the default) or "local dry run".
-        log: True when this update is a server log line rather than a change of state.
-        meta: what the server reported about the job's cost, when it did.
-    """
-
-    job_id: str
-    state: str
-    elapsed: float
-    description: str = ""
-    number: int = 1
-    model: str = ""
-    where: str = "NDIF"
-    log: bool = False
-    meta: dict | None = field(default=None, compare=False)
-
-    @property
-    def finished(self) -> bool:
-        return self.state in ("COMPLETED", "ERROR", "CANCELLED", "TIMEOUT", "DISCONNECTED")
-
-    def text(self) -> str:
-        """E.g. ``NDIF job 3f2a91c0 · RUNNING · 12.4 s (job 2)``, plus the server's message if any."""
-        short = self.job_id[:8] if self.job_id else "(submitting)"
-        line = f"{self.where} job {short} · {self.state} · {self.elapsed:.1f} s"
-        if self.number > 1:
-            line += f" (job {self.number})"
-        if self.description and (self.log or self.state in ("ERROR", "LOG")):
-            line += f" · {self.description}"
-        return line
 
 
 _SHIPPED = False
@@ -115,14 +69,6 @@ def _detail(response) -> str:
     return str(detail or response.reason_phrase or response.status_code)
 
 
-def unreachable(host: str, err: BaseException) -> RemoteError:
-    return RemoteError(
-        f"NDIF is unreachable at {host} ({type(err).__name__}: {err}). Check the internet connection and "
-        "NDIF_HOST; `workbench.remote.served_models()` tests the connection, and https://discuss.ndif.us "
-        "announces outages."
-    )
-
-
 def repo_id_of(model_key: str) -> str:
     """The hub id inside an nnsight model key (``"...TransformersModel:{json}"``)."""
     try:
@@ -133,8 +79,6 @@ def repo_id_of(model_key: str) -> str:
 
 def _served_hint(host: str, model_key: str) -> str:
     """A sentence naming what NDIF serves when the job's model is not among it ("" when unknown)."""
-    from workbench.remote.service import served_models
-
     try:
         served = served_models(host=host)
     except RemoteError:
@@ -548,13 +492,12 @@ class LocalJobBackend(_Tracked, LocalSimulationBackend):
             linecache.cache.pop(shipped, None)
 
 
-def backend_for(model, remote: bool | str | None = None):
-    """The backend a remote trace of `model` (a `WorkbenchModel`) runs through, tied to this thread's
-    active `RemoteRunner` (or a default one that prints nnsight's own status line)."""
-    from workbench.remote.runner import current_runner
-
+def backend_for(model, remote: bool | str | None = None, runner: RemoteRunner | None = None):
+    """The backend a remote trace of `model` (a `WorkbenchModel`) runs through, reporting to `runner` (the
+    trace's `Run.reporter`), else to the `RemoteRunner` active in this context (``with RemoteRunner(...):``),
+    else to a new one that prints nnsight's own status line."""
     remote = model.remote if remote is None else remote
-    runner = current_runner()
+    runner = runner or active_runner()
     if remote == "local":
         return LocalJobBackend(model.nnsight, runner, model_name=model.name)
     if not remote:

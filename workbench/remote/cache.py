@@ -24,10 +24,10 @@ from typing import Any
 
 import torch
 
+from workbench.core import CancelToken
 from workbench.errors import WorkbenchError
-from workbench.runner import CancelToken
 
-IGNORED_OPTIONS = frozenset({"progress", "cancel"})
+IGNORED_OPTIONS = frozenset({"progress", "cancel", "run"})
 """Keyword arguments that do not change an engine's result and stay out of the cache key."""
 
 

@@ -16,19 +16,23 @@ sets `cancel`, which the backend checks several times a second while it waits fo
 
 from __future__ import annotations
 
+import contextvars
 import threading
 import warnings
 from collections import deque
 from collections.abc import Callable
 from typing import Any
 
+from workbench.core import CancelToken
 from workbench.errors import Cancelled
-from workbench.remote.backend import JobUpdate
 from workbench.remote.cache import RESULTS, ResultCache, Uncacheable, cache_key
 from workbench.remote.config import DEFAULT_TIMEOUT
-from workbench.runner import CancelToken
+from workbench.remote.jobs import JobUpdate
+from workbench.remote.service import version_drift
 
-_local = threading.local()
+_ACTIVE: contextvars.ContextVar[tuple[RemoteRunner, ...]] = contextvars.ContextVar(
+    "remote_runners", default=()
+)
 
 
 class VersionDriftWarning(UserWarning):
@@ -79,14 +83,13 @@ class RemoteRunner:
 
     # -- activation ----------------------------------------------------------------------------------
     def __enter__(self) -> RemoteRunner:
-        stack = getattr(_local, "stack", None)
-        if stack is None:
-            stack = _local.stack = []
-        stack.append(self)
+        """``with runner:``: remote traces in this context that name no `Run.reporter` report here."""
+        self._tokens = getattr(self, "_tokens", [])
+        self._tokens.append(_ACTIVE.set((*_ACTIVE.get(), self)))
         return self
 
     def __exit__(self, *exc) -> None:
-        _local.stack.remove(self)
+        _ACTIVE.reset(self._tokens.pop())
 
     # -- what backends call --------------------------------------------------------------------------
     @property
@@ -109,8 +112,6 @@ class RemoteRunner:
 
     def _check_versions(self, host: str) -> str | None:
         """Once per host and process: warn when torch/transformers/nnsight differ from the server's."""
-        from workbench.remote.service import version_drift
-
         if host in _checked_hosts:
             return None
         _checked_hosts.add(host)
@@ -160,18 +161,16 @@ class RemoteRunner:
 
 _MISSING = object()
 _checked_hosts: set[str] = set()
-_default = threading.local()
 
 
-def current_runner() -> RemoteRunner:
-    """The innermost active runner of this thread, or this thread's default runner (nnsight's status line)."""
-    stack = getattr(_local, "stack", None)
-    if stack:
-        return stack[-1]
-    runner = getattr(_default, "runner", None)
-    if runner is None:
-        runner = _default.runner = RemoteRunner()
-    return runner
+def active_runner() -> RemoteRunner:
+    """The innermost runner entered in this context (``with runner:``), or a new one that prints nnsight's own
+    status line."""
+    active = _ACTIVE.get()
+    return active[-1] if active else RemoteRunner()
+
+
+current_runner = active_runner  # its earlier name
 
 
 def call(fn: Callable, model, *args, **kwargs) -> Any:
@@ -182,7 +181,7 @@ def call(fn: Callable, model, *args, **kwargs) -> Any:
     """
     if not model.remote:
         return fn(model, *args, **kwargs)
-    return current_runner().run(fn, model, *args, **kwargs)
+    return active_runner().run(fn, model, *args, **kwargs)
 
 
 class RemoteCall:

@@ -12,6 +12,7 @@ import functools
 from dataclasses import dataclass
 
 from workbench.errors import RemoteError
+from workbench.remote.jobs import unreachable
 
 _STATUS_TIMEOUT = 10.0
 
@@ -51,8 +52,6 @@ def _host(host: str | None) -> str:
 
 def _get_json(host: str, path: str, timeout: float = _STATUS_TIMEOUT):
     import httpx
-
-    from workbench.remote.backend import unreachable
 
     try:
         response = httpx.get(f"{host}{path}", timeout=timeout)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
@@ -246,13 +247,13 @@ class ScrubResult(Result):
 # the engine
 
 
-def _wrap(model) -> tuple[Callable, torch.nn.Module, Any, str]:
+def _wrap(model, run: Run) -> tuple[Callable, torch.nn.Module, Any, str]:
     """(trace, torch module, nnsight root, name) of a WorkbenchModel, an nnsight model or a plain torch module.
 
     A WorkbenchModel is traced through `WorkbenchModel.trace`, so its remote setting and trace lock apply.
     """
     if isinstance(model, WorkbenchModel):
-        return model.trace, model.module, model.nnsight, model.name
+        return functools.partial(model.trace, run=run), model.module, model.nnsight, model.name
     if hasattr(model, "_module") and hasattr(model, "trace"):  # an nnsight model
         return model.trace, model._module, model, type(model._module).__name__
     if isinstance(model, torch.nn.Module):
@@ -376,7 +377,7 @@ def scrub(
     metric = metric or labels_kept()
     trace_kwargs = trace_kwargs or {}
     prepare = prepare or (lambda x: x)
-    trace, module, net, model_name = _wrap(model)
+    trace, module, net, model_name = _wrap(model, run)
     n = len(inputs)
     rule_modules = [r.module for h in hypotheses for r in h.resamples]
     modules = _forward_order(module, rule_modules + [output])
