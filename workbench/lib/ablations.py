@@ -272,24 +272,42 @@ def masked_section_scores(
     mask: torch.Tensor,
     rows: int,
 ) -> torch.Tensor:
-    """Per-example scores when each output direction of `section` sees only its kept input directions."""
+    """Per-example scores when each output direction of `section` sees only its kept input directions.
+
+    Output directions that keep the same input directions share one run of the section; the runs of several such
+    groups are stacked into one batch. Each group's input is built from the kept or the cut directions, whichever
+    are fewer (cut ones are subtracted from the full reconstruction).
+    """
     a_name, b_name = graph.node_layers[section], graph.node_layers[section + 1]
     ia, ib = model.index(a_name), model.index(b_name)
     C_in, C_in_pinv = graph.C[section], graph.C_pinv[section]
     C_out, C_out_pinv = graph.C[section + 1], graph.C_pinv[section + 1]
     unique, inverse = torch.unique(mask, dim=0, return_inverse=True)
+    groups = [((inverse == u).nonzero().flatten(), in_mask) for u, in_mask in enumerate(unique)]
     out = []
     with torch.no_grad():
         for a in range(0, len(f_in), rows):
             f_hat = f_in[a : a + rows] @ C_in
+            full = f_hat @ C_in_pinv
+            n = len(f_hat)
+            per_batch = max(1, (4 * rows) // n)
             new = None
-            for u, in_mask in enumerate(unique):
-                outs = (inverse == u).nonzero().flatten()
-                f_out = model.run(torch.where(in_mask, f_hat, 0.0) @ C_in_pinv, ia, ib)
-                part = f_out @ C_out[:, outs] if C_out is not None else f_out[..., outs]
-                if new is None:
-                    new = torch.zeros(*part.shape[:-1], len(mask), dtype=part.dtype)
-                new[..., outs] = part
+            for g0 in range(0, len(groups), per_batch):
+                batch = groups[g0 : g0 + per_batch]
+                inputs = []
+                for _, in_mask in batch:
+                    kept, cut = in_mask.nonzero().flatten(), (~in_mask).nonzero().flatten()
+                    if len(kept) <= len(cut):
+                        inputs.append(f_hat[..., kept] @ C_in_pinv[kept])
+                    else:
+                        inputs.append(full - f_hat[..., cut] @ C_in_pinv[cut])
+                f_out = model.run(torch.cat(inputs), ia, ib)
+                for j, (outs, _) in enumerate(batch):
+                    rows_j = f_out[j * n : (j + 1) * n]
+                    part = rows_j @ C_out[:, outs] if C_out is not None else rows_j[..., outs]
+                    if new is None:
+                        new = torch.zeros(*part.shape[:-1], len(mask), dtype=part.dtype)
+                    new[..., outs] = part
             f_b = new @ C_out_pinv if C_out is not None else new
             out.append(model.score(model.logits_from(ib, f_b), y[a : a + rows]))
     return torch.cat(out)

@@ -362,8 +362,8 @@ def build_graph(
     if not (isinstance(truncation, (int, float)) and truncation >= 0):
         raise InputError(f"truncation must be a number >= 0, got {truncation!r}")
     points = linalg.integration_points(integration, n_intervals)
-    sources = _resolve_sources(model, sources)
     m = float64_twin(model)
+    sources = _resolve_sources(model, sources)
     idx = resolve_node_layers(m, node_layers)
     names = tuple(m.node_layers[i] for i in idx)
     if "output" in names[:-1]:

@@ -30,6 +30,21 @@ from torch import nn
 from workbench.errors import InputError, ModelLoadError, UnsupportedModelError
 
 
+def _aug(W: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """[d, k] weight and [k] bias -> [d + 1, k]: acting on an activation with the constant last, x W + c b."""
+    return torch.cat([W, b[None]], 0)
+
+
+def _pad_col(W: torch.Tensor) -> torch.Tensor:
+    """[k, d] -> [k, d + 1] with a zero last column: writes nothing to the constant coordinate."""
+    return torch.cat([W, W.new_zeros(W.shape[0], 1)], 1)
+
+
+def _pad(b: torch.Tensor) -> torch.Tensor:
+    """[d] -> [d + 1] with a zero for the constant coordinate."""
+    return torch.cat([b, b.new_zeros(1)])
+
+
 def _fold(x: torch.Tensor) -> torch.Tensor:
     """Append the constant coordinate: [..., d] -> [..., d + 1]."""
     return torch.cat([x, torch.ones(*x.shape[:-1], 1, dtype=x.dtype, device=x.device)], dim=-1)
@@ -208,23 +223,32 @@ class ModAddTransformer(LibModel):
         return _fold(self.embed.W_E[x] + self.pos_embed.W_pos[: x.shape[1]])
 
     def section(self, i: int, f: torch.Tensor) -> torch.Tensor:
-        x, c = f[..., :-1], f[..., -1:]
+        # Biases are folded into the weights as a last row that multiplies the constant coordinate, so that the
+        # activation is rarely sliced: each slice costs a full-size zero-fill and copy in every backward pass.
         if i == 0:  # ln1.0 [N, 3, 129] -> ln2.0 [N, 1, 129]: attention, read at the last query only
             a = self.blocks[0].attn
-            cb = c[:, None]  # [N, 1, pos, 1] broadcasts over heads
-            q = torch.einsum("nd,hde->nhe", x[:, -1], a.W_Q) + c[:, -1, :, None] * a.b_Q
-            k = torch.einsum("npd,hde->nhpe", x, a.W_K) + cb * a.b_K[None, :, None]
-            v = torch.einsum("npd,hde->nhpe", x, a.W_V) + cb * a.b_V[None, :, None]
-            pattern = (torch.einsum("nhe,nhke->nhk", q, k) / math.sqrt(self.d_head)).softmax(-1)
-            z = torch.einsum("nhk,nhke->nhe", pattern, v)
-            out = torch.einsum("nhe,hed->nd", z, a.W_O) + c[:, -1] * a.b_O
-            return torch.cat([x[:, -1] + out, c[:, -1]], dim=-1)[:, None]
+            n_heads, d_model, d_head = a.W_Q.shape
+            k = (f @ _aug(a.W_K.permute(1, 0, 2).reshape(d_model, -1), a.b_K.reshape(-1))).reshape(
+                *f.shape[:2], n_heads, d_head
+            )
+            v = (f @ _aug(a.W_V.permute(1, 0, 2).reshape(d_model, -1), a.b_V.reshape(-1))).reshape(
+                *f.shape[:2], n_heads, d_head
+            )
+            last = f[:, -1]
+            q = (last @ _aug(a.W_Q.permute(1, 0, 2).reshape(d_model, -1), a.b_Q.reshape(-1))).reshape(
+                len(f), 1, n_heads, d_head
+            )
+            # with three key positions, elementwise products beat batched 1 x d_head matmuls
+            pattern = ((q * k).sum(-1) / math.sqrt(d_head)).softmax(1)  # [N, key pos, head]
+            z = (pattern[..., None] * v).sum(1).reshape(len(f), n_heads * d_head)
+            out = z @ _pad_col(a.W_O.reshape(n_heads * d_head, d_model)) + last[:, -1:] * _pad(a.b_O)
+            return (last + out)[:, None]
         if i == 1:  # ln2.0 -> unembed: the MLP block
             m = self.blocks[0].mlp
-            h = torch.relu(x @ m.W_in + c * m.b_in)
-            return torch.cat([x + h @ m.W_out + c * m.b_out, c], dim=-1)
+            h = torch.relu(f @ _aug(m.W_in, m.b_in))
+            return f + h @ _pad_col(m.W_out) + f[..., -1:] * _pad(m.b_out)
         if i == 2:  # unembed -> output: logits
-            return x @ self.unembed.W_U + c * self.unembed.b_U
+            return f @ _aug(self.unembed.W_U, self.unembed.b_U)
         raise InputError(f"section {i} does not exist (the mod-add model has 3)")
 
 

@@ -61,6 +61,8 @@ class InteractionGraph(Panel):
         threshold: the share of each section's edge weight shown.
         nodes_per_layer: nodes shown per layer (besides the constant one).
         data_dir / mnist_dir: where the checkpoints / MNIST are (else the environment variables or a download).
+        graphs: graphs you built already with `build_graph` on this model and data: shown without rebuilding
+            (the first one at once).
 
     Attributes:
         graph: the graph shown (a `LibGraph`); graphs: every graph built, by options.
@@ -83,6 +85,7 @@ class InteractionGraph(Panel):
         data_dir=None,
         mnist_dir=None,
         prelude: tuple[str, ...] = (),
+        graphs=(),
     ):
         if basis not in BASIS_LABELS:
             raise InputError(f"basis must be one of {list(BASIS_LABELS)}, got {basis!r}")
@@ -171,6 +174,29 @@ class InteractionGraph(Panel):
             self.code_view,
         ]
         self.set_status("Press Run to build the graph. Then click a node or an edge's midpoint.")
+        for graph in graphs:
+            self.add_graph(graph)
+        if graphs:
+            self._quiet = True
+            self.basis_box.value = graphs[0].basis
+            self.integration_box.value = graphs[0].integration
+            self.intervals_box.value = graphs[0].n_intervals
+            self.truncation_box.value = graphs[0].truncation
+            self._quiet = False
+            self._show_graph(graphs[0])
+            self.set_status("Click a node or an edge's midpoint; toggle the basis to compare.", "ok")
+
+    def add_graph(self, graph: LibGraph) -> None:
+        """Keep a graph built elsewhere (on this panel's model and data) for the basis toggle and the counts."""
+        if not isinstance(graph, LibGraph):
+            raise InputError(f"graphs must be LibGraphs from build_graph, got {type(graph).__name__}")
+        if graph.model_code != self.experiment.model.code or graph.data_code != self.experiment.train.code:
+            raise InputError(
+                f"this graph was built on {graph.model_code} with {graph.data_code}, not on the panel's "
+                f"{self.experiment.model.code} with {self.experiment.train.code}"
+            )
+        kwargs = {"basis": graph.basis, "integration": graph.integration, "n_intervals": graph.n_intervals}
+        self.graphs[self._key({**kwargs, "truncation": graph.truncation})] = graph
 
     # -- options -------------------------------------------------------------------------------------
     def _build_kwargs(self) -> dict:
