@@ -162,3 +162,30 @@ def test_every_result_plots_and_round_trips(model, tmp_path):
     assert list(paths_fig.data[0].y) == list(results["paths"].senders)
     lens_fig = results["lens"].plot()
     assert lens_fig.data[0].text[-1][-1] == results["lens"].top_tokens[0][-1][-1][0]
+
+
+def test_patching_explorer_drill_down_opens_head_views(model):
+    """cell -> heads (the explorer's drill-down) -> click a head -> its pattern, DLA and paths."""
+    from workbench.widgets.patching import PatchingExplorer
+
+    panel = PatchingExplorer(model, CLEAN, CORRUPT, ANSWERS)
+    panel.background = panel.head_views.background = False
+    panel.run()
+    panel.drill(1, len(panel.grid.positions) - 1)  # layer 1, last position: every head there
+    trace = panel.heads_figure.data[0]
+    row, col = 0, 2
+    layer, _, head = (int(v) for v in trace.customdata[row][col][:3])
+    panel._on_head_click(trace, type("P", (), {"point_inds": [(row, col)]})())
+    views = panel.head_views
+    assert views.head == (layer, head) and views.status_text.startswith("Done"), views.status_text
+    want = path_patch(
+        model,
+        CLEAN,
+        CORRUPT,
+        ANSWERS,
+        senders=f"L{layer}H{head}",
+        receivers=["logits"],
+        progress=False,
+        warn=False,
+    )
+    torch.testing.assert_close(views.paths.raw[:, :, :, :1], want.raw)

@@ -24,6 +24,7 @@ from workbench.patching import METRICS, Metric, sweep
 from workbench.patching.inputs import resolve_direction, resolve_sites
 from workbench.viz.patching import effect_reach, heatmap
 from workbench.widgets.base import FULL_WIDTH, Panel, PanelFigure, check_choice, replace_figure
+from workbench.widgets.circuits import HeadViews
 
 HEAD_VIEWS = ("z", "pattern")
 # the site name first, so that a narrow dropdown still shows which site it is
@@ -205,7 +206,11 @@ class PatchingExplorer(Panel):
             box.observe(lambda _: self._note_pending(), "value")
         self.warning_line = widgets.HTML()
         self.warning_line.add_class("wb-patching-warnings")
-        self.heads_box = widgets.VBox([self.heads_figure], layout=widgets.Layout(display="none"))
+        # click a head in the drill-down: its pattern, DLA and paths (workbench.widgets.circuits)
+        self.head_views = HeadViews(model, show_prompts=False)
+        self.heads_box = widgets.VBox(
+            [self.heads_figure, self.head_views], layout=widgets.Layout(display="none")
+        )
         self.remote_status = None
         if getattr(model, "remote", False) is True:  # NDIF: show each job's id and state, with Cancel
             from workbench.widgets.remote import RemoteStatus
@@ -419,8 +424,21 @@ class PatchingExplorer(Panel):
             trace.on_click(self._on_click)
         if drill is not None:
             replace_figure(self.heads_figure, drill)
+            for trace in self.heads_figure.data:
+                trace.on_click(self._on_head_click)
             self.heads_box.layout.display = ""
         self.refresh_code()
+
+    def _on_head_click(self, trace, points, selector=None) -> None:
+        """A head of the drill-down: show its views for the prompts of the last run."""
+        if not points.point_inds or self._grid_kwargs is None:
+            return
+        row, col = points.point_inds[0]
+        layer, _, head = (int(v) for v in trace.customdata[row][col][:3])
+        if head >= 0:
+            kw = self._grid_kwargs
+            self.head_views.use(kw["clean"], kw["corrupt"], kw["answers"], direction=kw["direction"])
+            self.head_views.show_head(layer, head)
 
     def _on_click(self, trace, points, selector=None) -> None:
         if not points.point_inds:
