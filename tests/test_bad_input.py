@@ -393,6 +393,135 @@ def an_inline_ndif_result_above_the_limit(tmp, mp):
         client.close()
 
 
+# == engines =======================================================================================================
+IOI = (
+    "When Mary and John went to the store, John gave a drink to",
+    "When Mary and John went to the store, Mary gave a drink to",
+    (" Mary", " John"),
+)
+
+
+def patch(**kwargs):
+    from workbench.patching import sweep
+
+    return sweep(demo(), *IOI, progress=False, warn=False, **kwargs)
+
+
+def probe_demo(**kwargs):
+    from workbench.plateau import probe
+
+    return probe(demo(), IOI[0], **{"families": ("isotropic",), "n_directions": 2, "progress": False, **kwargs})
+
+
+@row(InputError, "batch_size must be a positive whole number, got -1", panel=True)
+def sweep_with_batch_size_minus_one(tmp, mp):
+    patch(batch_size=-1)
+
+
+@row(InputError, "batch_size must be a positive whole number, got 0")
+def sweep_with_batch_size_zero(tmp, mp):
+    patch(batch_size=0)
+
+
+@row(InputError, "batch_size must be a positive whole number, got nan")
+def sweep_with_batch_size_nan(tmp, mp):
+    patch(batch_size=float("nan"))
+
+
+@row(InputError, "memory_budget must be a positive number of bytes, '2GB' or 'auto', got nan")
+def sweep_with_a_nan_memory_budget(tmp, mp):
+    patch(memory_budget=float("nan"))
+
+
+@row(InputError, "memory_budget must be a positive number of bytes, got -1")
+def sweep_with_a_negative_memory_budget(tmp, mp):
+    patch(memory_budget=-1)
+
+
+@row(InputError, "batch_size must be a positive whole number, got -1")
+def preview_with_batch_size_minus_one(tmp, mp):
+    from workbench.lnfree import preview
+
+    preview(demo(), torch.randint(1, 100, (2, 8)), batch_size=-1, progress=False)
+
+
+@row(InputError, "Layer True is not a layer number")
+def sweep_with_a_bool_layer(tmp, mp):
+    patch(layers=[True])
+
+
+@row(InputError, "site=None: give a site name")
+def sweep_with_site_none(tmp, mp):
+    patch(site=None)
+
+
+@row(InputError, "The clean run's logit_diff is nan for pair 0")
+def sweep_on_nan_weights(tmp, mp):
+    from workbench.models.toy import random_model
+
+    model = random_model("gpt2", seed=1)
+    with torch.no_grad():
+        model.module.lm_head.weight.fill_(float("nan"))
+    from workbench.patching import sweep
+
+    sweep(model, "When Mary and John went to the store , John gave a drink to",
+          "When Mary and John went to the store , Mary gave a drink to", (" Mary", " John"), progress=False)  # fmt: skip
+
+
+@row(InputError, "The clean run's nan_metric is nan for pair 0")
+def sweep_with_a_metric_returning_nan(tmp, mp):
+    def nan_metric(logits, answers):
+        return torch.full((len(logits),), float("nan"))
+
+    patch(metric=nan_metric)
+
+
+@row(InputError, "scale must be a positive finite number of L2 units, got inf")
+def probe_with_an_infinite_scale(tmp, mp):
+    probe_demo(scale=float("inf"))
+
+
+@row(InputError, "sizes x scale overflows")
+def probe_with_sizes_up_to_1e30(tmp, mp):
+    probe_demo(scale=1e10, sizes=[0, 1e30])
+
+
+@row(InputError, "n_directions must be a positive whole number")
+def probe_with_zero_directions(tmp, mp):
+    probe_demo(n_directions=0)
+
+
+@row(InputError, "positions='every'")
+def probe_with_an_unknown_position_word(tmp, mp):
+    probe_demo(positions="every")
+
+
+@row(InputError, "Give batch_size= only; chunk= is its old name")
+def scrub_with_both_spellings_of_the_batch_size(tmp, mp):
+    from workbench.scrubbing import Hypothesis, Resample, random_donors, scrub
+
+    net = torch.nn.Sequential(torch.nn.Linear(2, 2))
+    scrub(net, torch.zeros(4, 2), Hypothesis("h", (Resample("0", random_donors()),)), chunk=2, batch_size=2)
+
+
+def test_numpy_integer_layers_are_layers():
+    import numpy as np
+
+    result = patch(layers=[np.int64(1), np.int32(-1)])
+    assert result.layers == (1, demo().cfg.n_layers - 1)
+
+
+def test_non_finite_kls_give_nan_plateau_lengths_with_a_warning():
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = probe_demo(sizes=[0, 1e-30, 3e38])  # the median norm times 3e38 overflows float32
+    assert any("not finite" in str(w.message) for w in caught)
+    lengths = result.plateau_length()
+    assert torch.isnan(lengths).any() and not torch.isinf(lengths[torch.isnan(result.kl).any(-1)]).any()
+
+
 # == the table ====================================================================================================
 @pytest.mark.parametrize(
     "case",
