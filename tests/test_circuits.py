@@ -7,7 +7,7 @@ import pytest
 import torch
 from test_circuits_reference import Reference, get, logit_diff
 
-from workbench.circuits import Graph, path_patch
+from workbench.circuits import Graph, compare_directions, path_patch
 from workbench.errors import InputError
 from workbench.models.toy import random_model
 
@@ -574,3 +574,57 @@ def test_remote_dry_run_gives_the_local_numbers(gpt2, tmp_path):
     e_local = edge_attribution(gpt2, CLEAN, CORRUPT, ANSWERS, progress=False, warn=False)
     e_dry = edge_attribution(dry, CLEAN, CORRUPT, ANSWERS, progress=False, warn=False)
     torch.testing.assert_close(e_dry.scores, e_local.scores, atol=1e-5, rtol=1e-4)
+
+
+# -- guards ----------------------------------------------------------------------------------------------------
+
+
+def test_guards_say_what_is_wrong(gpt2):
+    from workbench.circuits import guards
+    from workbench.patching import sweep
+
+    # training mode with dropout: patched runs are noisy, and the no-op check catches it
+    model = random_model("gpt2", seed=1, resid_pdrop=0.5)
+    model.module.train()
+    try:
+        with pytest.warns(UserWarning, match="training mode with dropout active"):
+            r = path_patch(
+                model,
+                CLEAN,
+                CORRUPT,
+                ANSWERS,
+                senders="heads",
+                receivers=["L1H0.q", "logits"],
+                progress=False,
+            )
+        assert any("no-op patch" in w for w in r.warnings)  # layer 1 reruns, with another dropout mask
+    finally:
+        model.module.eval()
+    r = path_patch(
+        model, CLEAN, CORRUPT, ANSWERS, senders="heads", receivers="logits", progress=False, warn=False
+    )
+    assert not any("no-op" in w or "training" in w for w in r.warnings)
+    # baselines: random weights barely tell the answers apart
+    assert any("less than 1 logit" in w for w in r.warnings)
+    # misaligned prompts: the corrupt prompt shifted by one token
+    clean = gpt2.to_str_tokens(CLEAN[0])
+    assert guards.misaligned([clean], [clean[1:] + ["to"]])[0].startswith(
+        "Pair 0: the corrupt prompt is the clean prompt shifted"
+    )
+    assert guards.misaligned([clean], [clean]) == []
+    # noising and denoising that disagree are listed, not averaged away
+    den = sweep(gpt2, CLEAN, CORRUPT, ANSWERS, site="z", positions="together", progress=False, warn=False)
+    noi = sweep(
+        gpt2,
+        CLEAN,
+        CORRUPT,
+        ANSWERS,
+        site="z",
+        positions="together",
+        direction="noising",
+        progress=False,
+        warn=False,
+    )
+    message = compare_directions(den, noi, threshold=0.0)
+    assert message and "disagree strongly" in message[0] and "denoising" in message[0]
+    assert compare_directions(den, noi, threshold=1e9) == []
