@@ -13,7 +13,8 @@ downstream computation is redone. How rows run:
    or above it are read in the run itself, row by row (an earlier patched receiver may have changed them).
 3. At each receiver the summed differences of its patched edges are added to its input: for a head's query
    (key, value) through the `q_input` (`k_input`, `v_input`) site, which normalises and projects that head's
-   input alone; for an MLP through `mlp_in`; for the logits at the final norm's input.
+   input alone (only for the rows that patch it); for an MLP through `mlp_in`; for the logits at the final
+   norm's input.
 """
 
 from __future__ import annotations
@@ -230,6 +231,12 @@ def deltas(mask: torch.Tensor, diffs: torch.Tensor) -> torch.Tensor:
     return torch.einsum("rvu,rupd->rvpd", mask, diffs)
 
 
+def entry_deltas(mask: torch.Tensor, diffs: torch.Tensor) -> torch.Tensor:
+    """[entry, pos, d_model]: one receiver's summed sender differences per entry; mask [entry, sender], diffs
+    [entry, sender, pos, d_model]."""
+    return torch.einsum("eu,eupd->epd", mask, diffs)
+
+
 def _patched_trace(model, tokens, start, enter, plan, mask, diffs, pos_mask, logits_recv, all_positions):
     kwargs = {} if all_positions else {"logits_to_keep": 1}
     with torch.no_grad(), model.trace(tokens, **kwargs):
@@ -239,9 +246,10 @@ def _patched_trace(model, tokens, start, enter, plan, mask, diffs, pos_mask, log
             if step.qkv:
                 x = model.site("q_input", step.layer).value[:, :, 0]
                 for which, heads, cols in step.qkv:
-                    d = deltas(mask[:, list(cols)], diffs).transpose(1, 2)
-                    model.site(f"{which}_input", step.layer).set_head_inputs(
-                        x.unsqueeze(2) + d.to(x.dtype), list(heads)
+                    rows, entries = mask[:, list(cols)].any(-1).nonzero(as_tuple=True)
+                    d = entry_deltas(mask[rows, torch.tensor(cols, device=rows.device)[entries]], diffs[rows])
+                    model.site(f"{which}_input", step.layer).set_head_inputs_at(
+                        rows, torch.tensor(heads, device=rows.device)[entries], x[rows] + d.to(x.dtype)
                     )
             if step.head_cols:
                 res = head_results(model, step.layer, list(step.head_heads)).transpose(1, 2)

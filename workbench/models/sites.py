@@ -306,6 +306,18 @@ class SiteHandle:
         view = self._qkv(which)
         view[:, :, heads] = out.to(view.dtype)
 
+    def set_head_inputs_at(self, rows: torch.Tensor, heads: torch.Tensor, new: torch.Tensor) -> None:
+        """Like `set_head_inputs`, for single (row, head) entries: entry e gives head `heads[e]` of batch row
+        `rows[e]` the residual input new[e] [pos, d_model]; every other row and head is untouched."""
+        which = self.name[0]
+        weight, bias = self.qkv_weights(which)
+        normed = self._in_block(self.adapter.ln1)(new)  # an ad hoc call: the real one is not disturbed
+        out = torch.einsum("epm,emd->epd", normed.to(weight.dtype), weight[heads])
+        if bias is not None:
+            out = out + bias[heads].unsqueeze(1)
+        view = self._qkv(which)
+        view[rows, :, heads] = out.to(view.dtype)
+
     def qkv_weights(self, which: str) -> tuple[torch.Tensor, torch.Tensor | None]:
         """This layer's query, key or value weights [head, d_model, d_head] and bias [head, d_head] (or None),
         whatever the storage layout (GPT-2's fused Conv1D, NeoX's per-head fused Linear, separate Linears)."""
