@@ -119,7 +119,7 @@ class Frontend:
     message `fig` sends."""
 
     def __init__(self, fig):
-        fig.get_state()  # what a connecting page receives (a PanelFigure refreshes it here)
+        fig.get_state(["_widget_data", "_widget_layout"])  # what a connecting page receives (refreshed here)
         self.data = plain(fig._widget_data)
         self.layout = plain(fig._widget_layout)
         self.messages: list[tuple[str, dict]] = []

@@ -14,6 +14,7 @@ from plotly.subplots import make_subplots
 
 from workbench.patching.inputs import SITE_LABELS
 from workbench.patching.result import AttributionComparison, PatchingResult
+from workbench.viz.common import white
 
 COLORSCALE = "RdBu"
 # subplot titles of multi-site grids: short enough for a third of a notebook-wide figure
@@ -163,6 +164,7 @@ def heatmap(
         )
         fig.update_annotations(font_size=12)
         cells = [{"row": 1, "col": i + 1} for i in range(n)]
+    white(fig)
     vtitle = value_title(result, metric, normalize)
     for i, site in enumerate(result.sites):
         extra = np.stack([raws[i], spreads[i] if spreads else np.zeros_like(raws[i])], -1)
@@ -216,7 +218,6 @@ def heatmap(
         # tall enough for the colour bar's title, which runs along the bar
         height=height or max(480, 22 * len(ys) + 180),
         margin={"l": 60, "r": 20, "t": 110 if n > 1 else 80, "b": 80},
-        template="plotly_white",
     )
     return fig
 
@@ -245,7 +246,7 @@ def comparison(comp: AttributionComparison, height: int = 420) -> go.Figure:
         go.Scatter(x=[lo, hi], y=[lo, hi], mode="lines", name="y = x", line={"dash": "dot", "color": "#888"})
     )
     unit = "normalised " if comp.normalize else ""
-    fig.update_layout(
+    white(fig).update_layout(
         title={
             "text": f"Attribution vs exact patching ({comp.direction}, {unit}{comp.metric}): Pearson "
             f"{comp.pearson:.3f}, Spearman {comp.spearman:.3f}, top-{comp.top_k} agreement "
@@ -255,6 +256,5 @@ def comparison(comp: AttributionComparison, height: int = 420) -> go.Figure:
         xaxis_title=f"exact ({unit}{comp.metric})",
         yaxis_title=f"attribution estimate ({unit}{comp.metric})",
         height=height,
-        template="plotly_white",
     )
     return fig

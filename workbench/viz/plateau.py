@@ -16,6 +16,7 @@ from plotly.colors import qualitative
 from plotly.subplots import make_subplots
 
 from workbench.errors import InputError
+from workbench.viz.common import white
 
 PALETTE = qualitative.Plotly + qualitative.D3
 METRIC_TITLES = {"kl": "KL(unperturbed ‖ perturbed), nats", "l2": "L2 distance at {read}"}
@@ -130,12 +131,11 @@ def curves(
         annotation_text=f"threshold {threshold:.3g}",
         annotation_position="top left",
     )
-    fig.update_layout(
+    white(fig).update_layout(
         title=f"Response to perturbations at {result.site_label} (median and interquartile range per family)",
         xaxis_title=_size_title(result),
         yaxis_title=_metric_title(result, metric),
         yaxis_type="log" if log_y else "linear",
-        template="plotly_white",
         legend=dict(title="direction family"),
         height=480,
     )
@@ -206,11 +206,10 @@ def plateau_lengths(
         annotation_position="top left",
     )
     unit = "nats" if metric == "kl" else "L2"
-    fig.update_layout(
+    white(fig).update_layout(
         barmode="overlay",
         title=f"Plateau length: size where {metric.upper()} first exceeds {threshold:.3g} {unit} "
         f"(tests against {baseline})",
-        template="plotly_white",
         legend=dict(title="family"),
         height=560,
     )
@@ -249,11 +248,10 @@ def token_ribbon(x, ids, probs, token_strings: dict[int, str], x_title: str, tit
             meta={"role": "tokens"},
         )
     )
-    fig.update_layout(
+    white(fig).update_layout(
         title=title,
         xaxis=dict(title=x_title, nticks=12),
         yaxis=dict(title="rank", autorange="reversed"),
-        template="plotly_white",
         height=260,
     )
     return fig
@@ -357,9 +355,8 @@ def interpolation(result, pair: int = 0, max_pairs: int = 40, k: int = 3) -> go.
     fig.update_xaxes(title_text="α (0: A's activation, 1: B's)", row=1, col=1)
     fig.update_xaxes(title_text="α", row=2, col=1)
     fig.update_yaxes(autorange="reversed", row=2, col=1)
-    fig.update_layout(
+    white(fig).update_layout(
         title=f"Interpolation: prompt A's activation → prompt B's at {result.site_label}",
-        template="plotly_white",
         height=620,
         showlegend=n_p <= 8,
     )
@@ -414,12 +411,11 @@ def slice_map(result) -> go.Figure:
             meta={"role": "endpoints"},
         )
     )
-    fig.update_layout(
+    white(fig).update_layout(
         title=f"Plane through three activations at {result.site_label}: colour = closeness of {result.read_label} "
         "to A (red), B (green), C (blue)",
         xaxis_title="u (A → B)",
         yaxis=dict(title="v (A → C)", autorange=True, scaleanchor="x"),
-        template="plotly_white",
         height=520,
     )
     return fig

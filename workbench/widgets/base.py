@@ -176,7 +176,7 @@ class Panel(widgets.VBox):
         from workbench.viz.common import message_figure
 
         self.draw_error = str(err)
-        replace_figure(figure, message_figure(str(err), height=figure.layout.height or 360))
+        replace_figure(figure, message_figure(str(err)))
         self.set_status(str(err), "error")
 
     # -- running -------------------------------------------------------------------------------------
