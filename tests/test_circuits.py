@@ -14,6 +14,7 @@ from workbench.models.toy import random_model
 pytestmark = [
     pytest.mark.filterwarnings("ignore:The clean and corrupt logit differences:UserWarning"),
     pytest.mark.filterwarnings("ignore:For pair.*opposite sign:UserWarning"),
+    pytest.mark.filterwarnings("ignore:A no-op patch:UserWarning"),
 ]
 
 CLEAN = [
@@ -628,3 +629,63 @@ def test_guards_say_what_is_wrong(gpt2):
     message = compare_directions(den, noi, threshold=0.0)
     assert message and "disagree strongly" in message[0] and "denoising" in message[0]
     assert compare_directions(den, noi, threshold=1e9) == []
+
+
+# -- TransformerLens 4.3, where it implements the same method ------------------------------------------------
+
+
+def test_transformer_lens_gives_the_same_eap_and_dla():
+    """TL's edge attribution (denoising, per position: summed here) and its per-head DLA on a TransformerBridge over
+    a copy of the same weights (skipped without transformer_lens)."""
+    import copy
+
+    pytest.importorskip("transformer_lens")
+    from transformer_lens.model_bridge import TransformerBridge
+    from transformer_lens.tools.analysis.attribution_patching import EdgeAttributionConfig, attribution_patch
+    from transformer_lens.tools.analysis.direct_logit_attribution import direct_logit_attribution as tl_dla
+
+    from workbench.circuits import direct_logit_attribution, edge_attribution
+    from workbench.models.toy import toy_tokenizer
+
+    model = random_model("gpt2", seed=2)
+    tok = toy_tokenizer()
+    tok.init_kwargs.update(name_or_path="toy", add_bos_token=True)
+    bridge = TransformerBridge.boot_transformers(
+        "gpt2", hf_model=copy.deepcopy(model.module), tokenizer=tok, device="cpu"
+    )
+    clean, corrupt = model.to_tokens(CLEAN), model.to_tokens(CORRUPT)
+    answers = torch.tensor([[model.to_single_token(a) for a in pair] for pair in ANSWERS])
+    writer = {
+        "embed": lambda n: "embed",
+        "attn_head_out": lambda n: f"L{n.layer}H{n.head}",
+        "mlp_out": lambda n: f"MLP{n.layer}",
+    }
+    reader = {
+        "q_input": lambda n: f"L{n.layer}H{n.head}.q",
+        "k_input": lambda n: f"L{n.layer}H{n.head}.k",
+        "v_input": lambda n: f"L{n.layer}H{n.head}.v",
+        "mlp_in": lambda n: f"MLP{n.layer}",
+        "logits": lambda n: "logits",
+    }
+    ours = edge_attribution(model, CLEAN, CORRUPT, ANSWERS, direction="denoising", progress=False, warn=False)
+    theirs = torch.zeros_like(ours.scores)
+    for p in range(len(CLEAN)):
+        a = answers[p]
+        result = attribution_patch(
+            bridge,
+            clean[p : p + 1],
+            corrupt[p : p + 1],
+            lambda lg, a=a: lg[0, -1, a[0]] - lg[0, -1, a[1]],
+            EdgeAttributionConfig(granularity="edge"),
+        )
+        for (w, r), value in result.edge_scores.items():
+            theirs[p, ours.receivers.index(reader[r.kind](r)), ours.senders.index(writer[w.kind](w))] += value
+    torch.testing.assert_close(ours.scores, theirs, atol=1e-6, rtol=1e-4)
+    bridge.enable_compatibility_mode()  # folds the final norm into the unembedding, as TL's DLA requires
+    tl = tl_dla(bridge, clean, answer_tokens=answers[:, 0], incorrect_tokens=answers[:, 1], unit="head")
+    dla = direct_logit_attribution(model, CLEAN, ANSWERS, progress=False)
+    for label, values in zip(tl.labels, tl.attribution):
+        if label in dla.parts:
+            torch.testing.assert_close(
+                dla.contributions[:, dla.parts.index(label)], values.float(), atol=1e-6, rtol=1e-4
+            )
