@@ -308,6 +308,8 @@ def faithfulness(
     base_half, source_half = spec.halves()
     for r, s, _ in ranked[:verify]:
         rows += [Row(p, base_half.start + p, source_half.start + p, torch.tensor([[r, s]])) for p in range(n)]
+    every = torch.tensor([(r, s) for r, s, _ in ranked], dtype=torch.long)
+    rows += [Row(p, p, p, every) for p in range(n)]  # the no-op check: every edge from the clean run itself
     empty = [i for i, row in enumerate(rows) if len(row.edges) == 0]
     live = [i for i in range(len(rows)) if i not in set(empty)]
     values = torch.full((len(spec.metrics), len(rows)), float("nan"))
@@ -320,7 +322,8 @@ def faithfulness(
     curve = values[:, : len(ks) * n].view(len(spec.metrics), len(ks), n).transpose(1, 2)
     i = spec.metric_index()
     base = (corrupt_m if spec.direction == "denoising" else clean_m)[i]
-    exact = values[i, len(ks) * n :].view(verify, n) - base
+    exact = values[i, len(ks) * n : (len(ks) + verify) * n].view(verify, n) - base
+    noop = values[i, (len(ks) + verify) * n :]
     estimate = torch.tensor([scores.scores[:, r, s].mean().item() for r, s, _ in ranked[:verify]])
     return Faithfulness(
         method=scores.method,
@@ -337,5 +340,5 @@ def faithfulness(
         verified_estimate=estimate,
         verified_exact=exact.mean(1),
         provenance=spec.provenance("faithfulness", ks=ks, verify=verify, scores_method=scores.method),
-        warnings=scores.warnings,
+        warnings=tuple(scores.warnings) + tuple(guards.noop(noop, clean_m[i], corrupt_m[i], "every edge")),
     )
