@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from workbench.casper import data
-from workbench.casper import pair_transformer as pt
+from workbench.casper import pairs as pt
+from workbench.casper.pairs import model as pair_model
 from workbench.errors import InputError, ModelLoadError
 
 # The replica the tests use: the recipe with 1000 epochs instead of 5000 (the notebook's CI setting, so that a CI
@@ -293,7 +294,7 @@ def test_a_model_that_is_not_the_original_is_refused_and_not_trusted(isolated, l
 
 def test_trust_on_first_use_then_checksum_mismatch(isolated, labels, monkeypatch):
     # Stand in for the original: accept any model on first use, then check the recorded checksum.
-    monkeypatch.setattr(pt, "ORIGINAL_MIN_AGREEMENT", 0.0)
+    monkeypatch.setattr(pair_model, "ORIGINAL_MIN_AGREEMENT", 0.0)
     folder = isolated / "data"
     folder.mkdir()
     file = folder / "transformer_model.pt"

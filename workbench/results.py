@@ -48,7 +48,7 @@ _BUILTIN: dict[str, str] = {
     "FrozenScales": "workbench.lnfree.calibration",
     "NormStatistics": "workbench.lnfree.calibration",
     "TrainingHistory": "workbench.lnfree.finetune",
-    "ReplicaReport": "workbench.casper.pair_transformer",
+    "ReplicaReport": "workbench.casper.pairs.replica",
     "RefStats": "workbench.plateau.stats",
     "InterpolationResult": "workbench.plateau.interpolation",
     "SliceResult": "workbench.plateau.interpolation",

@@ -26,7 +26,10 @@ import pandas as pd
 import torch
 from torch import nn
 
+from workbench.casper import pca as shared_pca
 from workbench.casper.data import locate
+from workbench.casper.measures import agreement as agreement  # one rule for both challenges
+from workbench.casper.pca import PCA
 from workbench.core import CancelToken, Run
 from workbench.core.selectors import renamed
 from workbench.errors import InputError, ModelLoadError
@@ -296,13 +299,6 @@ def band_split(
     return below, len(s) - below - above, above
 
 
-def agreement(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Fraction of positions where two label vectors agree."""
-    if a.shape != b.shape:
-        raise InputError(f"label vectors differ in shape: {tuple(a.shape)} vs {tuple(b.shape)}")
-    return float((a == b).double().mean())
-
-
 def anti_side(s: torch.Tensor, thresholds: tuple[float, float] = PUBLISHED_THRESHOLDS) -> torch.Tensor:
     """[N] bool: the image is on the anti-1 side (s below the band's midpoint), as in the solution's ablations."""
     low, high = _check_thresholds(thresholds)
@@ -313,41 +309,16 @@ def anti_side(s: torch.Tensor, thresholds: tuple[float, float] = PUBLISHED_THRES
 # PCA of the neurons and the two arms
 
 
-@dataclasses.dataclass(frozen=True)
-class NeuronPCA:
-    """Principal components of the neurons. mean [200]; components [k, 200] (rows); explained [k] (fractions)."""
-
-    mean: torch.Tensor
-    components: torch.Tensor
-    explained: torch.Tensor
-
-    def project(self, neurons: torch.Tensor) -> torch.Tensor:
-        """[N, k] coordinates of neuron vectors [N, 200]."""
-        return (neurons.double() - self.mean) @ self.components.T
-
-    def inverse(self, points: torch.Tensor) -> torch.Tensor:
-        """[..., 200]: the neuron vector at PCA coordinates `points` [..., k] (mean included)."""
-        return self.mean + points.double() @ self.components
+NeuronPCA = PCA
+"""The old name of the shared `workbench.casper.pca.PCA` (``project``/``inverse`` are its transform's names)."""
 
 
-def fit_pca(neurons: torch.Tensor, k: int = 2, *, positive: list[torch.Tensor] | None = None) -> NeuronPCA:
-    """PCA of neurons [N, 200] (float64 SVD). `positive[i]`, a neuron vector [200], is made to project > 0 on PC i.
-
-    The solution orients PC1 so that the clue lies on the positive side and PC2 so that the anti-1 does.
+def fit_pca(neurons: torch.Tensor, k: int = 2, *, positive: list[torch.Tensor] | None = None) -> PCA:
+    """PCA of neurons [N, 200] keeping `k` components: the shared `workbench.casper.pca.fit_pca` with the
+    solution's two. `positive[i]`, a neuron vector [200], is made to project > 0 on PC i: the solution orients PC1
+    so that the clue lies on the positive side and PC2 so that the anti-1 does.
     """
-    if neurons.ndim != 2 or not 1 <= k <= neurons.shape[1]:
-        raise InputError(
-            f"fit_pca needs neurons [N, d] and 1 <= k <= d, got {tuple(neurons.shape)} and k={k}"
-        )
-    x = neurons.double()
-    mean = x.mean(0)
-    _, sv, vt = torch.linalg.svd(x - mean, full_matrices=False)
-    components = vt[:k].clone()
-    for i, vec in enumerate(positive or []):
-        if float((vec.double() - mean) @ components[i]) < 0:
-            components[i] = -components[i]
-    explained = (sv**2 / (sv**2).sum())[:k]
-    return NeuronPCA(mean, components, explained)
+    return shared_pca.fit_pca(neurons, k, positive=positive)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -409,7 +380,7 @@ class DetectorGroups:
         return torch.cat([self.anti_one, self.one]).sort().values
 
 
-def find_detectors(neurons: torch.Tensor, pca: NeuronPCA, arms: Arms) -> DetectorGroups:
+def find_detectors(neurons: torch.Tensor, pca: PCA, arms: Arms) -> DetectorGroups:
     """Anti-1 detectors load more on the left arm than on the right; 1 detectors the other way round.
 
     Neurons that never fire on `neurons` are "dead" and in neither group (their loadings are 0 up to rounding,
@@ -424,7 +395,7 @@ def find_detectors(neurons: torch.Tensor, pca: NeuronPCA, arms: Arms) -> Detecto
 
 
 def strongest_detectors(
-    groups: DetectorGroups, neurons: torch.Tensor, pca: NeuronPCA, arms: Arms, *, distance: float = 5.0
+    groups: DetectorGroups, neurons: torch.Tensor, pca: PCA, arms: Arms, *, distance: float = 5.0
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(anti-1, 1) detectors whose std times the arm point mapped to neuron space exceeds 1.
 
