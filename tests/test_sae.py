@@ -589,7 +589,7 @@ def reference(model, rows):
         return reference_stats(model, rows, layer=1, progress=False)
 
 
-ALL = tuple(syn.FAMILIES)
+ALL = tuple(f for f in syn.FAMILIES if f != "real_own")  # real_own is test 2's control
 
 
 @pytest.fixture(scope="module")
@@ -604,8 +604,8 @@ def blowup(model, sae, reference):
 def plateau(model, sae, reference):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return synthetic_activation_test(model, sae, PROMPTS, test="plateau", families=ALL, reference=reference,
-                                         n_steps=6, progress=False)  # fmt: skip
+        return synthetic_activation_test(model, sae, PROMPTS, test="plateau", families=(*ALL, "real_own"),
+                                         reference=reference, n_steps=6, progress=False)  # fmt: skip
 
 
 def _last_resid_post(hf, tokens, vec):
@@ -634,13 +634,16 @@ def _last_resid_post(hf, tokens, vec):
 @pytest.mark.parametrize("which", ["blowup", "plateau"])
 def test_tests_match_a_plain_loop(request, model, which):
     res = request.getfixturevalue(which)
-    assert res.families == ALL and res.l2.shape == (6, len(PROMPTS), 6)
+    n_f = 6 if which == "blowup" else 7
+    assert res.families[:6] == ALL and res.l2.shape == (n_f, len(PROMPTS), 6)
     # step 0 reproduces the start's own run (test 1: the clean run); the engine's path adds no noise
     assert res.l2[..., 0].abs().max() <= 1e-5 * res.typical_distance and res.kl[..., 0].abs().max() < 1e-6
     assert res.noise_floor.abs().max() < 1e-6
     if which == "blowup":  # the path starts at the real activation and ends at the family's target
         assert torch.allclose(res.start[0], res.start[3])
         assert torch.allclose(res.target[0], res.start[0][list(res.other_prompt)])
+    else:  # test 2 starts at the family's activation: another prompt's, or (real_own) the prompt's own
+        assert torch.allclose(res.start[6][list(res.other_prompt)], res.start[0])
     for f in (0, 1, 3):
         for n in (0, 4):
             tokens = model.to_tokens(PROMPTS[n])
@@ -696,6 +699,7 @@ def test_seeded_and_checked(model, sae, reference, blowup):
     assert torch.equal(again.l2, blowup.l2) and torch.equal(again.target, blowup.target)
     bad = [
         dict(test="both"),
+        dict(test="blowup", families=("real", "real_own")),
         dict(families=("real", "fake")),
         dict(n_steps=2),
         dict(threshold=0),

@@ -73,8 +73,9 @@ def test_panel_runs_redraws_and_clicks(setup):
     assert "Real codes" in panel.figure.layout.title.text
     assert panel.synthetic is res  # nothing reran
     code = panel.code()
-    assert "synthetic_activation_test(model, sae, prompts[: 10]" in code and "test='blowup'" in code
-    assert "load_sae(" in code and "reference = torch.tensor(" in code
+    assert "synthetic_activation_test(" in code and "prompts[:10]" in code and "test='blowup'" in code
+    assert "load_sae(" in code and "reference = reference_stats(" in code and "torch.tensor(" in code
+    compile(code, "<code>", "exec")
 
 
 def test_panel_plateau_threshold_and_errors(setup):
@@ -108,7 +109,8 @@ def test_panel_stable_regions_tab(setup):
     assert panel.stable.distance.shape == (2, 3, 5) and panel.stable.models == ("trained", "re-initialised")
     assert panel.stable_box.layout.display == "" and panel.figure_box.layout.display == "none"
     code = panel.code()
-    assert "stable_regions({'trained': model, 're-initialised': reinitialised(model, seed=0)}" in code
+    assert "'re-initialised': reinitialised(model, seed=0)" in code and "stable_regions(" in code
+    compile(code, "<code>", "exec")
 
 
 def test_figures(setup):

@@ -96,15 +96,24 @@ def token_rows(model, data, seq_len: int | None = None) -> Rows:
 
 
 def batches(rows: Rows, order: Sequence[int] | None = None, rows_per_chunk: int = 32) -> list[list[int]]:
-    """Row indices (in `order`, default all) grouped into chunks of at most `rows_per_chunk` rows of one length
-    (rows of one length run as one batch, without padding)."""
-    order = list(range(len(rows))) if order is None else list(order)
-    by_len: dict[int, list[int]] = {}
-    for i in order:
-        by_len.setdefault(len(rows[i]), []).append(i)
-    return [
-        idx[j : j + rows_per_chunk] for idx in by_len.values() for j in range(0, len(idx), rows_per_chunk)
-    ]
+    """Row indices (in `order`, default all) in chunks of at most `rows_per_chunk`, rows of similar length
+    together (each chunk is padded to its longest row; see `padded`)."""
+    order = sorted(range(len(rows)) if order is None else order, key=lambda i: len(rows[i]))
+    return [order[j : j + rows_per_chunk] for j in range(0, len(order), rows_per_chunk)]
+
+
+def padded(rows: Rows, span: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rows `span` as one batch [row, longest] padded on the right, and a mask [row, longest] of real tokens.
+
+    Right padding is exact for causal models: a position only attends to itself and earlier ones, so the padding
+    changes nothing at the real positions; whatever the model computes at padded positions is masked out."""
+    length = max(len(rows[i]) for i in span)
+    tokens = torch.zeros(len(span), length, dtype=torch.long)
+    mask = torch.zeros(len(span), length, dtype=torch.bool)
+    for j, i in enumerate(span):
+        tokens[j, : len(rows[i])] = rows[i]
+        mask[j, : len(rows[i])] = True
+    return tokens, mask
 
 
 def n_tokens(rows: Rows, skip_positions: int, order: Sequence[int] | None = None) -> int:
@@ -129,23 +138,25 @@ def stream(
     layer: int | None,
     *,
     rows: Sequence[int] | None = None,
-    rows_per_chunk: int = 32,
+    rows_per_chunk: int = 64,
     skip_positions: int = 1,
     run: Run | None = None,
     desc: str = "activations",
 ) -> torch.Tensor:
     """[n, d_in] activations at positions >= `skip_positions` of token rows (a [row, pos] tensor or a list of 1-D
-    tensors), rows `rows` (default all), computed `rows_per_chunk` rows of one length per trace through `run`
-    (progress, cancel). Chunks come in order of first appearance of their length in `rows`."""
+    tensors), rows `rows` (default all), `rows_per_chunk` rows per trace (right-padded, `padded`) through `run`
+    (progress, cancel). Rows come shortest first, each row's positions in order."""
     run = run or Run(progress=False)
     data = list(tokens) if isinstance(tokens, torch.Tensor) else tokens
-    spans = [s for s in batches(data, rows, rows_per_chunk) if len(data[s[0]]) > skip_positions]
+    order = [i for i in (range(len(data)) if rows is None else rows) if len(data[i]) > skip_positions]
+    spans = batches(data, order, rows_per_chunk)
     if not spans:
         raise InputError(f"No row has positions after the first {skip_positions}.")
 
     def one(span: list[int]) -> torch.Tensor:
-        acts = site_activations(model, torch.stack([data[i] for i in span]), site, layer)
-        return acts[:, skip_positions:].reshape(-1, acts.shape[-1])
+        tokens, mask = padded(data, span)
+        acts = site_activations(model, tokens, site, layer)
+        return acts[:, skip_positions:][mask[:, skip_positions:]]
 
     parts = run.map(spans, one, desc=desc, weights=[len(s) for s in spans])
     return torch.cat(parts)

@@ -128,7 +128,7 @@ def top_contexts(
     before: int = 8,
     after: int = 3,
     seq_len: int | None = None,
-    rows_per_chunk: int = 16,
+    rows_per_chunk: int = 64,
     bins: int = 20,
     run: Run | None = None,
     progress: bool | ProgressCallback | None = None,
@@ -171,17 +171,19 @@ def top_contexts(
     nz_latent: list[torch.Tensor] = []
     nz_value: list[torch.Tensor] = []
     sae_cpu = sae.to("cpu")
-    spans = [s for s in acts.batches(tokens, rows_per_chunk=rows_per_chunk) if len(tokens[s[0]]) > skip]
+    spans = acts.batches(tokens, rows_per_chunk=rows_per_chunk)
     offsets = torch.arange(-before, after + 1)
 
     def one(span: list[int]) -> None:
         nonlocal best_val, best_row, best_pos, best_ids, best_acts
-        toks = torch.stack([tokens[i] for i in span])
+        toks, mask = acts.padded(tokens, span)
         n_pos = toks.shape[1]
         x = acts.site_activations(model, toks, sae.cfg.site, layer)
         with torch.no_grad():
             f = sae_cpu.encode(x)[..., idx]  # [rows, pos, L]
         f[:, :skip] = 0
+        f[~mask] = 0  # padding
+        toks = torch.where(mask, toks, torch.full_like(toks, -1))
         fires.add_((f > 0).sum((0, 1)).double())
         total.add_(f.sum((0, 1)).double())
         flat = f.reshape(-1, L)  # [rows * pos, L]
@@ -192,7 +194,7 @@ def top_contexts(
         r, p = where // n_pos, where % n_pos
         cols = (p[..., None] + offsets).clamp(0, n_pos - 1)  # [k', L, W]
         inside = ((p[..., None] + offsets) >= 0) & ((p[..., None] + offsets) < n_pos)
-        ids = torch.where(inside, toks[r[..., None], cols], torch.full_like(cols, -1))
+        ids = torch.where(inside, toks[r[..., None], cols], torch.full_like(cols, -1))  # padding stays -1
         lat = torch.arange(L)[None, :, None].expand_as(cols)
         ctx = torch.where(inside, f[r[..., None], cols, lat], torch.zeros(cols.shape))
         all_val = torch.cat([best_val, vals.T], dim=1)

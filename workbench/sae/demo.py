@@ -69,8 +69,23 @@ def demo_reference(model, rows: int = 2_000, seq_len: int = 12, *, layer: int = 
     """`RefStats` (mean, Ledoit-Wolf covariance, median norm) of the demo model at `site` of `layer` on `rows`
     document starts of `seq_len` tokens (BOS first) from validation documents (position 0 excluded), disjoint
     from the prompts' documents."""
+    import dataclasses
+
     from workbench.plateau import reference_stats
+    from workbench.results import Provenance
 
     docs = _validation(REFERENCE_DOCS[1])[REFERENCE_DOCS[0] :]
     starts = document_starts(model, docs, seq_len - 1, rows)
-    return reference_stats(model, starts, layer=layer, site=site, progress=False)
+    ref = reference_stats(model, starts, layer=layer, site=site, progress=False)
+    # say how it was made, so that panels can print the call
+    made = {
+        "made_by": "workbench.sae.demo_reference",
+        "rows": rows,
+        "seq_len": seq_len,
+        "layer": layer,
+        "site": site,
+    }
+    prov = ref.provenance
+    return dataclasses.replace(
+        ref, provenance=Provenance(prov.model, {**prov.options, **made}, prov.versions, prov.created)
+    )

@@ -37,7 +37,7 @@ class SAEEvaluation(Result):
     Attributes:
         l0: mean active latents per token.
         l0_by_position: [pos] mean L0 at each position over the rows that reach it (NaN at skipped positions).
-        l0_per_token: [token] active latents of every evaluated token (chunk by chunk, row-major).
+        l0_per_token: [token] active latents of every evaluated token (chunk by chunk, rows shortest first).
         explained_variance, mse: over all evaluated tokens (mse: mean of |x - x_hat|^2 per token).
         loss_clean, loss_spliced, loss_zero, loss_mean: nats per predicted token.
         frac_recovered, frac_recovered_mean: fraction of loss recovered against zero / mean ablation.
@@ -152,14 +152,15 @@ def evaluate_sae(
     data,
     *,
     seq_len: int | None = None,
-    rows_per_chunk: int = 16,
+    rows_per_chunk: int = 64,
     dense_threshold: float = DENSE_THRESHOLD,
     run: Run | None = None,
     progress: bool | ProgressCallback | None = None,
     cancel: CancelToken | None = None,
 ) -> SAEEvaluation:
     """Evaluate `sae` on `model` with held-out `data`: token rows (a [row, pos] tensor or 1-D tensors) or texts,
-    one row per text (BOS first, cut at `seq_len`); rows of one length run together.
+    one row per text (BOS first, cut at `seq_len`); `rows_per_chunk` rows per trace, right-padded (exact for
+    causal models; padded positions are left out of every number).
 
     Four traces per chunk of rows: clean, spliced, zero-ablated, mean-ablated (the mean over all evaluated
     tokens, so mean ablation runs in a second pass). Splicing runs the SAE inside the trace: local models only.
@@ -201,28 +202,31 @@ def evaluate_sae(
     losses = {"clean": [], "sae": [], "zero": [], "kl": []}
 
     def first_pass(span: list[int]) -> None:
-        toks = torch.stack([rows[i] for i in span])
-        x = acts.site_activations(model, toks, sae.cfg.site, layer)[:, skip:].to(model.device)
+        toks, mask = acts.padded(rows, span)
+        on = mask[:, skip:]  # [row, pos - skip] real positions the SAE encodes
+        x = acts.site_activations(model, toks, sae.cfg.site, layer)[:, skip:][on].to(model.device)  # [n, d]
         f = sae.encode(x)
         x_hat = sae.reconstruct(x)
         active = f > 0
-        per = active.sum(-1).cpu()  # [row, pos - skip]
-        l0_tokens.append(per.reshape(-1))
+        per = torch.zeros(on.shape, dtype=torch.long)
+        per[on] = active.sum(-1).cpu()
+        l0_tokens.append(per[on])
         l0_sum[skip : skip + per.shape[1]] += per.sum(0).double()
-        l0_count[skip : skip + per.shape[1]] += per.shape[0]
-        fires.add_(active.reshape(-1, sae.d_sae).sum(0).double().cpu())
-        flat = x.reshape(-1, sae.d_in).double().cpu()
+        l0_count[skip : skip + per.shape[1]] += on.sum(0).double()
+        fires.add_(active.sum(0).double().cpu())
+        flat = x.double().cpu()
         totals["err"] += float((x_hat - x).pow(2).sum().double())
         totals["sq"] += flat.pow(2).sum(0)
         totals["sum"] += flat.sum(0)
+        predicted = mask[:, 1:]  # next-token losses where the next token is real
         clean = spliced_logits(model, sae, toks, "clean")
         spliced = spliced_logits(model, sae, toks, "sae")
         zero = spliced_logits(model, sae, toks, "zero")
-        losses["clean"].append(_next_token_loss(clean, toks).cpu().reshape(-1))
-        losses["sae"].append(_next_token_loss(spliced, toks).cpu().reshape(-1))
-        losses["zero"].append(_next_token_loss(zero, toks).cpu().reshape(-1))
+        losses["clean"].append(_next_token_loss(clean, toks).cpu()[predicted])
+        losses["sae"].append(_next_token_loss(spliced, toks).cpu()[predicted])
+        losses["zero"].append(_next_token_loss(zero, toks).cpu()[predicted])
         lp, lq = torch.log_softmax(clean.float(), -1), torch.log_softmax(spliced.float(), -1)
-        losses["kl"].append((lp.exp() * (lp - lq)).sum(-1)[:, :-1].cpu().reshape(-1))
+        losses["kl"].append((lp.exp() * (lp - lq)).sum(-1)[:, :-1].cpu()[predicted])
 
     run.map(spans, first_pass, desc="evaluating SAE", weights=[len(s) for s in spans])
     n_tok = int(sum(len(t) for t in l0_tokens))
@@ -230,10 +234,9 @@ def evaluate_sae(
     mean_losses: list[torch.Tensor] = []
 
     def second_pass(span: list[int]) -> None:
-        toks = torch.stack([rows[i] for i in span])
-        mean_losses.append(
-            _next_token_loss(spliced_logits(model, sae, toks, "fill", mean), toks).cpu().reshape(-1)
-        )
+        toks, mask = acts.padded(rows, span)
+        loss = _next_token_loss(spliced_logits(model, sae, toks, "fill", mean), toks).cpu()
+        mean_losses.append(loss[mask[:, 1:]])
 
     run.map(spans, second_pass, desc="mean ablation", weights=[len(s) for s in spans])
 

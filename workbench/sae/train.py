@@ -55,7 +55,7 @@ class TrainSettings:
     l1_warmup: float = 0.05
     lr_decay: float = 0.2
     buffer_tokens: int = 2**19
-    rows_per_chunk: int = 32
+    rows_per_chunk: int = 64
     resample_every: int = 500
     resample_until: float = 0.7
     skip_positions: int = 1

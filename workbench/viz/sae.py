@@ -21,6 +21,7 @@ FAMILY_COLOURS = {
     "synthetic_structured": "#2ca02c",
     "single_latent": "#9467bd",
     "sae_reconstruction": "#8c564b",
+    "real_own": "#17becf",
 }
 
 

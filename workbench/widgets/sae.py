@@ -19,26 +19,14 @@ import ipywidgets as widgets
 import plotly.graph_objects as go
 import torch
 
+from workbench.codegen import Expr, Name, Script, call, literal
 from workbench.errors import InputError, WorkbenchError
 from workbench.sae.stable import reinitialised, stable_regions
 from workbench.sae.synthetic import DEFAULT_FAMILIES, DEFAULT_THRESHOLD, FAMILIES, synthetic_activation_test
 from workbench.viz import sae as viz
-from workbench.widgets.base import Panel, replace_figure
+from workbench.widgets.base import Panel, replace_figure, source_of
 
 VIEWS = ("Curves", "Histogram", "CDF", "Dataset")
-
-
-class _Code(str):
-    """An expression in generated code (printed without quotes)."""
-
-    def __repr__(self) -> str:
-        return str(self)
-
-
-def _literal(value) -> str:
-    if isinstance(value, torch.Tensor):
-        return f"torch.tensor({value.tolist()!r})"
-    return repr(value)
 
 
 class SyntheticActivationProbe(Panel):
@@ -52,8 +40,9 @@ class SyntheticActivationProbe(Panel):
             compute them from. None uses the prompts' own activations (with a warning).
         models: {label: model} for the stable-regions tab (default: the model and a re-initialised copy, made on
             first use).
-        sources: code expressions for "model", "sae", "prompts", "reference" in "Show code" (default: derived:
-            the model's name, how the SAE was loaded, literal prompts).
+        sources: code for "model", "sae", "prompts", "reference" in "Show code" (`workbench.codegen.Expr` or
+            text; default: derived: `load_model(name)`, how the SAE was loaded, `demo_prompts` / `demo_reference`
+            when the data are those, else literals).
 
     Attributes:
         synthetic: the last `SyntheticTestResult`; stable: the last `StableRegionsResult`.
@@ -184,15 +173,8 @@ class SyntheticActivationProbe(Panel):
         from workbench.sae.demo import demo_prompts, demo_reference, load_demo_sae
 
         model = load_model("demo")
-        sources = {
-            "imports": "from workbench.sae import demo_prompts, demo_reference, load_demo_sae",
-            "model": "load_model('demo')",
-            "sae": "load_demo_sae()",
-            "prompts": f"demo_prompts(model, {n_prompts})",
-            "reference": f"demo_reference(model, {reference_rows})",
-        }
         return cls(model, load_demo_sae(), demo_prompts(model, n_prompts),
-                   reference=demo_reference(model, reference_rows), sources=sources, **kwargs)  # fmt: skip
+                   reference=demo_reference(model, reference_rows), **kwargs)  # fmt: skip
 
     def _models_for_stable(self) -> dict:
         if self._models is None:
@@ -363,69 +345,94 @@ class SyntheticActivationProbe(Panel):
         )
 
     # -- show code --------------------------------------------------------------------------------------------
-    def _source(self, key: str) -> str:
-        if key in self.sources:
-            return self.sources[key]
+    def _source(self, key: str) -> Expr:
+        """Code for the panel's model, SAE, prompts or reference (`sources` first, then derived)."""
+        given = self.sources.get(key)
+        if given is not None:
+            return given if isinstance(given, Expr) else Expr(str(given))
         if key == "model":
-            return f"load_model({self.model.name!r})"
+            return call("workbench.models", "load_model", [self.model.name])
         if key == "sae":
             src = getattr(self.sae, "source", None) or {}
             if src.get("demo"):
-                return "load_demo_sae()"
+                return call("workbench.sae", "load_demo_sae")
             if "path" in src:
-                extra = "" if src.get("centre_input") is None else f", centre_input={src['centre_input']!r}"
-                return f"load_sae({src['path']!r}{extra})"
+                kw = {} if src.get("centre_input") is None else {"centre_input": src["centre_input"]}
+                return call("workbench.sae", "load_sae", [src["path"]], kw)
             if "hub" in src:
-                return f"load_sae({src['hub']!r}, {src['sae_id']!r}, revision={src['revision']!r})"
+                return call(
+                    "workbench.sae", "load_sae", [src["hub"], src["sae_id"]], {"revision": src["revision"]}
+                )
             raise InputError(
                 "The panel's SAE was not loaded from files, so code cannot load it in a fresh kernel: save it with "
                 "save_sae(sae, path) and load it with load_sae(path), or give sources={'sae': '...'}."
             )
         if key == "prompts":
-            return _literal(self.prompts)
+            demo = self._demo_prompts_call()
+            return demo if demo is not None else literal(self.prompts)
         if key == "reference":
             from workbench.plateau import RefStats
 
-            if self.reference is None:
-                return "None"
-            if isinstance(self.reference, RefStats):
+            ref = self.reference
+            if isinstance(ref, RefStats):
+                options = ref.provenance.options
+                if options.get("made_by") == "workbench.sae.demo_reference":
+                    kw = {k: options[k] for k in ("seq_len", "layer", "site") if k in options}
+                    return call("workbench.sae", "demo_reference", [Name("model"), options["rows"]], kw)
                 raise InputError(
                     "The panel's reference statistics are a RefStats object: give sources={'reference': '...'} "
                     "with the call that made them, or pass reference=texts."
                 )
-            return _literal(self.reference)
+            if ref is None:
+                return literal(None)
+            return call("workbench.plateau", "reference_stats", [Name("model"), source_of(ref)],
+                        {"layer": self.sae.cfg.layer, "site": self.sae.cfg.site})  # fmt: skip
         raise KeyError(key)  # pragma: no cover
+
+    def _demo_prompts_call(self) -> Expr | None:
+        """`demo_prompts(model, n)` when the prompts are exactly that, else None."""
+        p = self.prompts
+        if self.model.name != "demo" or not isinstance(p, torch.Tensor) or p.dim() != 2:
+            return None
+        from workbench.sae.demo import demo_prompts
+
+        try:
+            same = torch.equal(demo_prompts(self.model, len(p), p.shape[1] - 1), p)
+        except WorkbenchError:
+            return None
+        if not same:
+            return None
+        kw = {} if p.shape[1] == 11 else {"n_tokens": p.shape[1] - 1}
+        return call("workbench.sae", "demo_prompts", [Name("model"), len(p)], kw)
 
     def code(self) -> str:
         """The calls that reproduce the last successful run in a fresh kernel."""
         if self._last is None:
             raise InputError("Nothing has run yet: press Run first.")
         kind, kw = self._last
-        lines = ["import torch", "", "from workbench.models import load_model"]
-        lines.append(self.sources.get("imports", "from workbench.sae import load_demo_sae, load_sae"))
+        script = Script()
+        script.add(self._source("model"), assign="model")
+        script.add(self._source("prompts"), assign="prompts")
         if kind == "stable":
-            lines.append("from workbench.sae import reinitialised, stable_regions")
-            lines += ["", f"model = {self._source('model')}", f"prompts = {self._source('prompts')}"]
-            label = {"trained": "model", "re-initialised": "reinitialised(model, seed=0)"}
-            models = ", ".join(f"{m!r}: {label[m]}" for m in kw["models"])
-            lines += [
-                f"result = stable_regions({{{models}}}, prompts[: {2 * kw['n_pairs']}], n_steps={kw['n_steps']}, "
-                f"layer={self.sae.cfg.layer!r}, site={self.sae.cfg.site!r})",
-                "result.summary()",
-                "result.plot()",
-            ]
-            return "\n".join(lines)
-        lines.append("from workbench.sae import synthetic_activation_test")
-        call = {k: v for k, v in kw.items() if k != "n_samples"}
-        args = ", ".join(f"{k}={_literal(v)}" for k, v in call.items())
-        lines += [
-            "",
-            f"model = {self._source('model')}",
-            f"sae = {self._source('sae')}",
-            f"prompts = {self._source('prompts')}",
-            f"reference = {self._source('reference')}",
-            f"result = synthetic_activation_test(model, sae, prompts[: {kw['n_samples']}], reference=reference, {args})",
-            "result.summary()",
-            "result.plot()",
-        ]
-        return "\n".join(lines)
+            n = 2 * kw["n_pairs"]
+            models = {}
+            for label in kw["models"]:
+                models[label] = (
+                    Name("model")
+                    if label == "trained"
+                    else call("workbench.sae", "reinitialised", [Name("model")], {"seed": 0})
+                )
+            script.call("result", "workbench.sae", "stable_regions", [models, Expr(f"prompts[:{n}]")],
+                        {"n_steps": kw["n_steps"], "layer": self.sae.cfg.layer, "site": self.sae.cfg.site})  # fmt: skip
+            script.add("result.summary()")
+            script.add("result.plot()")
+            return script.render()
+        script.add(self._source("sae"), assign="sae")
+        script.add(self._source("reference"), assign="reference")
+        call_kw = {k: v for k, v in kw.items() if k != "n_samples"}
+        args = [Name("model"), Name("sae"), Expr(f"prompts[:{kw['n_samples']}]")]
+        script.call("result", "workbench.sae", "synthetic_activation_test", args,
+                    {"reference": Name("reference"), **call_kw})  # fmt: skip
+        script.add("result.summary()")
+        script.add("result.plot()")
+        return script.render()
