@@ -199,7 +199,7 @@ def test_code_follows_the_last_successful_run(explorer, model, monkeypatch):
     explorer.run()
     shown = explorer.code_view.value
     assert (
-        "heads = sweep(" not in explorer.code() and "Tom gave a book to" in shown.split("corrupt=")[1][:200]
+        "heads = sweep(" not in explorer.code() and "Tom gave a book to" in shown.split("corrupt = ")[1][:200]
     )
     explorer.clean_box.value = "one two"
     explorer.run()

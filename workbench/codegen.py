@@ -183,8 +183,21 @@ def _tensor(value, prefix: str) -> Expr:
         return Expr(f"{prefix}torch.empty({tuple(value.shape)}, dtype={value.dtype})", (("torch", ""),))
     data = value.tolist()
     inferred = torch.tensor(data).dtype  # what torch.tensor makes of the list without a dtype
-    args = [_source(data).text] + ([f"dtype={value.dtype}"] if value.dtype != inferred else [])
+    text = _source(_short_floats(data) if value.dtype == torch.float32 else data).text
+    args = [text] + ([f"dtype={value.dtype}"] if value.dtype != inferred else [])
     return Expr(_join(prefix + "torch.tensor(", args, ")"), (("torch", ""),))
+
+
+def _short_floats(data):
+    """float32 values as their shortest text that reads back to the same float32 (0.28657132, not
+    0.28657132387161255)."""
+    import numpy as np
+
+    if isinstance(data, list):
+        return [_short_floats(d) for d in data]
+    if not math.isfinite(data):
+        return data
+    return Expr(str(np.float32(data)))
 
 
 def _ndarray(value, prefix: str) -> Expr:
@@ -201,6 +214,17 @@ def _join(open_: str, items: list[str], close: str) -> str:
     one_line = open_ + ", ".join(items) + close
     if len(one_line) <= WIDTH and not any("\n" in i for i in items):
         return one_line
+    if items and all(len(i) <= 24 and "\n" not in i for i in items) and not open_.endswith("("):
+        # numbers and short strings: as many per line as fit
+        rows, row = [], ""
+        for item in items:
+            if row and len(INDENT) + len(row) + len(item) + 2 > WIDTH:
+                rows.append(row)
+                row = ""
+            row += item + ", "
+        rows.append(row)
+        inner = "".join(f"{INDENT}{r.rstrip()}\n" for r in rows)
+        return f"{open_}\n{inner}{close.lstrip(',')}"
     inner = "".join(f"{INDENT}{_indent(i)},\n" for i in items)
     return f"{open_}\n{inner}{close.lstrip(',')}"
 

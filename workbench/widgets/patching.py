@@ -18,7 +18,7 @@ import html
 import ipywidgets as widgets
 
 from workbench import remote
-from workbench.codegen import Expr, Name, Script
+from workbench.codegen import Expr, Name, Script, literal
 from workbench.errors import InputError, SiteError, WorkbenchError
 from workbench.patching import METRICS, Metric, sweep
 from workbench.patching.inputs import resolve_direction, resolve_sites
@@ -301,10 +301,14 @@ class PatchingExplorer(Panel):
             script.header.append("not run yet: the sweep Run will make")
         script.add(Expr(f"model = load_model({self.model.name!r})", (("workbench.models", "load_model"),)))
         kwargs = self._code_kwargs(kwargs, script)
-        script.call("result", "workbench.patching", "sweep", [Name("model")], kwargs)
+        # the prompts and answers once, as variables: the drill-down's call uses them too
+        for name in ("clean", "corrupt", "answers"):
+            script.add(literal(kwargs[name]), assign=name)
+        inputs = {name: Name(name) for name in ("clean", "corrupt", "answers")}
+        script.call("result", "workbench.patching", "sweep", [Name("model")], {**kwargs, **inputs})
         script.add(f"result.plot({_plot_args(self)})")
         if self.heads is not None and self._heads_kwargs is not None:
-            heads = self._code_kwargs(self._heads_kwargs, None)
+            heads = {**self._code_kwargs(self._heads_kwargs, None), **inputs}
             script.call("heads", "workbench.patching", "sweep", [Name("model")], heads)
             script.add(f"heads.plot({_plot_args(self)})")
         return script.render()

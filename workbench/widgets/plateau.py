@@ -358,8 +358,10 @@ class PlateauProbe(Panel):
         script.call("result", "workbench.plateau", "probe", [Name("model"), prompts], kw)
         plot = {"metric": self.metric_box.value, "threshold": self.threshold_box.value}
         if self.view_box.value == "Plateau lengths":
+            groups = self.plateau.groups() if self.plateau is not None else list(run["families"])
+            baseline = "cov_mixture" if "cov_mixture" in groups else groups[0]  # as the figure chooses
             script.add(call("workbench.viz.plateau", "plateau_lengths", [Name("result")], plot))
-            script.add(call("", "result.compare", [], {"baseline": "cov_mixture", **plot}))
+            script.add(call("", "result.compare", [], {"baseline": baseline, **plot}))
         else:
             script.add(call("", "result.plot", [], {**plot, "log_y": self.log_box.value}))
         return script.render()
