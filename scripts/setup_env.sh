@@ -22,7 +22,9 @@ if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$fingerprint" ]; then
     exit 0
 fi
 
-if ! "$py" -c "import torch" 2>/dev/null; then
+# (torch's version from its metadata: importing torch before numpy is installed prints "Failed to initialize NumPy")
+torch_installed() { "$py" -c "from importlib.metadata import version; print(version('torch'))" 2>/dev/null; }
+if ! torch_installed >/dev/null; then
     if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
         echo "[setup] NVIDIA GPU found: installing torch $torch_version with CUDA"
         "${pip[@]}" install "torch==$torch_version"
@@ -36,7 +38,7 @@ if ! "$py" -c "import torch" 2>/dev/null; then
     fi
 fi
 # Keep every later install on the torch we chose: nnsight does not pin torch and would pull a CUDA build.
-"$py" -c "import torch; print('torch==' + torch.__version__)" > .venv/constraints.txt
+echo "torch==$(torch_installed)" > .venv/constraints.txt
 echo "[setup] installing the workbench${extras:+ with [$extras]} (constrained to $(cat .venv/constraints.txt))"
 # constraints.txt holds the versions the tests passed on (scripts/lock.py), so a new release cannot break a fresh set-up.
 "${pip[@]}" install -c .venv/constraints.txt -c constraints.txt -e ".${extras:+[$extras]}"
