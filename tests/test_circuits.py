@@ -17,6 +17,16 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore:A no-op patch:UserWarning"),
 ]
 
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models: one thread is faster than two, and far faster on a busy machine (no waiting for a second)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 CLEAN = [
     "When Mary and John went to the store , John gave a drink to",
     "When Tom and Anna went to the park , Anna gave a book to",

@@ -24,6 +24,16 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore:For pair.*opposite sign:UserWarning"),
 ]
 
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models: one thread is faster than two, and far faster on a busy machine (no waiting for a second)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 CLEAN = ["Mary and John went , John gave it to", "Tom and Anna ran , Anna gave it to"]
 CORRUPT = ["Mary and John went , Mary gave it to", "Tom and Anna ran , Tom gave it to"]
 ANSWERS = [(" Mary", " John"), (" Tom", " Anna")]
