@@ -41,6 +41,17 @@ from workbench.lib.build import float64_twin
 from workbench.lib.linalg import integration_points
 from workbench.results import load_result
 
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One torch thread (restored afterwards): these engines run many small operations, which gain little from a
+    second thread and slow down badly when threads compete with other work for the cores."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # a model small enough to write every Jacobian by hand
 
@@ -234,6 +245,30 @@ def test_progress_per_layer_cancel_and_bad_input():
     graph = build_graph(model, data, edges=False, progress=False)
     with pytest.raises(InputError, match="without edges"):
         graph.edge_counts()
+
+
+def test_analyses_refuse_bad_input():
+    model, data = Tiny(), tiny_data()
+    graph = build_graph(model, data, progress=False)
+    no_edges = build_graph(model, data, edges=False, progress=False)
+    with pytest.raises(InputError, match="without edges"):
+        edge_ablation(model, no_edges, data, progress=False)
+    with pytest.raises(InputError, match="cannot ablate"):
+        node_ablation(model, graph, data, layers=["output"], progress=False)
+    with pytest.raises(InputError, match="schedule"):
+        node_ablation(model, graph, data, schedule="linear", progress=False)
+    with pytest.raises(InputError, match="out of range"):
+        edge_ablation(model, graph, data, sections=[5], progress=False)
+    with pytest.raises(InputError, match="mod-add"):
+        fourier_labels(model, graph, progress=False)
+    with pytest.raises(InputError, match="out of range"):
+        edge_attributions(model, graph, data, 0, 99, 0)
+    with pytest.raises(InputError, match="not a point"):
+        node_ablation(model, graph, data, schedule=[1], progress=False).score_at("in", 2)
+    with pytest.raises(InputError, match="nodes_per_layer"):
+        communities(graph, nodes_per_layer=0)
+    with pytest.raises(InputError, match="positive"):
+        data.subset(0)
 
 
 def test_result_files_round_trip(tmp_path):

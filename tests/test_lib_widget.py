@@ -25,6 +25,16 @@ from workbench.widgets import InteractionGraph
 N_TRAIN = 300
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One torch thread (restored afterwards): these engines run many small operations, which gain little from a
+    second thread and slow down badly when threads compete with other work for the cores."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def model(lib_dir):
     return load_modadd(0, data_dir=lib_dir)

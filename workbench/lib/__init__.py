@@ -10,7 +10,7 @@ in a handful of edges where PCA needs dozens; on language models it does not hel
 
     from workbench.lib import load_modadd, modadd_data, build_graph, node_ablation
     model = load_modadd(seed=0)                          # the authors' checkpoint (path, $WORKBENCH_LIB_DIR or download)
-    graph = build_graph(model, modadd_data("train"))     # LIB basis + edges, float64, ~40 s on one core
+    graph = build_graph(model, modadd_data("train"))     # LIB basis + edges, float64, ~20 s of one core
     graph.edge_counts()                                  # edges holding 90 / 99 / 99.9 % of the weight
     graph.plot()                                         # the interaction graph
     node_ablation(model, graph, modadd_data("test")).plot()

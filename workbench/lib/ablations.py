@@ -134,6 +134,7 @@ def node_ablation(
     *,
     layers=None,
     schedule: str | list[int] = "exponential",
+    max_kept: int | None = None,
     batch_size: int | None = None,
     progress=True,
     cancel=None,
@@ -142,9 +143,9 @@ def node_ablation(
     """Score of `model` on `data` when only the first k directions of `graph`'s basis are kept at a node layer.
 
     layers: node layers to ablate (all but the logits by default), one at a time. schedule: "exponential"
-    (every k up to 30, then x1.05; see `exponential_schedule`) or a list of k. The full basis (k = its size) is
-    always a point: it differs from the unablated model only by the truncated directions, which go to their mean.
-    Progress and cancel per (layer, k).
+    (every k up to 30, then x1.05; see `exponential_schedule`) or a list of k. max_kept: leave out points above
+    it (wide layers such as MNIST's pixels). The full basis (k = its size) is always a point: it differs from the
+    unablated model only by the truncated directions, which go to their mean. Progress and cancel per (layer, k).
     """
     run = Run.of(run, progress=progress, cancel=cancel, batch_size=batch_size)
     _check(model, graph, data)
@@ -160,6 +161,9 @@ def node_ablation(
     base = base_score(model, data)
     rows = run.batch_size or 4096
     plans = []
+    if max_kept is not None and (isinstance(max_kept, bool) or not isinstance(max_kept, int) or max_kept < 0):
+        raise InputError(f"max_kept must be a whole number >= 0, got {max_kept!r}")
+    coords = {}
     for name, f in zip(layers, acts):
         n = graph.n_nodes(name)
         if schedule == "exponential":
@@ -168,19 +172,26 @@ def node_ablation(
             if isinstance(schedule, str):
                 raise InputError(f"schedule must be 'exponential' or a list of k, got {schedule!r}")
             ks = sorted({int(k) for k in schedule if 0 <= int(k) <= n} | {n})
-        plans += [(name, f, k) for k in ks]
+        if max_kept is not None:
+            ks = [k for k in ks if k <= max_kept or k == n]
+        coords[name] = f @ graph.C[graph.layer_index(name)]  # f_hat, once per layer
+        plans += [(name, k) for k in ks]
 
     def one(plan):
-        name, f, k = plan
-        gi = graph.layer_index(name)
-        C, C_pinv = graph.C[gi], graph.C_pinv[gi]
-        g = f @ C[:, :k] @ C_pinv[:k] if k > 0 else torch.zeros_like(f)
+        name, k = plan
+        C_pinv = graph.C_pinv[graph.layer_index(name)]
+        f_hat = coords[name]
+        g = (
+            f_hat[..., :k] @ C_pinv[:k]
+            if k > 0
+            else torch.zeros(*f_hat.shape[:-1], C_pinv.shape[1], dtype=f_hat.dtype)
+        )
         return float(_scores(m, m.index(name), g, data.y, rows).mean())
 
     results = run.map(plans, one, desc=f"{graph.basis.upper()} node ablation")
     kept, scores = [], []
     for name in layers:
-        sel = [(k, s) for (n, _, k), s in zip(plans, results) if n == name]
+        sel = [(k, s) for (n, k), s in zip(plans, results) if n == name]
         kept.append(torch.tensor([k for k, _ in sel]))
         scores.append(torch.tensor([s for _, s in sel], dtype=torch.float64))
     return NodeAblation(
@@ -193,7 +204,7 @@ def node_ablation(
         metric=model.metric,
         data_code=data.code,
         provenance=Provenance.capture(
-            model.code, data=data.code, basis=graph.basis, layers=layers, schedule=schedule
+            model.code, data=data.code, basis=graph.basis, layers=layers, schedule=schedule, max_kept=max_kept
         ),
     )
 

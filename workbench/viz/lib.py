@@ -394,7 +394,7 @@ def edge_ablation_figure(results, *, height: int = 320) -> go.Figure:
                 col=c,
             )
             fig.add_vline(x=r.min_edges[i], line={"color": colour, "dash": "dot"}, row=1, col=c)
-        fig.update_xaxes(type="log", title_text="edges kept", col=None)
+    fig.update_xaxes(type="log", title_text="edges kept")
     for c in range(1, len(sections) + 1):
         fig.add_hline(
             y=results[0].base_score, line={"dash": "dash", "color": "#555", "width": 1}, row=1, col=c
