@@ -10,6 +10,7 @@ _PANELS = {
     "ToyModelExplorer": "workbench.widgets.toymodels",
     "SyntheticActivationProbe": "workbench.widgets.sae",
     "InteractionGraph": "workbench.widgets.lib",
+    "CircuitExplorer": "workbench.widgets.circuits",
 }
 
 __all__ = list(_PANELS)
