@@ -77,7 +77,7 @@ def measure(sae, model=None, *, progress: bool = False) -> dict:
     model = model or load_model("demo")
     data = validation_data(model)
     run = Run(progress=progress)
-    x = acts.stream(model, data["frequency"], SITE, LAYER, run=run)
+    x = acts.stream(model, data["frequency"], SITE, LAYER, rows_per_chunk=256, run=run)
     with torch.no_grad():
         freq = (sae.encode(x) > 0).float().mean(0)
     ev = evaluate_sae(model, sae, data["eval"], run=run)
