@@ -123,9 +123,12 @@ def n_tokens(rows: Rows, skip_positions: int, order: Sequence[int] | None = None
 
 
 @torch.no_grad()
-def site_activations(model, tokens: torch.Tensor, site: str, layer: int | None) -> torch.Tensor:
-    """[row, pos, d_in] activations of one batch of token rows [row, pos] at the site (float32, CPU)."""
-    with model.trace(tokens.to(model.device)) as tracer:
+def site_activations(
+    model, tokens: torch.Tensor, site: str, layer: int | None, run: Run | None = None
+) -> torch.Tensor:
+    """[row, pos, d_in] activations of one batch of token rows [row, pos] at the site (float32, CPU); `run`
+    reports a remote trace as its job."""
+    with model.trace(tokens.to(model.device), run=run) as tracer:
         value = read(model, site, layer).save()
         tracer.stop()  # nothing after the site is needed
     return value.detach().float().cpu()
@@ -155,7 +158,7 @@ def stream(
 
     def one(span: list[int]) -> torch.Tensor:
         tokens, mask = padded(data, span)
-        acts = site_activations(model, tokens, site, layer)
+        acts = site_activations(model, tokens, site, layer, run=run)
         return acts[:, skip_positions:][mask[:, skip_positions:]]
 
     parts = run.map(spans, one, desc=desc, weights=[len(s) for s in spans])

@@ -13,7 +13,7 @@ and `reinitialised(model)`, a copy of its architecture with fresh random weights
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import ClassVar
 
 import torch
@@ -176,7 +176,7 @@ def stable_regions(
         a, b = as_token_rows(first, prompts), as_token_rows(first, prompts_b)
     if not isinstance(n_steps, int) or n_steps < 3:
         raise InputError("n_steps must be an integer >= 3 (sharpness needs a slope between the endpoints).")
-    budget = run.memory_budget if run.memory_budget != "auto" else None
+    quiet = Run(progress=False, cancel=run.cancel, memory_budget=run.memory_budget, batch_size=run.batch_size)
     results = run.map(
         list(models.items()),
         lambda item: interpolate(
@@ -189,9 +189,7 @@ def stable_regions(
             n_steps=n_steps,
             read_site=read_site,
             read_layer=read_layer,
-            memory_budget=budget,
-            progress=False,
-            cancel=run.cancel,
+            run=quiet,
         ),  # fmt: skip
         desc="stable regions",
     )
@@ -223,9 +221,3 @@ def stable_regions(
             read_layer=read_layer,
         ),
     )
-
-
-def pair_prompts(prompts: Sequence[str]) -> tuple[list[str], list[str]]:
-    """Consecutive pairs (0, 1), (2, 3), ... of `prompts` as (A side, B side)."""
-    prompts = list(prompts)
-    return prompts[0 : len(prompts) - 1 : 2], prompts[1::2]

@@ -626,7 +626,8 @@ def synthetic_activation_test(
     other = (torch.arange(n) + shift) % n
 
     space = sae.prepare  # the SAE's input space (centred for SAEs of centred TransformerLens models)
-    bases = clean_bases(model, where, rows, positions)
+    quiet = Run(progress=False, cancel=run.cancel, memory_budget=run.memory_budget, batch_size=run.batch_size)
+    bases = clean_bases(model, where, rows, positions, run=quiet)
     if sae.cfg.centre_input:
         bases = [dataclasses.replace(b, x0=space(b.x0)) for b in bases]
     A = torch.stack([b.x0 for b in bases]).float()
@@ -699,10 +700,8 @@ def synthetic_activation_test(
 
     # -- rows -----------------------------------------------------------------------------------------------
     ks = torch.arange(n_steps, dtype=torch.float32)
-    kw = dict(
-        top_k=1, memory_budget=run.memory_budget if run.memory_budget != "auto" else None, cancel=run.cancel
-    )
-    clean_ref = reference_rows(model, where, bases, progress=False, **kw)
+    kw = dict(top_k=1, run=quiet)
+    clean_ref = reference_rows(model, where, bases, **kw)
     floor = torch.tensor([float(kl_divergence(b.clean_logp, clean_ref[0][i])) for i, b in enumerate(bases)])
     typical = float((clean_ref[1] - clean_ref[1][other]).norm(dim=-1).median())
     if typical == 0:
@@ -729,9 +728,7 @@ def synthetic_activation_test(
         base_index = torch.arange(n_f * n)
         start, target = V, R
         alphas = ks * h / max(float(gap.median()), 1e-12)
-    step_ref = (
-        clean_ref if test == "blowup" else reference_rows(model, where, run_bases, progress=False, **kw)
-    )
+    step_ref = clean_ref if test == "blowup" else reference_rows(model, where, run_bases, **kw)
 
     lengths = torch.tensor([len(b.tokens) for b in run_bases])
     block_order = sorted(range(n_f * n), key=lambda j: int(lengths[base_index[j]]))
@@ -745,13 +742,6 @@ def synthetic_activation_test(
         blk = blocks[r // n_steps]
         return path_points(test, flat_start[blk], flat_target[blk], r % n_steps, n_steps, h)
 
-    total = len(base_of_row)
-    ticks = run.progress
-
-    def progress_cb(done: int, _total: int) -> None:
-        if callable(ticks):
-            ticks(done, total)
-
     out = run_rows(
         model,
         where,
@@ -760,8 +750,8 @@ def synthetic_activation_test(
         vectors_for,
         reference=step_ref,
         desc=f"synthetic activations ({test})",
-        progress=progress_cb if callable(ticks) else bool(ticks),
-        **kw,
+        top_k=1,
+        run=run,
     )
     inv = torch.empty_like(blocks)
     inv[blocks] = torch.arange(len(blocks))
