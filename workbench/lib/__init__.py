@@ -17,7 +17,8 @@ in a handful of edges where PCA needs dozens; on language models it does not hel
 
 Engines: `build_graph` (bases and edges), `node_ablation`, `edge_ablation`, `fourier_labels`, `communities`,
 `feature_activations`, `edge_attributions`. Models: `load_modadd`, `load_mnist_mlp`, `lm_sections`. Data:
-`modadd_data`, `mnist_data`, `lm_data`. `PAPER` holds the authors' committed seed-0 numbers.
+`modadd_data`, `mnist_data`, `lm_data`; ready-made experiments: `load_setup("modadd-0" | "mnist" | "demo-lm")`.
+`PAPER` holds the authors' committed seed-0 numbers. The panel: `workbench.widgets.InteractionGraph`.
 """
 
 from workbench.lib.ablations import EdgeAblation, NodeAblation, edge_ablation, node_ablation
@@ -41,10 +42,13 @@ from workbench.lib.models import (
     load_modadd,
 )
 from workbench.lib.paper import PAPER
+from workbench.lib.setups import SETUPS, Setup, load_setup
 
 __all__ = [
     "BASES",
     "PAPER",
+    "SETUPS",
+    "Setup",
     "EdgeAblation",
     "EdgeAttributions",
     "FeatureActivations",
@@ -67,6 +71,7 @@ __all__ = [
     "lm_sections",
     "load_mnist_mlp",
     "load_modadd",
+    "load_setup",
     "mnist_data",
     "modadd_data",
     "node_ablation",
