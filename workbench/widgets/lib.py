@@ -18,6 +18,7 @@ import html
 
 import ipywidgets as widgets
 
+from workbench.codegen import Expr, Name, Script, call
 from workbench.errors import InputError, WorkbenchError
 from workbench.lib import build as lib_build
 from workbench.lib import communities, edge_attributions, feature_activations
@@ -399,43 +400,65 @@ class InteractionGraph(Panel):
         if self.graph is None:
             raise InputError("Nothing has been built yet: press Run first.")
         g, exp = self.graph, self.experiment
-        opts = dict(
-            basis=g.basis, integration=g.integration, n_intervals=g.n_intervals, truncation=g.truncation
-        )
-        defaults = dict(basis="lib", integration="gradient", n_intervals=0, truncation=lib_build.TRUNCATION)
-        args = "".join(f", {k}={v!r}" for k, v in opts.items() if v != defaults[k])
-        body = [f"model = {g.model_code}", f"data = {g.data_code}", f"graph = build_graph(model, data{args})"]
+        script = Script()
+        for line in exp.prelude or (['lm = load_model("demo")'] if "lm_sections(" in g.model_code else []):
+            script.add(_expr(line))
+        if g.model_code == "model":
+            script.header.append("model: the LibModel you gave the panel")
+        else:
+            script.add(_expr(g.model_code), assign="model")
+        script.add(_expr(g.data_code), assign="data")
+        opts = {
+            "basis": g.basis,
+            "integration": g.integration,
+            "n_intervals": g.n_intervals,
+            "truncation": g.truncation,
+        }
+        defaults = {
+            "basis": "lib",
+            "integration": "gradient",
+            "n_intervals": 0,
+            "truncation": lib_build.TRUNCATION,
+        }
+        kwargs = {k: v for k, v in opts.items() if v != defaults[k]}
+        script.call("graph", "workbench.lib", "build_graph", [Name("model"), Name("data")], kwargs)
         view = self._view()
-        plot_args = f"threshold={view['threshold']!r}, nodes_per_layer={view['nodes_per_layer']}"
+        plot = {"threshold": view["threshold"], "nodes_per_layer": view["nodes_per_layer"]}
         if view["show_const"]:
-            plot_args += ", show_const=True"
+            plot["show_const"] = True
         if self.clusters is not None:
-            body.append(
-                f"clusters = communities(graph, resolution={self.clusters.resolution!r}, "
-                f"nodes_per_layer={self.clusters.nodes_per_layer})"
+            c = self.clusters
+            script.call(
+                "clusters",
+                "workbench.lib",
+                "communities",
+                [Name("graph")],
+                {"resolution": c.resolution, "nodes_per_layer": c.nodes_per_layer},
             )
-            plot_args += ", communities=clusters"
-        body.append(f"graph.plot({plot_args})")
+            plot["communities"] = Name("clusters")
+        script.call(None, "", "graph.plot", [], plot)
+        profile = _expr(exp.profile.code)
         if self.selection is not None and self.selection[0] == "node" and self.features is not None:
             _, li, node = self.selection
-            body += [
-                f"features = feature_activations(model, graph, {exp.profile.code})",
-                f"features.plot(layer={g.node_layers[li]!r}, node={node})",
-            ]
+            script.call(
+                "features", "workbench.lib", "feature_activations", [Name("model"), Name("graph"), profile]
+            )
+            script.call(None, "", "features.plot", [], {"layer": g.node_layers[li], "node": node})
         elif self.selection is not None and self.selection[0] == "edge" and self.attribution is not None:
             _, s, o, n = self.selection
-            body.append(f"edge_attributions(model, graph, {exp.profile.code}, {s}, {o}, {n}).plot()")
-        text = "\n".join(body)
-        names = [n for n in _LIB_NAMES if f"{n}(" in text]
-        lines = []
-        if "load_model(" in "\n".join(exp.prelude) or "lm_sections(" in text:
-            lines.append("from workbench.models import load_model")
-        lines.append(f"from workbench.lib import {', '.join(names)}")
-        lines.append("")
-        prelude = list(exp.prelude) or (['lm = load_model("demo")'] if "lm_sections(" in text else [])
-        if g.model_code == "model":
-            prelude.append("# model = ...  (the LibModel you gave the panel)")
-        return "\n".join(lines + prelude + body)
+            edge = call(
+                "workbench.lib", "edge_attributions", [Name("model"), Name("graph"), profile, s, o, n]
+            )
+            script.add(Expr(edge.text + ".plot()", edge.imports))
+        return script.render()
+
+
+def _expr(text: str) -> Expr:
+    """Source text of a loader call, with the imports of the workbench names it uses."""
+    imports = tuple(("workbench.lib", name) for name in _LIB_NAMES if f"{name}(" in text)
+    if "load_model(" in text:
+        imports += (("workbench.models", "load_model"),)
+    return Expr(text, imports)
 
 
 def _empty(text: str):
