@@ -5,10 +5,11 @@ RMSNorm computes ``x / sigma(x) * w`` with ``sigma(x) = sqrt(mean(x^2) + eps)``.
 but the division by the token's own sigma, which it replaces by a fixed scalar: the paper's FakeLN. Centring (for
 LayerNorm only), the weight and the bias are linear and stay.
 
-GPT-2's pre-attention norm feeds queries, keys and values through one fused projection; the paper removes its
-scale separately for the query/key path and the value path. `FrozenNorm` therefore has *paths* (``("main",)``
-for ordinary norms, ``("qk", "v")`` for a split pre-attention norm), each real or frozen with its own scale, and
-`install_frozen_norms` rewires the attention input so that each path reaches its part of the projection.
+The pre-attention norm feeds queries, keys and values; the paper removes its scale separately for the query/key
+path and the value path. `FrozenNorm` therefore has *paths* (``("main",)`` for ordinary norms, ``("qk", "v")``
+for a split pre-attention norm), each real or frozen with its own scale, and `install_frozen_norms` rewires the
+attention input so that each path reaches its part of the projection(s), as the architecture adapter describes
+them (`Adapter.qkv_projections`).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from workbench.errors import InputError, UnsupportedModelError
+from workbench.models.adapters import QKVProjection
 
 MAIN, QK, V = "main", "qk", "v"
 
@@ -260,44 +262,23 @@ class FrozenNorm(nn.Module):
 # split attention input
 
 
-class SplitQKVProjection(nn.Module):
-    """Stands in for a fused q|k|v projection (GPT-2's ``c_attn``) whose input norm has been moved inside it.
-
-    The block's own pre-attention norm is replaced by `nn.Identity`, so this module receives the raw residual
-    stream, normalises it once per path (``"qk"`` and ``"v"``) and applies the matching columns of the
-    projection. Output: [batch, pos, 3 * d_model] exactly as the original projection's.
-    """
-
-    def __init__(self, proj: nn.Module, norm: FrozenNorm):
-        super().__init__()
-        self.proj, self.norm = proj, norm
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w, b = self.proj.weight, self.proj.bias  # Conv1D: [d_model, 3 * d_model]
-        d = w.shape[1] // 3
-        x_qk = self.norm(x, QK)
-        same = bool(self.norm.frozen[0]) == bool(self.norm.frozen[1]) and (
-            not bool(self.norm.frozen[0]) or bool(self.norm.scale[0] == self.norm.scale[1])
-        )
-        if same:
-            return torch.addmm(b, x_qk.reshape(-1, x.shape[-1]), w).view(*x.shape[:-1], 3 * d)
-        x_v = self.norm(x, V)
-        qk = x_qk @ w[:, : 2 * d] + b[: 2 * d]
-        v = x_v @ w[:, 2 * d :] + b[2 * d :]
-        return torch.cat([qk, v], dim=-1)
-
-
 class NormedProjection(nn.Module):
-    """Stands in for one of a block's separate q / k / v projections (Llama-style): normalises the raw
-    residual stream with its path of the shared pre-attention norm, then projects.
+    """Stands in for a q/k/v projection whose input norm, the block's pre-attention norm, has been moved inside it.
 
-    One norm serves three projections. Only the query projection registers it (so it is saved once); the key
-    projection reuses the same path without updating the norm's running scale a second time.
+    The block's own norm is replaced by `nn.Identity`, so this module receives the raw residual stream, normalises
+    it with the path(s) of the shared norm that its output features need (``"qk"`` for queries and keys, ``"v"``
+    for values; the adapter's `QKVProjection` says which features are which) and projects. A fused projection
+    (GPT-2's ``c_attn``, [q | k | v]) uses both paths: while they are the same it projects once, else each path
+    feeds its own columns. Output: exactly the original projection's shape.
+
+    One norm serves all of a block's projections (q_proj, k_proj and v_proj when separate). Only the first
+    registers it (so it is saved once); the others use it without updating its running scale a second time.
     """
 
-    def __init__(self, proj: nn.Module, norm: FrozenNorm, path: str, *, owner: bool):
+    def __init__(self, proj: nn.Module, norm: FrozenNorm, spec: QKVProjection, *, owner: bool):
         super().__init__()
-        self.proj, self.path, self.owner = proj, path, owner
+        self.proj, self.spec, self.owner = proj, spec, owner
+        self.qk, self.v = spec.features(QK, proj), spec.features(V, proj)  # output feature ranges, or None
         if owner:
             self.norm = norm
         else:
@@ -307,7 +288,19 @@ class NormedProjection(nn.Module):
         return self.norm if self.owner else self._shared_norm
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(self.shared_norm()(x, self.path, track=self.owner))
+        norm = self.shared_norm()
+        if self.v is None or self.qk is None:
+            return self.proj(norm(x, QK if self.v is None else V, track=self.owner))
+        x_qk = norm(x, QK, track=self.owner)
+        same = bool(norm.frozen[0]) == bool(norm.frozen[1]) and (
+            not bool(norm.frozen[0]) or bool(norm.scale[0] == norm.scale[1])
+        )
+        if same:
+            return self.proj(x_qk)
+        x_v = norm(x, V, track=self.owner)
+        w, b = self.spec.weight(self.proj), self.proj.bias  # [in, out], [out]
+        parts = sorted(((self.qk, x_qk), (self.v, x_v)), key=lambda part: part[0].start)
+        return torch.cat([y @ w[:, cols] + (b[cols] if b is not None else 0) for cols, y in parts], dim=-1)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -342,11 +335,11 @@ def _blocks(module: nn.Module, adapter) -> nn.ModuleList:
 
 def check_surgery(adapter) -> None:
     """Raise `UnsupportedModelError` unless `install_frozen_norms` can rewire this architecture."""
-    if adapter.qkv == "neox_fused":
+    if any(spec.per_head for spec in adapter.qkv_projections):
         raise UnsupportedModelError(
-            "Removal fine-tuning supports GPT-2 and Llama-style models (separate or GPT-2-fused q/k/v "
-            "projections); GPT-NeoX's per-head fused projection is not supported. The zero-shot preview "
-            "(`workbench.lnfree.preview`) works on it."
+            "Removal fine-tuning supports models whose q/k/v projections are separate or fused as [q | k | v] "
+            "(GPT-2, Llama-style); a projection fused per head, as GPT-NeoX's, is not supported. The zero-shot "
+            "preview (`workbench.lnfree.preview`) works on it."
         )
     if adapter.attn_out_norm or adapter.mlp_out_norm:
         raise UnsupportedModelError(
@@ -359,8 +352,8 @@ def install_frozen_norms(module: nn.Module, adapter, *, momentum: float = 0.9) -
     """Replace every norm of a transformers model by a real `FrozenNorm`, in place; returns them by site.
 
     Sites: ``"mlp.L"`` (the norm before the MLP), ``"qk.L"`` and ``"v.L"`` (the two paths of the norm before
-    attention, the same module), ``"final"``. The pre-attention norm moves into the q/k/v projection(s):
-    `SplitQKVProjection` for GPT-2's fused ``c_attn``, `NormedProjection` for separate projections.
+    attention, the same module), ``"final"``. The pre-attention norm moves into the q/k/v projection(s): each
+    becomes a `NormedProjection`.
     """
     check_surgery(adapter)
     sites: dict[str, FrozenNorm] = {}
@@ -371,14 +364,9 @@ def install_frozen_norms(module: nn.Module, adapter, *, momentum: float = 0.9) -
             raise InputError("This model already has frozen-scale norms installed.")
         norm1 = FrozenNorm.from_norm(ln1, paths=(QK, V), momentum=momentum)
         set_module(block, adapter.ln1, nn.Identity())
-        if adapter.qkv == "gpt2_fused":
-            path = adapter.qkv_paths[0]
-            set_module(block, path, SplitQKVProjection(get_module(block, path), norm1))
-        else:
-            q, k, v = adapter.qkv_paths
-            set_module(block, q, NormedProjection(get_module(block, q), norm1, QK, owner=True))
-            set_module(block, k, NormedProjection(get_module(block, k), norm1, QK, owner=False))
-            set_module(block, v, NormedProjection(get_module(block, v), norm1, V, owner=False))
+        for i, spec in enumerate(adapter.qkv_projections):
+            proj = get_module(block, spec.path)
+            set_module(block, spec.path, NormedProjection(proj, norm1, spec, owner=i == 0))
         sites[f"qk.{layer}"] = sites[f"v.{layer}"] = norm1
         norm2 = FrozenNorm.from_norm(ln2, momentum=momentum)
         set_module(block, adapter.ln2, norm2)
@@ -405,16 +393,10 @@ def consolidate(module: nn.Module, adapter) -> None:
     ``b_v += (1 - s_qk / s_v) * (b @ W_v)``. Exact.
     """
     for block in _blocks(module, adapter):
-        if adapter.qkv == "gpt2_fused":
-            wrapper = get_module(block, adapter.qkv_paths[0])
-            if not isinstance(wrapper, SplitQKVProjection):
-                continue
-            norm, proj = wrapper.norm, wrapper.proj
-        else:
-            q, k, v = (get_module(block, p) for p in adapter.qkv_paths)
-            if not isinstance(q, NormedProjection):
-                continue
-            norm = q.shared_norm()
+        wrappers = {spec.path: get_module(block, spec.path) for spec in adapter.qkv_projections}
+        if not all(isinstance(w, NormedProjection) for w in wrappers.values()):
+            continue
+        norm = next(iter(wrappers.values())).shared_norm()
         if not norm.is_frozen():
             raise InputError(
                 "Consolidation needs every norm frozen; some pre-attention paths are still real."
@@ -422,24 +404,16 @@ def consolidate(module: nn.Module, adapter) -> None:
         s_qk, s_v = float(norm.scale[0]), float(norm.scale[1])
         ratio = s_qk / s_v
         bias = norm.bias
-        if adapter.qkv == "gpt2_fused":
-            d = proj.weight.shape[1] // 3
-            w_v = proj.weight[:, 2 * d :]
-            if bias is not None:
-                proj.bias[2 * d :] += (1 - ratio) * (bias @ w_v)
-            w_v *= ratio
-            set_module(block, adapter.qkv_paths[0], proj)
-        else:
-            lin = v.proj
-            if bias is not None:
-                shift = (1 - ratio) * (lin.weight @ bias)
-                if lin.bias is None:
-                    lin.bias = nn.Parameter(shift)
-                else:
-                    lin.bias += shift
-            lin.weight *= ratio
-            for p, wrapper in zip(adapter.qkv_paths, (q, k, v)):
-                set_module(block, p, wrapper.proj)
+        for path, wrapper in wrappers.items():
+            proj, cols = wrapper.proj, wrapper.v
+            if cols is not None:
+                w_v = wrapper.spec.weight(proj)[:, cols]  # [in, n_v], a view of the weight
+                if bias is not None:
+                    if proj.bias is None:
+                        proj.bias = nn.Parameter(w_v.new_zeros(wrapper.spec.weight(proj).shape[1]))
+                    proj.bias[cols] += (1 - ratio) * (bias @ w_v)
+                w_v *= ratio
+            set_module(block, path, proj)
         single = FrozenNorm.linear(
             norm.weight.detach() + norm.weight_offset,
             bias,

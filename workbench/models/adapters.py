@@ -17,7 +17,54 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
+import torch
+
 from workbench.errors import UnsupportedModelError
+
+_KINDS = {"qk": ("q", "k"), "v": ("v",)}
+
+
+@dataclasses.dataclass(frozen=True)
+class QKVProjection:
+    """One module that projects a block's attention input to queries, keys and/or values.
+
+    `path` is block-relative. Its output features are `layout`, chunks of equal size in this order (``("q", "k",
+    "v")`` for a fused projection, ``("v",)`` for a separate value projection); with `per_head` the layout repeats
+    for every head (GPT-NeoX: [head, (q | k | v), d_head]). `transposed`: the weight is stored [in, out] (Conv1D)
+    rather than [out, in] (nn.Linear).
+    """
+
+    path: str
+    layout: tuple[str, ...]
+    transposed: bool = False
+    per_head: bool = False
+
+    def has(self, kind: str) -> bool:
+        """Whether some output features are `kind`: "qk" (queries or keys) or "v" (values)."""
+        return any(name in _KINDS[kind] for name in self.layout)
+
+    def weight(self, module) -> torch.Tensor:
+        """The projection's weight as [in, out] (``x @ weight``): a view, so in-place changes reach the module."""
+        return module.weight if self.transposed else module.weight.T
+
+    def features(self, kind: str, module) -> slice | None:
+        """The output features of `module` (this projection) that are `kind` ("qk" or "v"): a slice, None if none.
+
+        Raises `UnsupportedModelError` for a per-head layout, whose features of one kind are not one range.
+        """
+        if self.per_head:
+            raise UnsupportedModelError(
+                f"{self.path} interleaves q, k and v per head: its features of one kind are not one range"
+            )
+        chunks = [i for i, name in enumerate(self.layout) if name in _KINDS[kind]]
+        if not chunks:
+            return None
+        if chunks != list(range(chunks[0], chunks[-1] + 1)):
+            raise UnsupportedModelError(
+                f"{self.path} ({'|'.join(self.layout)}): its {kind} features are not one range"
+            )
+        size = self.weight(module).shape[1] // len(self.layout)
+        return slice(chunks[0] * size, (chunks[-1] + 1) * size)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,6 +90,20 @@ class Adapter:
     mlp_out_norm: str | None = None
     norm: Literal["layernorm", "rmsnorm"] = "layernorm"
     rotary: str | None = None  # model-relative module whose output is the rotary (cos, sin), if any
+
+    @property
+    def qkv_projections(self) -> tuple[QKVProjection, ...]:
+        """The module(s) projecting a block's attention input, in the order they run (q, k, v when separate)."""
+        if self.qkv == "separate":
+            return tuple(
+                QKVProjection(path, (name,), self.weights_transposed)
+                for path, name in zip(self.qkv_paths, "qkv")
+            )
+        return (
+            QKVProjection(
+                self.qkv_paths[0], ("q", "k", "v"), self.weights_transposed, per_head=self.qkv == "neox_fused"
+            ),
+        )
 
 
 GPT2 = Adapter(
