@@ -185,20 +185,9 @@ def pca_scatter(
     p, c = _np(points).astype(float), _np(colour)
     keep = _subset(len(p), max_points)
     p, c = p[keep], c[keep]
-    fig = go.Figure()
     classes = np.unique(c)
-    for value in classes:
-        m = c == value
-        colour_value = CLASS_COLOURS.get(int(value)) if len(classes) <= 2 else None
-        fig.add_trace(
-            go.Scattergl(
-                x=p[m, 0],
-                y=p[m, 1],
-                mode="markers",
-                name=f"{colour_name} {value}",
-                marker=dict(size=3, opacity=0.5, color=colour_value),
-            )
-        )
+    colours = CLASS_COLOURS if len(classes) <= 2 else {}
+    fig = go.Figure(class_traces(p, c, classes, colours=colours, name=colour_name, opacity=0.5))
     for i, (name, vec) in enumerate((arrows or {}).items()):
         v = _np(vec).astype(float)
         fig.add_annotation(
@@ -230,15 +219,37 @@ def pca_scatter(
                 marker=dict(size=14, color=["red", "blue", "green"][i % 3]),
             )
         )
-    ev = _np(explained) if explained is not None else None
-    fig.update_layout(
-        title=title,
-        xaxis_title="PC1" + (f" ({ev[0]:.1%} of variance)" if ev is not None else ""),
-        yaxis_title="PC2" + (f" ({ev[1]:.1%} of variance)" if ev is not None else ""),
-        height=520,
-        width=700,
-    )
+    x_title, y_title = pc_titles(explained)
+    fig.update_layout(title=title, xaxis_title=x_title, yaxis_title=y_title, height=520, width=700)
     return fig
+
+
+def class_traces(
+    points, labels, classes, *, colours, name: str, opacity: float | None = None
+) -> list[go.Scattergl]:
+    """One marker trace per value in `classes` of the points [N, 2] with that label (labels [N]), named
+    "<name> <value>" and coloured by `colours[value]` (plotly's sequence where absent). A class with no points
+    still gets its (empty) trace, so that a figure updated in place keeps its trace layout."""
+    p, c = _np(points).astype(float), _np(labels).reshape(-1)
+    traces = []
+    for value in classes:
+        m = c == value
+        traces.append(
+            go.Scattergl(
+                x=p[m, 0],
+                y=p[m, 1],
+                mode="markers",
+                name=f"{name} {value}",
+                marker=dict(size=3, opacity=opacity, color=colours.get(int(value))),
+            )
+        )
+    return traces
+
+
+def pc_titles(explained=None) -> tuple[str, str]:
+    """Axis titles "PC1 (x% of variance)", "PC2 (...)" (the share only when `explained` [>= 2] is given)."""
+    ev = _np(explained) if explained is not None else None
+    return tuple(f"PC{i + 1}" + (f" ({ev[i]:.1%} of variance)" if ev is not None else "") for i in (0, 1))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -356,19 +367,8 @@ def ablation_scatter(
         shared_yaxes=True,
         horizontal_spacing=0.02,
     )
-    for value in (0, 1):
-        m = lab == value
-        fig.add_trace(
-            go.Scattergl(
-                x=c[m, 0],
-                y=c[m, 1],
-                mode="markers",
-                name=f"model label {value}",
-                marker=dict(size=3, color=CLASS_COLOURS[value]),
-            ),
-            1,
-            1,
-        )
+    for trace in class_traces(c, lab, (0, 1), colours=CLASS_COLOURS, name="model label"):
+        fig.add_trace(trace, 1, 1)
     for col, moved in enumerate(ablated.values(), start=2):
         a = _np(moved)[keep].astype(float)
         xs = np.stack([c[:, 0], a[:, 0], np.full(len(c), np.nan)], 1).reshape(-1)

@@ -11,6 +11,9 @@ import plotly.graph_objects as go
 import torch
 from plotly.subplots import make_subplots
 
+from workbench.casper.pairs.replica import ReplicaReport
+from workbench.viz.casper import class_traces, pc_titles
+
 CLASS_COLOURS = ("#5b3a8e", "#f2c230")  # class 0 purple, class 1 gold (as in the solution's plots)
 _BINARY = [[0.0, CLASS_COLOURS[0]], [1.0, CLASS_COLOURS[1]]]
 
@@ -174,19 +177,9 @@ def pca_scatter(
     `figure`: a FigureWidget to update in place (same trace layout), for sliders.
     """
     pts = torch.as_tensor(points).double()
-    lab = torch.as_tensor(labels).reshape(-1)
-    traces = []
-    for cls in (0, 1):
-        sel = lab == cls
-        traces.append(
-            go.Scattergl(
-                x=pts[sel, 0].tolist(),
-                y=pts[sel, 1].tolist(),
-                mode="markers",
-                marker=dict(size=3, color=CLASS_COLOURS[cls], opacity=0.6),
-                name=f"class {cls}",
-            )
-        )
+    traces = class_traces(
+        pts, labels, (0, 1), colours=dict(enumerate(CLASS_COLOURS)), name="class", opacity=0.6
+    )
     if gate is not None and gate.n_components == 2:
         span = float((pts.max(0).values - pts.min(0).values).max())
         arms = gate.boundary_line(extent=2 * span)
@@ -203,9 +196,7 @@ def pca_scatter(
                 figure.layout.title.text = title
         return figure
     fig = go.Figure(traces)
-    axis = [
-        f"PC{i + 1}" + (f" ({explained[i]:.1%} of variance)" if explained is not None else "") for i in (0, 1)
-    ]
+    axis = pc_titles(explained)
     fig.update_xaxes(title_text=axis[0])
     fig.update_yaxes(title_text=axis[1], scaleanchor="x")
     if ranges is None:
@@ -295,6 +286,6 @@ def scrub_bars(
 
 def plot(result, **kwargs) -> go.Figure:
     """Default figure of a challenge-2 result (used by ``Result.plot``)."""
-    if type(result).__name__ == "ReplicaReport":
+    if isinstance(result, ReplicaReport):
         return training_curves(result, **kwargs)
     raise TypeError(f"no default figure for {type(result).__name__}")
