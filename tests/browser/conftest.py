@@ -13,34 +13,12 @@ import json
 import os
 import secrets
 import shutil
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
-from lab_driver import ARTIFACTS, CHROME_ARGS, CHROMIUM, ROOT, LabServer
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_for(url: str, proc: subprocess.Popen, log: Path, timeout: float = 120) -> None:
-    start = time.monotonic()
-    while time.monotonic() - start < timeout:
-        if proc.poll() is not None:
-            raise RuntimeError(f"the server exited with {proc.returncode}; see {log}")
-        try:
-            urllib.request.urlopen(url, timeout=2)
-            return
-        except OSError:
-            time.sleep(0.5)
-    raise RuntimeError(f"the server at {url} did not come up in {timeout:.0f} s; see {log}")
+from lab_driver import ARTIFACTS, CHROME_ARGS, CHROMIUM, ROOT, LabServer, bare_env, free_port, serve, wait_for
 
 
 def _write_settings(settings: Path) -> None:
@@ -81,7 +59,7 @@ def lab(tmp_path_factory) -> LabServer:
     shutil.copy(
         ROOT / "binder" / "jupyter_server_config.json", home / "config" / "jupyter_server_config.json"
     )
-    token, port = secrets.token_hex(16), _free_port()
+    token, port = secrets.token_hex(16), free_port()
     env = {
         **os.environ,
         "JUPYTER_CONFIG_DIR": str(home / "config"),
@@ -114,7 +92,7 @@ def lab(tmp_path_factory) -> LabServer:
         )
     server = LabServer(f"http://127.0.0.1:{port}", token, proc, log)
     try:
-        _wait_for(f"{server.url}/api/status?token={token}", proc, log)
+        wait_for(f"{server.url}/api/status?token={token}", proc, log)
         yield server
         if proc.poll() is None and Path("/proc").is_dir():
             (ARTIFACTS / "lab-server-peak-rss.txt").write_text(f"{server.peak_rss_mb():.0f} MB\n")
@@ -145,3 +123,20 @@ def test_notebooks() -> Path:
         shutil.rmtree(path)
     path.mkdir(parents=True)
     return path
+
+
+@pytest.fixture(scope="session")
+def voila_app(tmp_path_factory) -> str:
+    """The dashboard served by the command the README prints, `voila notebooks/dashboard.ipynb`, with Voila's
+    default settings (no progressive rendering), from the environment `scripts/lab.sh` makes."""
+    if not CHROMIUM.exists():
+        pytest.skip(f"no Chromium at {CHROMIUM}")
+    voila = ROOT / ".venv" / "bin" / "voila"
+    assert voila.exists(), "scripts/lab.sh's environment has no voila command"
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    env = bare_env(tmp_path_factory.mktemp("voila"))
+    command = ["voila", "notebooks/dashboard.ipynb", "--no-browser", f"--port={port}", "--Voila.ip=127.0.0.1"]
+    url = f"http://127.0.0.1:{port}"
+    for _ in serve(command, env, ARTIFACTS / "voila-server.log", url + "/voila/static/voila.js"):
+        yield url

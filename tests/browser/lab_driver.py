@@ -7,7 +7,9 @@ import contextlib
 import json
 import os
 import re
+import socket
 import subprocess
+import sys
 import time
 import urllib.request
 from dataclasses import dataclass, field
@@ -38,6 +40,58 @@ BENIGN_CONSOLE: list[re.Pattern] = []
 
 # The code a test notebook starts with: the bundled demo model, as the tutorials use it.
 LOAD_DEMO = "from workbench.models import load_model\n\nmodel = load_model('demo')"
+
+
+# -- servers ----------------------------------------------------------------------------------------------------
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(url: str, proc: subprocess.Popen, log: Path, timeout: float = 120) -> None:
+    start = time.monotonic()
+    while time.monotonic() - start < timeout:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the server exited with {proc.returncode}; see {log}")
+        try:
+            urllib.request.urlopen(url, timeout=2)
+            return
+        except OSError:
+            time.sleep(0.5)
+    raise RuntimeError(f"the server at {url} did not come up in {timeout:.0f} s; see {log}")
+
+
+def serve(command: list[str], env: dict, log: Path, ready_url: str):
+    """Start a server process (output to `log`) and wait until `ready_url` answers; yields the process."""
+    with open(log, "w") as out:
+        proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        wait_for(ready_url, proc, log, timeout=300)
+        yield proc
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def bare_env(home: Path) -> dict:
+    """The environment `scripts/lab.sh` leaves (its .venv first on PATH), with no user configuration."""
+    for d in ("config", "runtime", "settings", "workspaces"):
+        (home / d).mkdir(parents=True, exist_ok=True)
+    return {
+        **os.environ,
+        "PATH": f"{ROOT / '.venv' / 'bin'}:{os.environ.get('PATH', '')}",
+        "JUPYTER_CONFIG_DIR": str(home / "config"),
+        "JUPYTER_RUNTIME_DIR": str(home / "runtime"),
+        "JUPYTERLAB_SETTINGS_DIR": str(home / "settings"),
+        "JUPYTERLAB_WORKSPACES_DIR": str(home / "workspaces"),
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
+    }
 
 
 @dataclass
@@ -283,3 +337,184 @@ def screenshot(target, name: str) -> Path:
     page.mouse.move(0, 0)  # no hover label over the picture
     target.screenshot(path=str(path))
     return path
+
+
+# -- what plotly rendered, against what the kernel built ------------------------------------------------------------
+sys.path.insert(0, str(ROOT / "tests"))
+from frontend_mirror import plain  # noqa: E402  (the same reading of plotly's array encodings)
+
+DUMP_CELL = '''import json as _json
+import plotly.io as _pio
+
+
+def dump_figures(path, panel, **figures):
+    """Write the kernel's figures (after the panel's run finished) for the browser test to compare."""
+    panel.wait(600)
+    with open(path, "w") as out:
+        _json.dump({name: _json.loads(_pio.to_json(fig, validate=False)) for name, fig in figures.items()}, out)
+'''
+
+RENDERED_JS = """gd => {
+    const plainify = v => {
+        if (ArrayBuffer.isView(v)) return Array.from(v);
+        if (Array.isArray(v)) return v.map(plainify);
+        if (v && typeof v === 'object') {
+            const out = {};
+            for (const [k, x] of Object.entries(v)) if (!k.startsWith('_')) out[k] = plainify(x);
+            return out;
+        }
+        return v;
+    };
+    const full = gd._fullLayout;
+    const axes = {};
+    for (const [k, ax] of Object.entries(full)) {
+        if (!/^[xy]axis\\d*$/.test(k) || !ax || !ax._id) continue;
+        if (!(full._subplots.xaxis.includes(ax._id) || full._subplots.yaxis.includes(ax._id))) continue;
+        axes[k] = {range: ax.range.slice(), type: ax.type, categories: (ax._categories || []).slice(),
+                   visible: ax.visible, ticks: (ax._vals || []).map(v => v.text)};
+    }
+    const texts = Array.from(gd.querySelectorAll('svg text')).map(t => t.textContent).filter(t => t.trim());
+    return {data: plainify(gd.data).map(t => { delete t.uid; return t; }), layout: plainify(gd.layout),
+            axes, texts, width: gd.getBoundingClientRect().width};
+}"""
+
+
+def rendered(plot) -> dict:
+    """What plotly.js holds and drew for a figure: its data and layout, each shown axis (range, type,
+    categories) and every text of the SVG (titles, annotations, ticks, legend)."""
+    return plot.evaluate(RENDERED_JS)
+
+
+def rerun_cell(page, cell, name: str) -> None:
+    """Run a cell that already ran, and wait for its new execution count."""
+    prompt = cell.locator(".jp-InputArea-prompt")
+    before = prompt.text_content()
+    prompt.click()
+    page.keyboard.press("Control+Enter")
+    start = time.monotonic()
+    while True:
+        text = prompt.text_content() or ""
+        if re.search(r"\[\d+\]", text) and text != before:
+            break
+        if time.monotonic() - start > SLOW_MS / 1000:
+            screenshot(page, f"{name}-timeout")
+            raise AssertionError(f"{name}: the cell did not run again ({text!r})")
+        page.wait_for_timeout(200)
+    traceback = cell.locator(".jp-RenderedText[data-mime-type='application/vnd.jupyter.error']")
+    if traceback.count():
+        raise AssertionError(f"{name} raised:\n{traceback.first.inner_text()}")
+
+
+def kernel_figures(page, path: Path, name: str) -> dict:
+    """Rerun the notebook's last cell (a `dump_figures` call) and read the figures the kernel holds."""
+    if path.exists():
+        path.unlink()
+    rerun_cell(page, page.locator(".jp-Notebook .jp-CodeCell").last, name)
+    return {k: plain(v) for k, v in json.loads(path.read_text()).items()}
+
+
+def _same(a, b, path="") -> list[str]:
+    """Differences between a kernel value `a` and what plotly.js holds `b` (numbers to 1e-9 relative)."""
+    if isinstance(a, dict):
+        if not isinstance(b, dict):
+            return [f"{path}: {b!r} is not a dict"]
+        return [d for k, v in a.items() for d in _same(v, b.get(k), f"{path}.{k}")]
+    if isinstance(a, list):
+        if not isinstance(b, list) or len(a) != len(b):
+            return [f"{path}: {str(b)[:80]} (page) != {str(a)[:80]} (kernel)"]
+        return [d for i, (x, y) in enumerate(zip(a, b)) for d in _same(x, y, f"{path}[{i}]")]
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool):
+        return [] if abs(a - b) <= 1e-9 * max(1.0, abs(a)) else [f"{path}: {b} (page) != {a} (kernel)"]
+    return [] if a == b else [f"{path}: {str(b)[:80]!r} (page) != {str(a)[:80]!r} (kernel)"]
+
+
+# top-level layout keys plotly.js writes into a figure's layout by itself (a FigureWidget's view sets its size)
+PLOTLY_JS_LAYOUT = {"autosize", "width", "height", "xaxis", "yaxis"}
+
+
+def figure_differences(page_view: dict, kernel: dict) -> list[str]:
+    """How the page's figure differs from the kernel's: every trace and layout property the kernel set must be
+    in the page with the same value; the page may hold no other layout part (a subplot, annotation, title or
+    range of an earlier view); every shown axis must show all of its categories, and its set range if any."""
+    diffs = []
+    data, layout = kernel["data"], kernel.get("layout", {})
+    page_layout = page_view["layout"]
+    for name, axis in page_view["axes"].items():  # plotly.js turns autorange "reversed" into a falling range
+        page_axis = page_layout.get(name, {})
+        if layout.get(name, {}).get("autorange") == "reversed" and page_axis.get("autorange") is True:
+            if axis["range"][0] > axis["range"][1]:
+                page_axis["autorange"] = "reversed"
+    if len(page_view["data"]) != len(data):
+        diffs.append(f"{len(page_view['data'])} traces in the page, {len(data)} in the kernel")
+    for i, (mine, theirs) in enumerate(zip(data, page_view["data"])):
+        mine = {k: v for k, v in mine.items() if k != "uid"}
+        diffs += _same(mine, theirs, f"data[{i}]")
+    for key, value in layout.items():
+        if key != "template":
+            diffs += _same(value, page_view["layout"].get(key), f"layout.{key}")
+    extra = set(page_view["layout"]) - set(layout) - PLOTLY_JS_LAYOUT
+    diffs += [f"layout.{k} is in the page only: {str(page_view['layout'][k])[:80]}" for k in sorted(extra)]
+    for name, axis in page_view["axes"].items():
+        given = layout.get(name, {}).get("range")
+        if given is not None:
+            diffs += _same(given, axis["range"], f"{name}.range")
+        elif axis["type"] == "category" and axis["categories"]:
+            low, high = sorted(axis["range"])
+            if low > -0.5 + 1e-6 or high < len(axis["categories"]) - 0.5 - 1e-6:
+                diffs.append(f"{name} shows {axis['range']} of categories {axis['categories']}")
+    return diffs
+
+
+def kernel_strings(kernel: dict) -> str:
+    """Every string of a kernel figure, joined (the texts a rendered view may show)."""
+    out = []
+
+    def walk(v):
+        if isinstance(v, str):
+            out.append(v)
+        elif isinstance(v, dict):
+            for x in v.values():
+                walk(x)
+        elif isinstance(v, list):
+            for x in v:
+                walk(x)
+
+    walk({k: v for k, v in kernel.get("layout", {}).items() if k != "template"})
+    walk(kernel["data"])
+    return "\n".join(out).replace("<br>", "\n")
+
+
+def stale_texts(before: list[str], after: list[str], kernel_after: dict) -> list[str]:
+    """Texts of the new view that were in the old view and that the new view's figure does not contain: a
+    title, label or annotation of the old view surviving the change (tick numbers excepted)."""
+
+    def squeeze(text: str) -> str:  # (an SVG text joins the lines of a "<br>" title without a separator)
+        return re.sub(r"\s+|<br>", "", text)
+
+    strings = squeeze(kernel_strings(kernel_after))
+    numeric = re.compile(r"^[−\-+]?[\d.,]+(e[−\-+]?\d+)?[kMGµmn%]?$")
+    return [t for t in after if t in before and not numeric.match(t.strip()) and squeeze(t) not in strings]
+
+
+def expect_page_shows(page, plot, kernel: dict, name: str, timeout: float = STEP_MS) -> dict:
+    """Wait until the page's figure equals the kernel's (`figure_differences` empty); returns what it shows."""
+    start = time.monotonic()
+    while True:
+        view = rendered(plot)
+        diffs = figure_differences(view, kernel)
+        if not diffs:
+            return view
+        if time.monotonic() - start > timeout / 1000:
+            screenshot(page, f"{name}-differs")
+            raise AssertionError(
+                f"{name}: the page shows another figure than the kernel's:\n" + "\n".join(diffs[:20])
+            )
+        page.wait_for_timeout(300)
+
+
+def no_horizontal_scroll(page, selector: str) -> list[str]:
+    """Elements matching `selector` whose content is wider than they are (a horizontal scrollbar, or cut
+    content)."""
+    return page.locator(selector).evaluate_all(
+        "els => els.filter(e => e.scrollWidth > e.clientWidth + 1).map(e => e.className + ' ' + e.scrollWidth + '>' + e.clientWidth)"
+    )

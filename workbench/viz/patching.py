@@ -155,10 +155,12 @@ def heatmap(
     if n == 1:  # make_subplots costs as much as the rest of a one-site figure, and a redraw should be fast
         fig, cells = go.Figure(), [{}]
     else:
+        # separate y axes with the same rows, not shared ones: plotly.js keeps the rows of earlier data on
+        # matched category axes when a figure is updated in place (a drill-down at another layer then shows its row
+        # half outside the plot)
         fig = make_subplots(
             rows=1,
             cols=n,
-            shared_yaxes=True,
             horizontal_spacing=0.04,
             subplot_titles=[SITE_SHORT.get(s, s) for s in result.sites],
         )
@@ -203,7 +205,10 @@ def heatmap(
             tickfont_size=10 if many else 12,
             **cells[i],
         )
-    fig.update_yaxes(title_text=ylab, type="category", autorange="reversed", **cells[0])
+    fig.update_yaxes(type="category", autorange="reversed")
+    fig.update_yaxes(title_text=ylab, **cells[0])
+    if n > 1:
+        fig.update_yaxes(showticklabels=False, col=None, row=None, selector=lambda axis: axis.anchor != "x")
     who = f"pair {pair}" if pair is not None else f"mean of {result.n_pairs} pair{'s' * (result.n_pairs > 1)}"
     method = "Attribution patching (estimate)" if result.method == "attribution" else "Activation patching"
     site_text = f" of {SITE_LABELS.get(result.sites[0], result.sites[0])}" if n == 1 else ""
@@ -213,11 +218,11 @@ def heatmap(
     if reach != (largest or 1.0):  # a scale given by the caller: say how strong the colours here really are
         title += f"<br>largest effect here {largest:.3g}; colour scale ±{reach:.3g}"
     fig.update_layout(
-        # above the subplot titles of a multi-site grid, not over them
-        title={"text": title, "x": 0.01, "y": 0.98, "yanchor": "top"},
+        title={"text": title, "x": 0.01},
         # tall enough for the colour bar's title, which runs along the bar
         height=height or max(480, 22 * len(ys) + 180),
-        margin={"l": 60, "r": 20, "t": 110 if n > 1 else 80, "b": 80},
+        # a multi-site grid's subplot titles sit at the top of the plots: room above them for the title
+        margin={"l": 60, "r": 20, "t": 130 if n > 1 else 80, "b": 80},
     )
     return fig
 

@@ -268,9 +268,8 @@ class PatchingExplorer(Panel):
     def _drill_kwargs(self, layer: int, position: int, head: int | None) -> dict:
         kwargs = dict(self._grid_kwargs)
         grid = self.grid
-        if (
-            head is None
-        ):  # a layer x position cell: every head's output and pattern at that layer and position
+        if head is None:
+            # a layer x position cell: every head's output and pattern at that layer and position
             kwargs.update(site=["z", "pattern"], layers=[layer], positions=[list(grid.positions[position])])
         else:  # a layer x head cell: that head at each position
             kwargs.update(layers=[layer], heads=[head], positions="each")
