@@ -12,6 +12,7 @@ fact, induction on held-out random sequences, loss on the validation split of th
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -214,8 +215,6 @@ def evaluate(model_dir: Path | str = DEMO_DIR) -> dict:
 
 def _corrupt_as_clean(pairs: PromptPairs) -> PromptPairs:
     """The ABC prompts scored against the clean answers (a logit difference near 0 means no preference)."""
-    import dataclasses
-
     return dataclasses.replace(pairs, clean=pairs.corrupt)
 
 
@@ -244,32 +243,20 @@ def _grid_table(p: dict) -> str:
 
 def model_card(results: dict, info: dict, model_dir: Path | str = DEMO_DIR) -> str:
     """The model card, written from `evaluate()`'s results and the training run's ``train_info.json``."""
-    cfg = info["config"]
     size_mb = (Path(model_dir) / "model.safetensors").stat().st_size / 2**20
-    pct = lambda x: f"{100 * x:.1f}%"  # noqa: E731
-    ioi_rows = "\n".join(
-        f"| {results[k]['description']} | {results[k]['n']} | {pct(results[k]['accuracy'])} | "
-        f"{results[k]['logit_diff']:.2f} | {pct(results[k]['top1'])} |"
-        for k in ("ioi_heldout", "ioi_heldout_templates", "ioi_heldout_names", "ioi_train")
+    return (
+        _card_model(results, info["config"], size_mb)
+        + _card_training(results, info)
+        + _card_evaluation(results)
+        + _card_patching(results, info)
     )
-    by_template = "\n".join(
-        f"| {r['template']} | {r['order']} | {pct(r['accuracy'])} | {r['logit_diff']:.2f} |"
-        for r in results["ioi_heldout_by_template"]
-    )
-    abc = results["ioi_heldout_abc"]
-    fact_rows = "\n".join(
-        f"| {results[k]['description']} | {results[k]['n']} | {pct(results[k]['top1'])} | "
-        f"{pct(results[k]['accuracy'])} | {results[k]['logit_diff']:.2f} |"
-        for k in ("factual_train", "factual_heldout")
-    )
-    ind = results["induction"]
-    targets = "\n".join(
-        f"| `{k}` | >= {t['at_least']} | {t['value']:.3f} | {'met' if t['met'] else '**missed**'} |"
-        for k, t in results["targets"].items()
-    )
-    missed = [k for k, t in results["targets"].items() if not t["met"]]
-    verdict = "All targets are met." if not missed else f"**Missed targets: {', '.join(missed)}.**"
-    pt, ph = results["patching_train_template"], results["patching_heldout_template"]
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.1f}%"
+
+
+def _card_model(results: dict, cfg: dict, size_mb: float) -> str:
     return f"""# Demo model card
 
 A small GPT-2 (with LayerNorm) trained from scratch on the workbench's own demo corpus
@@ -293,7 +280,12 @@ Every training row starts with `<|endoftext|>`, and prompts are evaluated with i
 `WorkbenchModel.to_tokens` does). Every IOI name, place and object and every country, capital, language and
 currency of the invented world is a single token with its leading space.
 
-## Training
+"""
+
+
+def _card_training(results: dict, info: dict) -> str:
+    cfg = info["config"]
+    return f"""## Training
 
 | | |
 |---|---|
@@ -305,7 +297,33 @@ currency of the invented world is a single token with its leading space.
 | final training loss | {info["final_train_loss"]:.3f} (mean of the last 50 steps, includes the random-token rows) |
 | validation loss | {results["validation_loss"]:.3f} nats/token on {VALIDATION_DOCS} documents of the validation split, one per row as in training |
 
-## Evaluation
+"""
+
+
+def _card_evaluation(results: dict) -> str:
+    ioi_rows = "\n".join(
+        f"| {results[k]['description']} | {results[k]['n']} | {_pct(results[k]['accuracy'])} | "
+        f"{results[k]['logit_diff']:.2f} | {_pct(results[k]['top1'])} |"
+        for k in ("ioi_heldout", "ioi_heldout_templates", "ioi_heldout_names", "ioi_train")
+    )
+    by_template = "\n".join(
+        f"| {r['template']} | {r['order']} | {_pct(r['accuracy'])} | {r['logit_diff']:.2f} |"
+        for r in results["ioi_heldout_by_template"]
+    )
+    abc = results["ioi_heldout_abc"]
+    fact_rows = "\n".join(
+        f"| {results[k]['description']} | {results[k]['n']} | {_pct(results[k]['top1'])} | "
+        f"{_pct(results[k]['accuracy'])} | {results[k]['logit_diff']:.2f} |"
+        for k in ("factual_train", "factual_heldout")
+    )
+    ind = results["induction"]
+    targets = "\n".join(
+        f"| `{k}` | >= {t['at_least']} | {t['value']:.3f} | {'met' if t['met'] else '**missed**'} |"
+        for k, t in results["targets"].items()
+    )
+    missed = [k for k, t in results["targets"].items() if not t["met"]]
+    verdict = "All targets are met." if not missed else f"**Missed targets: {', '.join(missed)}.**"
+    return f"""## Evaluation
 
 IOI ({IOI_N} prompts per set, seed {IOI_SEED}; accuracy = logit of the indirect object above the subject's;
 logit difference = mean of logit(IO) - logit(S); top-1 = the indirect object is the argmax over the vocabulary):
@@ -333,8 +351,8 @@ answer):
 {fact_rows}
 
 Induction ({ind["n"]} held-out sequences of {ind["length"]} random tokens repeated once): accuracy on the
-predictable part of the second copy **{pct(ind["accuracy"])}** (loss {ind["loss"]:.3f}); on the first copy
-{pct(ind["first_copy_accuracy"])}; chance {ind["chance"]:.5f}.
+predictable part of the second copy **{_pct(ind["accuracy"])}** (loss {ind["loss"]:.3f}); on the first copy
+{_pct(ind["first_copy_accuracy"])}; chance {ind["chance"]:.5f}.
 
 ### Targets
 
@@ -350,7 +368,12 @@ fixed templates only gave 89% held-out IOI and 92% induction; the composed stori
 the numbers above; the same with 6 rows of random tokens per batch instead of 4 reached 99% induction by step
 6000 with held-out IOI down to 88%. The recipe kept favours IOI, the task the notebooks are built on.
 
-## What patching shows
+"""
+
+
+def _card_patching(results: dict, info: dict) -> str:
+    pt, ph = results["patching_train_template"], results["patching_heldout_template"]
+    return f"""## What patching shows
 
 Denoising activation patching of `resid_pre` (clean into corrupt, normalised logit difference: 1 = clean
 behaviour restored, 0 = none) on {pt["n"]} IOI pairs with held-out name pairs, ABBA order, symmetric name swap.
