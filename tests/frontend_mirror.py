@@ -4,8 +4,11 @@ plotly's widget JavaScript (`plotly/package_data/widgetbundle.js`) starts a page
 (`_widget_data`, `_widget_layout`) and then applies each Python -> JS message: `addTraces`, `deleteTraces`,
 `moveTraces`, and `restyle` / `relayout` / `update` deltas, which set each named property path (lodash `set`) or,
 for `null`, delete it (lodash `unset`). `Frontend` replays the same messages on the same state, so a test can
-compare what the page ends with against a freshly built figure without a browser. The browser tests check the
-same thing against plotly.js itself.
+compare what the page ends with against a freshly built figure without a browser. It also does what plotly.js
+does on every restyle (the widget's view sends each update to `Plotly.update` with a `_doNotReportToPy` style key,
+so even a layout-only update restyles the traces it names, all of them when it names none): it forgets the `type`
+of those traces' x and y axes unless the update's layout names the axis, and would guess it again from the data.
+The browser tests check the same things against plotly.js itself.
 """
 
 from __future__ import annotations
@@ -164,15 +167,31 @@ class Frontend:
         for i, trace in sorted(zip(msg["new_trace_inds"], moved), key=lambda p: p[0]):
             self.data.insert(i, trace)
 
+    def _clear_axis_types(self, indexes, layout_update: dict) -> None:
+        """plotly.js `Axes.clearAxisTypes`: the restyled traces' axes lose their type (log excepted) unless the
+        same update names the axis or its type."""
+        for index in self._traces(indexes):
+            trace = self.data[index]
+            for letter in "xy":
+                ref = trace.get(f"{letter}axis", letter)
+                name = f"{letter}axis{ref[1:]}"
+                axis = self.layout.get(name)
+                named = name in layout_update or f"{name}.type" in layout_update
+                if isinstance(axis, dict) and axis.get("type") != "log" and not named:
+                    axis.pop("type", None)
+
     def _restyle(self, msg) -> None:
         self._restyle_traces(msg["restyle_data"], msg["restyle_traces"])
+        self._clear_axis_types(msg["restyle_traces"], {})
 
     def _relayout(self, msg) -> None:
         _apply(self.layout, msg["relayout_data"])
 
     def _update(self, msg) -> None:
         self._restyle_traces(msg["style_data"] or {}, msg["style_traces"])
-        _apply(self.layout, msg["layout_data"] or {})
+        layout_update = msg["layout_data"] or {}
+        _apply(self.layout, layout_update)
+        self._clear_axis_types(msg["style_traces"], layout_update)
 
     def _removeLayoutProps(self, msg) -> None:
         for key in msg["remove_props"]:

@@ -239,3 +239,24 @@ def test_panel_with_reference_data_and_user_directions(model):
         warnings.simplefilter("ignore")
         ref = reference_stats(model, CORPUS, layer=1, progress=False)
     assert panel._references[("resid_pre", 1)].median_norm == pytest.approx(ref.median_norm)
+
+
+def test_constructor_checks_like_the_engine(model):
+    from workbench.errors import SiteError
+
+    with pytest.raises(SiteError, match="site='attn' is not available here; choose one of 'resid_pre'"):
+        PlateauProbe(model, PROMPTS, site="attn")
+    with pytest.raises(SiteError, match="Layer 7 is out of range"):
+        PlateauProbe(model, PROMPTS, layer=7)
+    with pytest.raises(InputError, match=r"directions\['mine'\] is \(3, 5\): give a tensor \[k, d_model\]"):
+        PlateauProbe(model, PROMPTS, directions={"mine": torch.zeros(3, 5)})
+
+
+def test_views_without_a_result_say_that_run_computes_them(model):
+    panel = panel_for(model)
+    panel.view_box.value = "Interpolation"
+    assert "press Run" in panel.figure.layout.annotations[0].text and "prompt B" in panel.status_text
+    panel.view_box.value = "Curves"
+    assert "press Run" in panel.figure.layout.annotations[0].text
+    panel.run()
+    assert panel.figure.data and not panel.figure.layout.annotations[0].text.startswith("Curves")

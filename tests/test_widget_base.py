@@ -9,7 +9,7 @@ import numpy as np
 import plotly.graph_objects as go
 import pytest
 from frontend_mirror import Frontend, figure_json
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from plotly.subplots import make_subplots
 
@@ -148,6 +148,7 @@ FIGURE_PARTS = st.fixed_dictionaries(
         "hline": st.one_of(st.none(), st.floats(-1, 1)),
         "x_range": st.one_of(st.none(), st.tuples(st.just(-0.5), st.floats(1, 5))),
         "log_y": st.booleans(),
+        "numeric_categories": st.booleans(),
         "height": st.one_of(st.none(), st.sampled_from([300, 480])),
     }
 )
@@ -165,7 +166,11 @@ def build_figure(parts: dict) -> go.Figure:
         if kind == "heatmap":
             trace = go.Heatmap(z=np.outer(values, values), x=[f"p{j}" for j in range(n)], zmid=0.0)
         elif kind == "bar":
-            trace = go.Bar(x=[f"L{j}" for j in range(n)], y=values, name=f"bars {i}")
+            # layers named "0", "1", ... on a category axis: plotly.js guesses "linear" if it forgets the type
+            labels = (
+                [str(j) for j in range(n)] if parts["numeric_categories"] else [f"L{j}" for j in range(n)]
+            )
+            trace = go.Bar(x=labels, y=values, name=f"bars {i}")
         else:
             trace = go.Scatter(x=values, y=values**2, mode="lines", name=f"line {i}", line={"width": 1 + i})
         fig.add_trace(trace, **where)
@@ -175,6 +180,8 @@ def build_figure(parts: dict) -> go.Figure:
         fig.update_xaxes(range=list(parts["x_range"]))
     if parts["log_y"]:
         fig.update_yaxes(type="log")
+    if parts["numeric_categories"]:
+        fig.update_xaxes(type="category")
     fig.update_layout(template="plotly_white")
     if parts["title"] is not None:
         fig.update_layout(title={"text": parts["title"]})
@@ -185,8 +192,20 @@ def build_figure(parts: dict) -> go.Figure:
     return fig
 
 
+BARS = dict(
+    kinds=["bar"], n=3, subplot_titles=False, title=None, legend_title=None, hline=None, x_range=None,
+    log_y=False, numeric_categories=True, height=None,
+)  # fmt: skip
+THREE_SITES = dict(
+    BARS, kinds=["heatmap"] * 3, subplot_titles=True, numeric_categories=False, title="first view"
+)
+
+
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(FIGURE_PARTS, min_size=1, max_size=5))
+# new data on a category axis of "0", "1", "2" (the LN preview's layers); three subplots, then one
+@example([BARS, dict(BARS, n=4)])
+@example([THREE_SITES, dict(THREE_SITES, kinds=["heatmap"], subplot_titles=False)])
 def test_any_sequence_of_redraws_shows_the_last_figure(sequence):
     """After any sequence of in-place redraws, the figure (in Python), what a page that watched every delta
     holds, and what a page that connects now receives all equal the last figure built fresh."""

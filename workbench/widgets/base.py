@@ -147,7 +147,8 @@ class Panel(widgets.VBox):
 
     # -- show code -----------------------------------------------------------------------------------
     def code(self) -> str:
-        """The public-API call that reproduces the panel's current state."""
+        """The public-API calls that reproduce what the panel shows: its last successful run, in the current
+        view (see `workbench.codegen`)."""
         raise NotImplementedError
 
     def _toggle_code(self, change) -> None:

@@ -64,21 +64,58 @@ def replace_figure(target: go.FigureWidget, new: go.Figure) -> None:
         key: [deltas[i].get(key, Undefined) for i in indexes]
         for key in sorted({k for d in deltas.values() for k in d})
     }
-    relayout = _delta(target.layout.to_plotly_json(), new.layout.to_plotly_json())
+    new_layout = new.layout.to_plotly_json()
+    relayout = _delta(target.layout.to_plotly_json(), new_layout)
     if keep < len(old_traces):
         target.data = target.data[:keep]
     for key in relayout.keys() - set(target.layout):
         if relayout[key] is not None:
             target.layout[key] = {}  # a new subplot (xaxis2, ...): the layout accepts it from now on
     if restyle or relayout:
-        target.plotly_update(restyle_data=restyle, relayout_data=relayout, trace_indexes=indexes or None)
-        # plotly_update changes the property dicts only: the Python objects of the changed properties
-        # (fig.layout.annotations, ...) are rebuilt from them on next access
-        _forget(target.layout, relayout)
-        for i in indexes:
-            _forget(target.data[i], deltas[i])
+        _update(target, restyle, relayout, indexes, [new_traces[i] for i in indexes], new_layout)
     if keep < len(new_traces):
         target.add_traces(list(new.data[keep:]))
+
+
+def _update(
+    target, restyle: dict, relayout: dict, indexes: list[int], traces: list[dict], layout: dict
+) -> None:
+    """`target.plotly_update(restyle, relayout, indexes)`, with two differences in the message to the page:
+
+    - the axes of every restyled trace go along whole: plotly.js, restyling a trace's data (or any of many other
+      properties), forgets the type of that trace's axes unless the same update names them, and guesses again
+      (a category axis of layers "0", "1", "final" became linear, hiding the "final" bar);
+    - without trace changes it is a relayout: an update naming no property still restyles every trace in
+      plotly.js, with the same effect.
+    """
+    restyle_changes, relayout_changes, indexes = target._perform_plotly_update(restyle, relayout, indexes)
+    restyle_changes, relayout_changes = restyle_changes or {}, relayout_changes or {}
+    if restyle_changes:
+        for trace in traces:
+            for axis in _cartesian_axes(trace):
+                if axis in layout:
+                    relayout_changes.setdefault(axis, layout[axis])
+        target._send_update_msg(restyle_changes, relayout_changes, indexes)
+        target._dispatch_trace_change_callbacks(restyle_changes, indexes)
+    elif relayout_changes:
+        target._send_relayout_msg(relayout_changes)
+    if relayout_changes:
+        target._dispatch_layout_change_callbacks(relayout_changes)
+    # plotly_update changes the property dicts only: the Python objects of the changed properties
+    # (fig.layout.annotations, ...) are rebuilt from them on next access
+    _forget(target.layout, relayout)
+    for i in indexes:
+        _forget(target.data[i], restyle)
+
+
+def _cartesian_axes(trace: dict) -> list[str]:
+    """Layout names of a trace's x and y axes ('x2' -> 'xaxis2')."""
+    out = []
+    for letter in "xy":
+        ref = trace.get(f"{letter}axis", letter)
+        if isinstance(ref, str) and ref.startswith(letter):
+            out.append(f"{letter}axis{ref[1:]}")
+    return out
 
 
 def _forget(obj, keys) -> None:

@@ -458,8 +458,7 @@ class PlateauProbe(Panel):
         if view == "Interpolation":
             if self.interpolation is None:
                 return message_figure(
-                    "Interpolation walks the first prompt's activation to prompt B's: type prompt B and press "
-                    "Run to compute it.",
+                    "Interpolation: type prompt B and press Run to walk the first prompt's activation to B's.",
                     height=300,
                 )
             return viz.interpolation(self.interpolation)
