@@ -90,6 +90,7 @@ class Adapter:
     mlp_out_norm: str | None = None
     norm: Literal["layernorm", "rmsnorm"] = "layernorm"
     rotary: str | None = None  # model-relative module whose output is the rotary (cos, sin), if any
+    tuple_blocks_tf4: bool = False  # under transformers 4 its blocks return a tuple (hidden states first)
 
     @property
     def qkv_projections(self) -> tuple[QKVProjection, ...]:
@@ -108,6 +109,7 @@ class Adapter:
 
 GPT2 = Adapter(
     family="gpt2",
+    tuple_blocks_tf4=True,
     blocks="transformer.h",
     embed="transformer.wte",
     pos_embed="transformer.wpe",
@@ -126,6 +128,7 @@ GPT2 = Adapter(
 
 NEOX = Adapter(
     family="gpt_neox",
+    tuple_blocks_tf4=True,
     blocks="gpt_neox.layers",
     embed="gpt_neox.embed_in",
     ln_final="gpt_neox.final_layer_norm",
@@ -165,6 +168,7 @@ GEMMA2 = dataclasses.replace(
     ln2="pre_feedforward_layernorm",
     attn_out_norm="post_attention_layernorm",
     mlp_out_norm="post_feedforward_layernorm",
+    tuple_blocks_tf4=True,
 )
 
 ADAPTERS: dict[str, Adapter] = {

@@ -175,7 +175,7 @@ class WorkbenchModel:
         elif layer is not None:
             raise SiteError(f"`{name}` is not per layer; call model.site({name!r}) without a layer.")
         if head is not None:
-            n = self.cfg.n_kv_heads if name in ("k", "v") else self.cfg.n_heads
+            n = self.cfg.n_kv_heads if "kv_head" in spec.shape else self.cfg.n_heads
             if not spec.per_head:
                 raise SiteError(
                     f"`{name}` has no head axis; per-head sites: "

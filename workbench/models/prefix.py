@@ -14,6 +14,11 @@ before the first one they touch. A batch of intervened runs can therefore start 
 from __future__ import annotations
 
 import torch
+import transformers
+
+TRANSFORMERS_4 = int(transformers.__version__.split(".")[0]) < 5
+"""Under transformers 4 some families' blocks return a tuple (hidden states first); under 5 all return a
+tensor (`Adapter.tuple_blocks_tf4` says which)."""
 
 
 def reuses_cache(model) -> bool:
@@ -28,7 +33,11 @@ def enter_at(model, layer: int, resid) -> None:
     compute) to block `layer`, cast to the dtype the model runs in (on NDIF it may differ from the client's)."""
     if layer <= 0:
         return
+    if isinstance(resid, tuple):  # a block's output as transformers 4 returns it
+        resid = resid[0]
     value = resid.to(model.submodule("block", 0).input.dtype)
+    if TRANSFORMERS_4 and model.adapter.tuple_blocks_tf4:
+        value = (value,)
     for below in range(layer):
         model.submodule("block", below).skip(value)
 

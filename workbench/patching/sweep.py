@@ -238,7 +238,14 @@ def patched_logits(
     kwargs = {} if s.all_positions else {"logits_to_keep": 1}
     prefix_v = None
     if start > 0:
-        kv_rows = [(k[rows.pair, :, :start], v[rows.pair, :, :start]) for k, v in kv]
+        n = len(rows.pair)
+        # layers below `layer` are skipped and never read their cache: a broadcast view fills their place
+        kv_rows = [
+            (k[rows.pair, :, :start], v[rows.pair, :, :start])
+            if i >= layer
+            else tuple(x[:1, :, :start].expand(n, -1, -1, -1) for x in (k, v))
+            for i, (k, v) in enumerate(kv)
+        ]
         kwargs.update(past_key_values=kv_cache(model, kv_rows), use_cache=True)
         prefix_v = kv_rows[layer][1].transpose(1, 2)
     t = rows.t - start
