@@ -269,7 +269,9 @@ def workbench_sweep(case: Case, sites=SITES) -> torch.Tensor:
 def workbench_heads(case: Case) -> torch.Tensor:
     from workbench.patching import sweep
 
-    r = sweep(case.model, case.clean, case.corrupt, case.answers, site="z", positions="all", progress=False)
+    r = sweep(
+        case.model, case.clean, case.corrupt, case.answers, site="z", positions="together", progress=False
+    )
     return r.values("logit_diff", normalize=False)[0, :, 0]
 
 
@@ -577,6 +579,41 @@ def attribution_case(case: Case, shape: str, repeats: int) -> dict:
     )
 
 
+def reuse_case(case: Case, shape: str, repeats: int, site) -> dict:
+    """Causal-suffix reuse on a per-position sweep of `site`: the workbench against its own full path (every
+    patched run computing every position), same process, alternating."""
+    import importlib
+    from unittest import mock
+
+    from workbench.patching import sweep
+
+    module = importlib.import_module("workbench.patching.sweep")
+
+    def wb():
+        r = sweep(case.model, case.clean, case.corrupt, case.answers, site=site, progress=False, warn=False)
+        return r.values("logit_diff", normalize=False)
+
+    def full():
+        with mock.patch.object(module, "suffix_reuse", lambda model, s: "switched off"):
+            return wb()
+
+    times, outputs, peak = _measure("workbench", {"workbench": wb, "lower bound": full}, {}, repeats)
+    n_pairs, n_pos = case.clean.shape
+    name = site if isinstance(site, str) else "+".join(site)
+    return _row(
+        f"patching/{name} per-position sweep, suffix reuse vs full path, {shape}-shape {n_pairs}x{n_pos} tokens "
+        f"({case.device.type})",
+        times,
+        outputs,
+        peak,
+        tl_missing=False,
+        target="<= 1.0x its full path (the 'lower bound' column here): reuse never costs time; agree to 1e-4",
+        speedup_target=None,
+        ratio_target=1.0,
+        extra_notes="the lower-bound column is the workbench with suffix reuse switched off",
+    )
+
+
 def run(size: str = "cpu", repeats: int = 2) -> list[dict]:
     device = prepare(size, SIZES)
     opts = SIZES[size]
@@ -587,6 +624,8 @@ def run(size: str = "cpu", repeats: int = 2) -> list[dict]:
         if i == 0:
             rows.append(heads_case(case, shape, repeats))
             rows.append(attribution_case(case, shape, repeats))
+            rows.append(reuse_case(case, shape, repeats, "z"))
+            rows.append(reuse_case(case, shape, repeats, ["attn_out", "mlp_out"]))
         del case
         if device == "cuda":
             torch.cuda.empty_cache()
