@@ -84,6 +84,18 @@ class Where:
         return self.read_site if self.read_layer is None else f"{self.read_site} {self.read_layer}"
 
 
+class SiteLabels:
+    """`site_label` and `read_label` of a result that writes at (site, layer) and reads at (read_site, read_layer)."""
+
+    @property
+    def site_label(self) -> str:
+        return f"{self.site} {self.layer}"
+
+    @property
+    def read_label(self) -> str:
+        return self.read_site if self.read_layer is None else f"{self.read_site} {self.read_layer}"
+
+
 @dataclasses.dataclass
 class Base:
     """One base activation: a prompt truncated after the perturbed position, and what sits there.

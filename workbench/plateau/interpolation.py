@@ -16,6 +16,7 @@ from workbench.core import CancelToken, ProgressCallback, Run
 from workbench.errors import InputError
 from workbench.plateau import metrics
 from workbench.plateau.core import (
+    SiteLabels,
     Where,
     clean_bases,
     kl_divergence,
@@ -23,8 +24,10 @@ from workbench.plateau.core import (
     resolve_positions,
     run_rows,
 )
-from workbench.plateau.stats import as_token_rows
+from workbench.plateau.stats import as_token_rows, row_texts
 from workbench.results import Provenance, Result
+
+# pandas is imported where a table is built: it is slow to import and the engine does not need it.
 
 
 def _one_position(model, rows, position: int, what: str) -> list[list[int]]:
@@ -50,19 +53,13 @@ def _pairs(model, prompts_a, prompts_b):
     return rows_a, rows_b
 
 
-def _texts(model, rows) -> tuple[str, ...]:
-    if model.tokenizer is None:
-        return tuple(f"tokens {r[0].tolist()}" for r in rows)
-    return tuple("".join(model.to_str_tokens(r[0])) for r in rows)
-
-
 def _decode(model, ids) -> dict[int, str]:
     ids = torch.unique(torch.as_tensor(ids).flatten()).tolist()
     return {i: model.tokenizer.decode([i]) for i in ids} if model.tokenizer is not None else {}
 
 
 @dataclasses.dataclass(frozen=True)
-class InterpolationResult(Result):
+class InterpolationResult(SiteLabels, Result):
     """Output along straight paths x_A -> x_B, run in prompt A's context.
 
     Attributes:
@@ -98,14 +95,6 @@ class InterpolationResult(Result):
     provenance: Provenance
 
     viz_module: ClassVar[str] = "workbench.viz.plateau"
-
-    @property
-    def site_label(self) -> str:
-        return f"{self.site} {self.layer}"
-
-    @property
-    def read_label(self) -> str:
-        return self.read_site if self.read_layer is None else f"{self.read_site} {self.read_layer}"
 
     def token(self, token_id: int) -> str:
         return self.token_strings.get(int(token_id), str(int(token_id)))
@@ -235,7 +224,7 @@ def interpolate(
     end = l2[:, -1:].clamp(min=torch.finfo(torch.float32).tiny)
     w = grid(out["watch"])
     top_ids = grid(out["top_ids"])
-    texts_a, texts_b = _texts(model, rows_a), _texts(model, rows_b)
+    texts_a, texts_b = row_texts(model, rows_a), row_texts(model, rows_b)
     return InterpolationResult(
         alphas=alphas,
         kl=kl,
@@ -271,7 +260,7 @@ def interpolate(
 
 
 @dataclasses.dataclass(frozen=True)
-class SliceResult(Result):
+class SliceResult(SiteLabels, Result):
     """Outputs over a plane through three activations x(u, v) = x_A + u (x_B - x_A) + v (x_C - x_A), in A's context.
 
     Attributes:
@@ -299,14 +288,6 @@ class SliceResult(Result):
     provenance: Provenance
 
     viz_module: ClassVar[str] = "workbench.viz.plateau"
-
-    @property
-    def site_label(self) -> str:
-        return f"{self.site} {self.layer}"
-
-    @property
-    def read_label(self) -> str:
-        return self.read_site if self.read_layer is None else f"{self.read_site} {self.read_layer}"
 
     def nearest(self) -> torch.Tensor:
         """[v, u] index (0 = A, 1 = B, 2 = C) of the endpoint whose output each point's output is closest to."""
@@ -377,7 +358,7 @@ def slice_2d(
     distance = torch.cdist(grid_read.double(), ends.double()).float().T.reshape(3, n, n)
     kl = kl_divergence(logp[:1], logp[3:]).reshape(n, n)
     top = logp[3:].max(-1)
-    texts = tuple(_texts(model, [r])[0] for r in rows)
+    texts = row_texts(model, rows)
     return SliceResult(
         u=u,
         v=u.clone(),

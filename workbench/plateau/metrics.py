@@ -13,6 +13,9 @@ import torch
 
 from workbench.errors import InputError
 
+# pandas and scipy are imported where a comparison table is built: they are slow to import and the curves'
+# statistics do not need them.
+
 
 def _check(curves: torch.Tensor, sizes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     curves = torch.as_tensor(curves, dtype=torch.float64)

@@ -16,6 +16,7 @@ from workbench.plateau import directions as dirs
 from workbench.plateau import metrics
 from workbench.plateau.core import (
     Base,
+    SiteLabels,
     Where,
     clean_bases,
     kl_divergence,
@@ -23,14 +24,10 @@ from workbench.plateau.core import (
     resolve_positions,
     run_rows,
 )
-from workbench.plateau.stats import (
-    RefStats,
-    as_token_rows,
-    collect_activations,
-    reference_stats,
-    stats_from_activations,
-)
+from workbench.plateau.stats import RefStats, as_token_rows, prompt_texts, resolve_reference
 from workbench.results import Provenance, Result
+
+# pandas is imported where a table is built: it is slow to import and the engine does not need it.
 
 DEFAULT_FAMILIES = ("isotropic", "cov_random", "cov_mixture", "toward_real", "real_mixture")
 BASE_KINDS = {
@@ -51,7 +48,7 @@ def default_sizes() -> torch.Tensor:
 
 
 @dataclasses.dataclass(frozen=True)
-class PlateauResult(Result):
+class PlateauResult(SiteLabels, Result):
     """Output change against perturbation size, for every base activation and direction.
 
     Axes: base (one per prompt x position x base kind), direction (families concatenated in order), size.
@@ -134,14 +131,6 @@ class PlateauResult(Result):
         return (
             f"prompt {self.base_prompt[base]}, pos {self.base_position[base]} {self.base_token[base]!r}{kind}"
         )
-
-    @property
-    def site_label(self) -> str:
-        return f"{self.site} {self.layer}"
-
-    @property
-    def read_label(self) -> str:
-        return self.read_site if self.read_layer is None else f"{self.read_site} {self.read_layer}"
 
     # -- curves and their summaries ---------------------------------------------------------------------
     def curves(self, metric: str = "kl") -> torch.Tensor:
@@ -246,34 +235,6 @@ class PlateauResult(Result):
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _prompt_texts(model, rows: Sequence[torch.Tensor], data) -> tuple[str, ...]:
-    if isinstance(data, str):
-        return (data,)
-    if not isinstance(data, torch.Tensor) and all(isinstance(x, str) for x in data):
-        return tuple(data)
-    if model.tokenizer is None:
-        return tuple(f"tokens {r[0].tolist()}" for r in rows)
-    return tuple("".join(model.to_str_tokens(r[0])) for r in rows)
-
-
-def _resolve_reference(model, reference, rows, where: Where, *, run: Run) -> RefStats:
-    if isinstance(reference, RefStats):
-        if (reference.site, reference.layer) != (where.site, where.layer):
-            raise InputError(
-                f"The reference statistics are for {reference.site} layer {reference.layer}, but the probe writes "
-                f"{where.site} layer {where.layer}; compute them at the same site."
-            )
-        if reference.d_model != model.cfg.d_model:
-            raise InputError("The reference statistics have a different width (d_model) from this model.")
-        return reference
-    if reference is None:
-        acts = collect_activations(model, rows, site=where.site, layer=where.layer, run=run.quiet())
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # re-raised by probe() with the others
-            return stats_from_activations(acts, site=where.site, layer=where.layer, model_name=model.name)
-    return reference_stats(model, reference, layer=where.layer, site=where.site, run=run)
-
-
 def _check_sizes(sizes) -> torch.Tensor:
     sizes = default_sizes() if sizes is None else torch.as_tensor(sizes, dtype=torch.float32).flatten()
     if len(sizes) < 2:
@@ -366,7 +327,7 @@ class ProbeSpec:
                 "small KLs and small perturbations can vanish, which can fake or hide a plateau. Load the model "
                 "in float32 for plateau probes if you can (see noise_floor)."
             )
-        texts = _prompt_texts(model, rows, prompts)
+        texts = prompt_texts(model, rows, prompts)
         scale = None if scale is None else float(scale)
         return cls(
             where, tuple(rows), texts, tuple(pos_lists), positions, families, user, n_directions, sizes,
@@ -474,7 +435,7 @@ def probe(
     notes = list(spec.notes)
     ref = None
     if spec.needs_reference:
-        ref = _resolve_reference(model, reference, spec.rows, spec.where, run=run)
+        ref = resolve_reference(model, reference, spec.rows, spec.where.site, spec.where.layer, run)
         notes.extend(ref.warnings)
     if spec.scale is None:
         scale, scale_label = ref.median_norm, f"median ‖{spec.where.label()}‖ = {ref.median_norm:.4g}"

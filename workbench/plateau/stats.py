@@ -21,6 +21,8 @@ from workbench.core import CancelToken, ProgressCallback, Run, positive_size
 from workbench.errors import InputError
 from workbench.results import Provenance, Result
 
+# pandas is imported where a table is built: it is slow to import and the engine does not need it.
+
 MIN_SAMPLES_PER_DIM = 10
 """Below this many samples per dimension `reference_stats` warns that the covariance is poorly estimated."""
 
@@ -294,3 +296,40 @@ def reference_stats(
         max_samples=max_samples,
         skip_positions=skip_positions,
     )
+
+
+def resolve_reference(model, reference, rows, site: str, layer: int, run: Run) -> RefStats:
+    """Reference statistics at `site` of `layer` (where an engine writes activations): `reference` itself when it
+    is a `RefStats` (checked), else computed from texts or tokens, or (None) from the prompts' own token rows
+    `rows` (their warnings are left to the engine, which raises them with its others)."""
+    if isinstance(reference, RefStats):
+        if (reference.site, reference.layer) != (site, layer):
+            raise InputError(
+                f"The reference statistics are for {reference.site} layer {reference.layer}, but activations are "
+                f"written at {site} layer {layer}; compute them at the same site."
+            )
+        if reference.d_model != model.cfg.d_model:
+            raise InputError("The reference statistics have a different width (d_model) from this model.")
+        return reference
+    if reference is None:
+        acts = collect_activations(model, rows, site=site, layer=layer, run=run.quiet())
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return stats_from_activations(acts, site=site, layer=layer, model_name=model.name)
+    return reference_stats(model, reference, layer=layer, site=site, run=run)
+
+
+def row_texts(model, rows) -> tuple[str, ...]:
+    """Token rows ([1, pos] each) as text (or "tokens [...]" without a tokenizer)."""
+    if model.tokenizer is None:
+        return tuple(f"tokens {r[0].tolist()}" for r in rows)
+    return tuple("".join(model.to_str_tokens(r[0])) for r in rows)
+
+
+def prompt_texts(model, rows, data) -> tuple[str, ...]:
+    """The prompts `data` as the caller gave them when they are texts, else their token `rows` as text."""
+    if isinstance(data, str):
+        return (data,)
+    if not isinstance(data, torch.Tensor) and all(isinstance(x, str) for x in data):
+        return tuple(data)
+    return row_texts(model, rows)
