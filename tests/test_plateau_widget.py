@@ -89,11 +89,21 @@ def test_tokens_along_figure(result):
     heat = fig.data[0]
     assert heat.customdata[0][0] == result.token_strings[int(result.ref_top_ids[1, 0])]  # size 0: unperturbed
     assert heat.customdata[0][-1] == result.token_strings[int(result.top_ids[1, 2, -1, 0])]
-    # a cell is labelled where its token changes: runs of one token read once
+    # each run of one token is labelled at most once, and the labels leave room for each other
+    cell = viz.RIBBON_PX / len(heat.customdata[0])
     for tokens, labels in zip(heat.customdata, heat.text):
-        assert [bool(label) for label in labels] == [
-            j == 0 or t != tokens[j - 1] for j, t in enumerate(tokens)
+        shown = [j for j, label in enumerate(labels) if label]
+        assert all(viz._short(tokens[j]) == labels[j] for j in shown)
+        for a, b in zip(shown, shown[1:]):  # another label only after the token changed
+            assert any(tokens[j] != tokens[a] for j in range(a, b + 1))
+        spans = [
+            (j - len(labels[j]) * viz.CHAR_PX / cell / 2, j + len(labels[j]) * viz.CHAR_PX / cell / 2)
+            for j in shown
         ]
+        assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:]))
+        assert all(-0.5 <= a and b <= len(tokens) - 0.5 for a, b in spans)
+    row = viz.ribbon_labels([["Mary"] * 3 + ["neighbourhood"] + ["to"] * 29])[0]
+    assert row[1] == "Mary" and not any(row[2:5]) and row.count("to") == 1
     family = result.families[2]
     n = result.families.count(family)
     assert f"{family} direction {2 - result.families.index(family) + 1} of {n}" in fig.layout.title.text

@@ -381,8 +381,10 @@ RENDERED_JS = """gd => {
 
 def rendered(plot) -> dict:
     """What plotly.js holds and drew for a figure: its data and layout, each shown axis (range, type,
-    categories) and every text of the SVG (titles, annotations, ticks, legend)."""
-    return plot.evaluate(RENDERED_JS)
+    categories) and every text of the SVG (titles, annotations, ticks, legend). NaN reads as None, as in the
+    kernel's JSON."""
+    view = plot.evaluate(RENDERED_JS)
+    return {**view, "data": plain(view["data"]), "layout": plain(view["layout"])}
 
 
 def rerun_cell(page, cell, name: str) -> None:

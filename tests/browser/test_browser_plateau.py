@@ -124,7 +124,7 @@ def test_views_switch_without_a_run_and_say_when_run_is_needed(panel, views, fig
         .evaluate("e => e.getBoundingClientRect()")
     )
     assert label["right"] <= legend["left"] or label["bottom"] <= legend["top"], (label, legend)
-    assert shown["texts"]
+    assert shown["figure"]["texts"]
     view_button(page, "Interpolation").click()
     expect(figure(page).locator(".annotation-text")).to_contain_text("press Run", timeout=SLOW_MS)
     expect(page.locator(".wb-status")).to_contain_text("press Run")

@@ -197,6 +197,8 @@ def _errors(fig, result, row: int, col: int) -> None:
         if mod not in seen:
             seen.add(mod)
             modules.append((mod, site))
+    order = list(result.statistics.norms)  # the order of the scale distributions above
+    modules.sort(key=lambda m: order.index(m[0]) if m[0] in order else len(order))
     all_err = [result.error_summary(site)["mean_error"] for _, site in modules]
     rest = [result.error_summary(site)["mean_error_excl_first"] for _, site in modules]
     first = [result.error_summary(site)["first_pos_error"] for _, site in modules]

@@ -198,20 +198,28 @@ def plateau_lengths(
             row=2,
             col=1,
         )
-    # the label to the left of its line: to the right it runs into the legend
-    fig.add_vline(
+    fig.add_vline(x=smax, line=dict(color="#888", dash="dot", width=1))
+    # one label, above the histogram and left of its line (right of it is the legend)
+    fig.add_annotation(
+        text="never crossed →",
         x=smax,
-        line=dict(color="#888", dash="dot", width=1),
-        annotation_text="never crossed →",
-        annotation_position="top left",
+        y=1,
+        xref="x",
+        yref="y domain",
+        xanchor="right",
+        yanchor="bottom",
+        showarrow=False,
+        font=dict(size=11, color="#666"),
     )
     unit = "nats" if metric == "kl" else "L2"
     white(fig).update_layout(
         barmode="overlay",
         title=f"Plateau length: size where {metric.upper()} first exceeds {threshold:.3g} {unit} "
         f"(tests against {baseline})",
-        legend=dict(title="family"),
-        height=560,
+        # below the plots: its entries carry the test results and would squeeze the plots from the side
+        legend=dict(title="family", orientation="h", x=0, y=-0.16, yanchor="top"),
+        height=640,
+        margin=dict(b=150),
     )
     fig.update_xaxes(range=[0, beyond + smax * 0.04])
     fig.update_xaxes(title_text=f"plateau length (× {result.scale_label})", row=2, col=1)
@@ -220,23 +228,49 @@ def plateau_lengths(
     return fig
 
 
+# token labels are placed for a plot area about this wide (a notebook figure's default), in pixels per character
+RIBBON_PX, CHAR_PX = 500, 7.0
+
+
+def ribbon_labels(tokens: list[list[str]]) -> list[list[str]]:
+    """Cell labels for rows of tokens: each run of one token is labelled once, as near the middle of the run as
+    the label has room (it would otherwise run into its neighbours or out of the plot); hover shows every cell."""
+    out = []
+    for row in tokens:
+        n = len(row)
+        cell = RIBBON_PX / max(n, 1)
+        labels, right = [""] * n, -0.5
+        start = 0
+        while start < n:
+            end = start
+            while end + 1 < n and row[end + 1] == row[start]:
+                end += 1
+            text = _short(row[start])
+            half = len(text) * CHAR_PX / cell / 2
+            for c in sorted(range(start, end + 1), key=lambda c: abs(c - (start + end) / 2)):
+                if c - half >= right and c + half <= n - 0.5:
+                    labels[c], right = text, c + half + 0.2
+                    break
+            start = end + 1
+        out.append(labels)
+    return out
+
+
 def token_ribbon(x, ids, probs, token_strings: dict[int, str], x_title: str, title: str) -> go.Figure:
-    """Top-k tokens along a path: x [step], ids/probs [step, k]. Cell colour = probability; a cell is labelled
-    where its token differs from the step before (a run of one token is labelled once, so 32 steps stay
-    readable); hover shows every cell's token."""
+    """Top-k tokens along a path: x [step], ids/probs [step, k]. Cell colour = probability; each run of one
+    token is labelled once where there is room (see `ribbon_labels`); hover shows every cell's token."""
     ids, probs = torch.as_tensor(ids), torch.as_tensor(probs)
     n_steps, k = ids.shape
     tokens = [
         [token_strings.get(int(ids[j, r]), str(int(ids[j, r]))) for j in range(n_steps)] for r in range(k)
     ]
-    labels = [[_short(t) if j == 0 or t != row[j - 1] else "" for j, t in enumerate(row)] for row in tokens]
     z = probs.T.numpy()
     fig = go.Figure(
         go.Heatmap(
             x=[float(v) for v in x],
             y=[f"#{r + 1}" for r in range(k)],
             z=z,
-            text=labels,
+            text=ribbon_labels(tokens),
             customdata=tokens,
             texttemplate="%{text}",
             textfont=dict(size=11),
@@ -252,7 +286,7 @@ def token_ribbon(x, ids, probs, token_strings: dict[int, str], x_title: str, tit
         title=title,
         xaxis=dict(title=x_title, nticks=12),
         yaxis=dict(title="rank", autorange="reversed"),
-        height=260,
+        height=300,
     )
     return fig
 
