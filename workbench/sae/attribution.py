@@ -22,6 +22,8 @@ from workbench.results import Provenance, Result
 from workbench.sae import activations as acts
 from workbench.sae.model import SAE
 
+# pandas is imported where a table is built: it is slow to import and the engine does not need it.
+
 METRICS = ("logit_diff", "logprob")
 
 

@@ -20,6 +20,8 @@ from workbench.results import Provenance, Result
 from workbench.sae import activations as acts
 from workbench.sae.model import SAE
 
+# pandas is imported where a table is built: it is slow to import and the engine does not need it.
+
 
 @dataclasses.dataclass(frozen=True)
 class LatentContexts(Result):
@@ -140,13 +142,7 @@ def top_contexts(
     latents: indices (at most 512), or None for the 16 most frequent latents (needs `sae.firing_frequency`).
     """
     layer = acts.check_site(model, sae.cfg.site, sae.cfg.layer)
-    if latents is None:
-        if sae.firing_frequency is None:
-            raise InputError("Name the latents to show (this SAE has no firing frequencies to pick from).")
-        latents = sae.firing_frequency.topk(min(16, sae.d_sae)).indices.tolist()
-    latents = [sae._index(int(i)) for i in latents]
-    if not latents or len(latents) > 512:
-        raise InputError("Give between 1 and 512 latents.")
+    latents = _check_latents(sae, latents)
     for name, value in (("k", k), ("bins", bins)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise InputError(f"{name} must be a positive whole number.")
@@ -154,95 +150,121 @@ def top_contexts(
         raise InputError("before and after must be >= 0.")
     run = Run.of(run, progress=progress, cancel=cancel)
     tokens = acts.token_rows(model, data, seq_len)
-    skip = sae.cfg.skip_positions
-    n_rows = len(tokens)
-    n_tok = acts.n_tokens(tokens, skip)
+    n_tok = acts.n_tokens(tokens, sae.cfg.skip_positions)
     if n_tok == 0:
-        raise InputError(f"The rows leave nothing after {skip} skipped positions.")
-    idx = torch.tensor(latents)
-    L, W = len(latents), before + 1 + after
-    best_val = torch.zeros(L, k)
-    best_row = torch.full((L, k), -1, dtype=torch.long)
-    best_pos = torch.full((L, k), -1, dtype=torch.long)
-    best_ids = torch.full((L, k, W), -1, dtype=torch.long)
-    best_acts = torch.zeros(L, k, W)
-    fires = torch.zeros(L, dtype=torch.float64)
-    total = torch.zeros(L, dtype=torch.float64)
-    nz_latent: list[torch.Tensor] = []
-    nz_value: list[torch.Tensor] = []
-    sae_cpu = sae.to("cpu")
+        raise InputError(f"The rows leave nothing after {sae.cfg.skip_positions} skipped positions.")
+    best = _Best(model, sae, layer, tokens, latents, k, before, after)
     spans = acts.batches(tokens, rows_per_chunk=rows_per_chunk)
-    offsets = torch.arange(-before, after + 1)
+    run.map(spans, best.add, desc="latent contexts", weights=[len(s) for s in spans])
+    return best.result(model, n_tok, bins, seq_len)
 
-    def one(span: list[int]) -> None:
-        nonlocal best_val, best_row, best_pos, best_ids, best_acts
-        toks, mask = acts.padded(tokens, span)
+
+def _check_latents(sae: SAE, latents) -> list[int]:
+    """The latents to show as indices (None: the 16 most frequent)."""
+    if latents is None:
+        if sae.firing_frequency is None:
+            raise InputError("Name the latents to show (this SAE has no firing frequencies to pick from).")
+        latents = sae.firing_frequency.topk(min(16, sae.d_sae)).indices.tolist()
+    latents = [sae._index(int(i)) for i in latents]
+    if not latents or len(latents) > 512:
+        raise InputError("Give between 1 and 512 latents.")
+    return latents
+
+
+class _Best:
+    """The `k` largest activations of each latent seen so far, with their contexts, merged chunk by chunk (`add`),
+    and how often each latent fires; `result` gives the `LatentContexts`."""
+
+    def __init__(self, model, sae: SAE, layer, tokens, latents: list[int], k: int, before: int, after: int):
+        self.model, self.sae, self.layer, self.tokens = model, sae, layer, tokens
+        self.sae_cpu = sae.to("cpu")
+        self.latents, self.k, self.before, self.after = latents, k, before, after
+        self.idx = torch.tensor(latents)
+        L, W = len(latents), before + 1 + after
+        self.val = torch.zeros(L, k)
+        self.row = torch.full((L, k), -1, dtype=torch.long)
+        self.pos = torch.full((L, k), -1, dtype=torch.long)
+        self.ids = torch.full((L, k, W), -1, dtype=torch.long)
+        self.acts = torch.zeros(L, k, W)
+        self.fires = torch.zeros(L, dtype=torch.float64)
+        self.total = torch.zeros(L, dtype=torch.float64)
+        self.nz_latent: list[torch.Tensor] = []
+        self.nz_value: list[torch.Tensor] = []
+        self.offsets = torch.arange(-before, after + 1)
+
+    def add(self, span: list[int]) -> None:
+        """Encode the rows `span` and merge their top activations into the best so far."""
+        skip, L, W, k = self.sae.cfg.skip_positions, len(self.latents), self.before + 1 + self.after, self.k
+        toks, mask = acts.padded(self.tokens, span)
         n_pos = toks.shape[1]
-        x = acts.site_activations(model, toks, sae.cfg.site, layer)
+        x = acts.site_activations(self.model, toks, self.sae.cfg.site, self.layer)
         with torch.no_grad():
-            f = sae_cpu.encode(x)[..., idx]  # [rows, pos, L]
+            f = self.sae_cpu.encode(x)[..., self.idx]  # [rows, pos, L]
         f[:, :skip] = 0
         f[~mask] = 0  # padding
         toks = torch.where(mask, toks, torch.full_like(toks, -1))
-        fires.add_((f > 0).sum((0, 1)).double())
-        total.add_(f.sum((0, 1)).double())
+        self.fires.add_((f > 0).sum((0, 1)).double())
+        self.total.add_(f.sum((0, 1)).double())
         flat = f.reshape(-1, L)  # [rows * pos, L]
         on = torch.nonzero(flat > 0)
-        nz_latent.append(on[:, 1])
-        nz_value.append(flat[on[:, 0], on[:, 1]])
+        self.nz_latent.append(on[:, 1])
+        self.nz_value.append(flat[on[:, 0], on[:, 1]])
         vals, where = flat.topk(min(k, flat.shape[0]), dim=0)  # [k', L]
         r, p = where // n_pos, where % n_pos
-        cols = (p[..., None] + offsets).clamp(0, n_pos - 1)  # [k', L, W]
-        inside = ((p[..., None] + offsets) >= 0) & ((p[..., None] + offsets) < n_pos)
+        cols = (p[..., None] + self.offsets).clamp(0, n_pos - 1)  # [k', L, W]
+        inside = ((p[..., None] + self.offsets) >= 0) & ((p[..., None] + self.offsets) < n_pos)
         ids = torch.where(inside, toks[r[..., None], cols], torch.full_like(cols, -1))  # padding stays -1
         lat = torch.arange(L)[None, :, None].expand_as(cols)
         ctx = torch.where(inside, f[r[..., None], cols, lat], torch.zeros(cols.shape))
-        all_val = torch.cat([best_val, vals.T], dim=1)
-        all_row = torch.cat([best_row, (torch.tensor(span)[r]).T], dim=1)
-        all_pos = torch.cat([best_pos, p.T], dim=1)
-        all_ids = torch.cat([best_ids, ids.permute(1, 0, 2)], dim=1)
-        all_acts = torch.cat([best_acts, ctx.permute(1, 0, 2)], dim=1)
+        all_val = torch.cat([self.val, vals.T], dim=1)
         keep = all_val.topk(k, dim=1).indices
-        best_val = all_val.gather(1, keep)
-        best_row = all_row.gather(1, keep)
-        best_pos = all_pos.gather(1, keep)
-        best_ids = all_ids.gather(1, keep[..., None].expand(-1, -1, W))
-        best_acts = all_acts.gather(1, keep[..., None].expand(-1, -1, W))
+        self.val = all_val.gather(1, keep)
+        self.row = torch.cat([self.row, (torch.tensor(span)[r]).T], dim=1).gather(1, keep)
+        self.pos = torch.cat([self.pos, p.T], dim=1).gather(1, keep)
+        keep_w = keep[..., None].expand(-1, -1, W)
+        self.ids = torch.cat([self.ids, ids.permute(1, 0, 2)], dim=1).gather(1, keep_w)
+        self.acts = torch.cat([self.acts, ctx.permute(1, 0, 2)], dim=1).gather(1, keep_w)
 
-    run.map(spans, one, desc="latent contexts", weights=[len(s) for s in spans])
-    unused = best_val <= 0
-    best_row[unused], best_pos[unused], best_ids[unused] = -1, -1, -1
-    nz_l, nz_v = torch.cat(nz_latent), torch.cat(nz_value)
-    top = best_val[:, 0].clamp(min=1e-12)
-    edges = torch.stack([torch.linspace(0, float(t), bins + 1) for t in top])
-    hist = torch.stack([torch.histc(nz_v[nz_l == i], bins=bins, min=0, max=float(top[i])) for i in range(L)])
-    ids = torch.unique(best_ids[best_ids >= 0]).tolist()
-    strings = {i: model.tokenizer.decode([i]) for i in ids} if model.tokenizer is not None else {}
-    return LatentContexts(
-        latents=idx,
-        values=best_val,
-        row=best_row,
-        position=best_pos,
-        context_ids=best_ids,
-        context_acts=best_acts,
-        center=before,
-        frequency=(fires / n_tok).float(),
-        mean_active=(total / fires.clamp(min=1)).float(),
-        histogram=hist,
-        bin_edges=edges,
-        token_strings=strings,
-        n_tokens=n_tok,
-        site=sae.cfg.site,
-        layer=layer,
-        sae=repr(sae),
-        provenance=Provenance.capture(
-            model.name,
+    def result(self, model, n_tok: int, bins: int, seq_len: int | None) -> LatentContexts:
+        unused = self.val <= 0
+        self.row[unused], self.pos[unused], self.ids[unused] = -1, -1, -1
+        nz_l, nz_v = torch.cat(self.nz_latent), torch.cat(self.nz_value)
+        top = self.val[:, 0].clamp(min=1e-12)
+        edges = torch.stack([torch.linspace(0, float(t), bins + 1) for t in top])
+        hist = torch.stack(
+            [
+                torch.histc(nz_v[nz_l == i], bins=bins, min=0, max=float(top[i]))
+                for i in range(len(self.latents))
+            ]
+        )
+        ids = torch.unique(self.ids[self.ids >= 0]).tolist()
+        strings = {i: model.tokenizer.decode([i]) for i in ids} if model.tokenizer is not None else {}
+        sae = self.sae
+        return LatentContexts(
+            latents=self.idx,
+            values=self.val,
+            row=self.row,
+            position=self.pos,
+            context_ids=self.ids,
+            context_acts=self.acts,
+            center=self.before,
+            frequency=(self.fires / n_tok).float(),
+            mean_active=(self.total / self.fires.clamp(min=1)).float(),
+            histogram=hist,
+            bin_edges=edges,
+            token_strings=strings,
+            n_tokens=n_tok,
+            site=sae.cfg.site,
+            layer=self.layer,
             sae=repr(sae),
-            latents=latents,
-            k=k,
-            before=before,
-            after=after,
-            n_rows=n_rows,
-            seq_len=seq_len,
-        ),
-    )
+            provenance=Provenance.capture(
+                model.name,
+                sae=repr(sae),
+                latents=self.latents,
+                k=self.k,
+                before=self.before,
+                after=self.after,
+                n_rows=len(self.tokens),
+                seq_len=seq_len,
+            ),
+        )

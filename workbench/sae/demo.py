@@ -10,13 +10,17 @@ Everything is deterministic (the demo corpus is generated from fixed seeds), so 
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import torch
 
 from workbench.errors import InputError
+from workbench.plateau import reference_stats
+from workbench.results import Provenance
 from workbench.sae.io import load_sae
 from workbench.sae.model import SAE
+from workbench.tasks import demo_corpus
 
 DEMO_SAE_DIR: Path = Path(__file__).resolve().parent / "demo"
 """The committed demo SAE (SAELens layout), trained and measured by ``python -m workbench.sae.train_demo``."""
@@ -40,8 +44,6 @@ def load_demo_sae() -> SAE:
 
 
 def _validation(n_docs: int) -> list[str]:
-    from workbench.tasks import demo_corpus
-
     return demo_corpus("validation", n_docs)
 
 
@@ -69,11 +71,6 @@ def demo_reference(model, rows: int = 2_000, seq_len: int = 12, *, layer: int = 
     """`RefStats` (mean, Ledoit-Wolf covariance, median norm) of the demo model at `site` of `layer` on `rows`
     document starts of `seq_len` tokens (BOS first) from validation documents (position 0 excluded), disjoint
     from the prompts' documents."""
-    import dataclasses
-
-    from workbench.plateau import reference_stats
-    from workbench.results import Provenance
-
     docs = _validation(REFERENCE_DOCS[1])[REFERENCE_DOCS[0] :]
     starts = document_starts(model, docs, seq_len - 1, rows)
     ref = reference_stats(model, starts, layer=layer, site=site, progress=False)

@@ -26,6 +26,8 @@ from workbench.results import Provenance, Result
 from workbench.sae import activations as acts
 from workbench.sae.model import SAE
 
+# pandas is imported where a table is built: it is slow to import and the engine does not need it.
+
 DENSE_THRESHOLD = 0.1
 """A latent firing on more than this fraction of tokens counts as dense."""
 
@@ -165,6 +167,29 @@ def evaluate_sae(
     Four traces per chunk of rows: clean, spliced, zero-ablated, mean-ablated (the mean over all evaluated
     tokens, so mean ablation runs in a second pass). Splicing runs the SAE inside the trace: local models only.
     """
+    sae, layer = _check_sae(model, sae)
+    run = Run.of(run, progress=progress, cancel=cancel)
+    rows = acts.token_rows(model, data, seq_len)
+    skip = sae.cfg.skip_positions
+    rows = [r for r in rows if len(r) > max(skip, 1)]
+    if not rows:
+        raise InputError(f"No row is longer than the {max(skip, 1)} positions an evaluation needs.")
+    sae = sae.to(model.device)
+    spans = acts.batches(rows, rows_per_chunk=rows_per_chunk)
+    tally = _Tally(model, sae, layer, rows)
+    run.map(spans, tally.add, desc="evaluating SAE", weights=[len(s) for s in spans])
+    mean = (tally.sum / tally.n_tokens).float()
+    run.map(
+        spans,
+        lambda span: tally.add_mean_ablation(span, mean),
+        desc="mean ablation",
+        weights=[len(s) for s in spans],
+    )
+    return tally.result(model, layer, dense_threshold)
+
+
+def _check_sae(model, sae: SAE) -> tuple[SAE, int | None]:
+    """`sae` with its layer resolved, and that layer; errors for SAEs this model cannot splice in."""
     if not isinstance(sae, SAE):
         raise InputError(f"evaluate_sae takes a workbench SAE, got {type(sae).__name__}.")
     if model.remote is True:
@@ -178,113 +203,118 @@ def evaluate_sae(
             f"The SAE reads vectors of width {sae.d_in}, but {sae.cfg.site} of {model.name} has width "
             f"{acts.site_width(model, sae.cfg.site)}: it belongs to another model."
         )
-    if layer != sae.cfg.layer:
-        sae = _at_layer(sae, layer)
-    run = Run.of(run, progress=progress, cancel=cancel)
-    rows = acts.token_rows(model, data, seq_len)
-    skip = sae.cfg.skip_positions
-    rows = [r for r in rows if len(r) > max(skip, 1)]
-    if not rows:
-        raise InputError(f"No row is longer than the {max(skip, 1)} positions an evaluation needs.")
-    sae = sae.to(model.device)
-    spans = acts.batches(rows, rows_per_chunk=rows_per_chunk)
-    n_pos = max(len(r) for r in rows)
-    l0_sum = torch.zeros(n_pos, dtype=torch.float64)
-    l0_count = torch.zeros(n_pos, dtype=torch.float64)
+    return (sae if layer == sae.cfg.layer else _at_layer(sae, layer)), layer
 
-    totals = {
-        "err": 0.0,
-        "sq": torch.zeros(sae.d_in, dtype=torch.float64),
-        "sum": torch.zeros(sae.d_in, dtype=torch.float64),
-    }
-    fires = torch.zeros(sae.d_sae, dtype=torch.float64)
-    l0_tokens: list[torch.Tensor] = []
-    losses = {"clean": [], "sae": [], "zero": [], "kl": []}
 
-    def first_pass(span: list[int]) -> None:
-        toks, mask = acts.padded(rows, span)
+class _Tally:
+    """Sums over the evaluated tokens, chunk of rows by chunk (`add`, then `add_mean_ablation`), and the
+    `SAEEvaluation` they give (`result`)."""
+
+    def __init__(self, model, sae: SAE, layer: int | None, rows: list[torch.Tensor]):
+        self.model, self.sae, self.layer, self.rows = model, sae, layer, rows
+        self.skip = sae.cfg.skip_positions
+        self.n_pos = max(len(r) for r in rows)
+        self.l0_sum = torch.zeros(self.n_pos, dtype=torch.float64)
+        self.l0_count = torch.zeros(self.n_pos, dtype=torch.float64)
+        self.err = 0.0
+        self.sq = torch.zeros(sae.d_in, dtype=torch.float64)
+        self.sum = torch.zeros(sae.d_in, dtype=torch.float64)
+        self.fires = torch.zeros(sae.d_sae, dtype=torch.float64)
+        self.l0_tokens: list[torch.Tensor] = []
+        self.losses: dict[str, list[torch.Tensor]] = {
+            "clean": [],
+            "sae": [],
+            "zero": [],
+            "kl": [],
+            "mean": [],
+        }
+
+    @property
+    def n_tokens(self) -> int:
+        return int(sum(len(t) for t in self.l0_tokens))
+
+    def add(self, span: list[int]) -> None:
+        """Reconstruction, sparsity and the clean, spliced and zero-ablated losses of the rows `span`."""
+        model, sae, skip = self.model, self.sae, self.skip
+        toks, mask = acts.padded(self.rows, span)
         on = mask[:, skip:]  # [row, pos - skip] real positions the SAE encodes
-        x = acts.site_activations(model, toks, sae.cfg.site, layer)[:, skip:][on].to(model.device)  # [n, d]
+        x = acts.site_activations(model, toks, sae.cfg.site, self.layer)[:, skip:][on].to(
+            model.device
+        )  # [n, d]
         f = sae.encode(x)
         x_hat = sae.reconstruct(x)
         active = f > 0
         per = torch.zeros(on.shape, dtype=torch.long)
         per[on] = active.sum(-1).cpu()
-        l0_tokens.append(per[on])
-        l0_sum[skip : skip + per.shape[1]] += per.sum(0).double()
-        l0_count[skip : skip + per.shape[1]] += on.sum(0).double()
-        fires.add_(active.sum(0).double().cpu())
+        self.l0_tokens.append(per[on])
+        self.l0_sum[skip : skip + per.shape[1]] += per.sum(0).double()
+        self.l0_count[skip : skip + per.shape[1]] += on.sum(0).double()
+        self.fires.add_(active.sum(0).double().cpu())
         flat = x.double().cpu()
-        totals["err"] += float((x_hat - x).pow(2).sum().double())
-        totals["sq"] += flat.pow(2).sum(0)
-        totals["sum"] += flat.sum(0)
+        self.err += float((x_hat - x).pow(2).sum().double())
+        self.sq += flat.pow(2).sum(0)
+        self.sum += flat.sum(0)
         predicted = mask[:, 1:]  # next-token losses where the next token is real
         clean = spliced_logits(model, sae, toks, "clean")
         spliced = spliced_logits(model, sae, toks, "sae")
         zero = spliced_logits(model, sae, toks, "zero")
-        losses["clean"].append(_next_token_loss(clean, toks).cpu()[predicted])
-        losses["sae"].append(_next_token_loss(spliced, toks).cpu()[predicted])
-        losses["zero"].append(_next_token_loss(zero, toks).cpu()[predicted])
+        self.losses["clean"].append(_next_token_loss(clean, toks).cpu()[predicted])
+        self.losses["sae"].append(_next_token_loss(spliced, toks).cpu()[predicted])
+        self.losses["zero"].append(_next_token_loss(zero, toks).cpu()[predicted])
         lp, lq = torch.log_softmax(clean.float(), -1), torch.log_softmax(spliced.float(), -1)
-        losses["kl"].append((lp.exp() * (lp - lq)).sum(-1)[:, :-1].cpu()[predicted])
+        self.losses["kl"].append((lp.exp() * (lp - lq)).sum(-1)[:, :-1].cpu()[predicted])
 
-    run.map(spans, first_pass, desc="evaluating SAE", weights=[len(s) for s in spans])
-    n_tok = int(sum(len(t) for t in l0_tokens))
-    mean = (totals["sum"] / n_tok).float()
-    mean_losses: list[torch.Tensor] = []
+    def add_mean_ablation(self, span: list[int], mean: torch.Tensor) -> None:
+        """The loss of the rows `span` with the site replaced by `mean` [d_in]."""
+        toks, mask = acts.padded(self.rows, span)
+        loss = _next_token_loss(spliced_logits(self.model, self.sae, toks, "fill", mean), toks).cpu()
+        self.losses["mean"].append(loss[mask[:, 1:]])
 
-    def second_pass(span: list[int]) -> None:
-        toks, mask = acts.padded(rows, span)
-        loss = _next_token_loss(spliced_logits(model, sae, toks, "fill", mean), toks).cpu()
-        mean_losses.append(loss[mask[:, 1:]])
+    def result(self, model, layer: int | None, dense_threshold: float) -> SAEEvaluation:
+        sae, n_tok = self.sae, self.n_tokens
+        variance = float((self.sq - self.sum**2 / n_tok).sum())
+        loss = {k: float(torch.cat(v).double().mean()) for k, v in self.losses.items()}
+        l0_all = torch.cat(self.l0_tokens)
+        nan = torch.full_like(self.l0_sum, float("nan"))
+        by_pos = torch.where(self.l0_count > 0, self.l0_sum / self.l0_count.clamp(min=1), nan).float()
+        freq = (self.fires / n_tok).float()
 
-    run.map(spans, second_pass, desc="mean ablation", weights=[len(s) for s in spans])
+        def recovered(baseline: float) -> float:
+            gap = baseline - loss["clean"]
+            return float("nan") if gap == 0 else (baseline - loss["sae"]) / gap
 
-    variance = float((totals["sq"] - totals["sum"] ** 2 / n_tok).sum())
-    loss = {k: float(torch.cat(v).double().mean()) for k, v in losses.items()}
-    loss_mean = float(torch.cat(mean_losses).double().mean())
-    l0_all = torch.cat(l0_tokens)
-    by_pos = torch.where(
-        l0_count > 0, l0_sum / l0_count.clamp(min=1), torch.full_like(l0_sum, float("nan"))
-    ).float()
-    freq = (fires / n_tok).float()
-
-    def recovered(baseline: float) -> float:
-        gap = baseline - loss["clean"]
-        return float("nan") if gap == 0 else (baseline - loss["sae"]) / gap
-
-    return SAEEvaluation(
-        l0=float(l0_all.float().mean()),
-        l0_by_position=by_pos,
-        l0_per_token=l0_all.to(torch.int32),
-        explained_variance=1 - totals["err"] / variance,
-        mse=totals["err"] / n_tok,
-        loss_clean=loss["clean"],
-        loss_spliced=loss["sae"],
-        loss_zero=loss["zero"],
-        loss_mean=loss_mean,
-        frac_recovered=recovered(loss["zero"]),
-        frac_recovered_mean=recovered(loss_mean),
-        kl_spliced=loss["kl"],
-        firing_frequency=freq,
-        dead=int((freq == 0).sum()),
-        dense=int((freq > dense_threshold).sum()),
-        dense_threshold=float(dense_threshold),
-        n_rows=len(rows),
-        seq_len=int(n_pos),
-        n_tokens=n_tok,
-        site=sae.cfg.site,
-        layer=layer,
-        sae=repr(sae),
-        provenance=Provenance.capture(
-            model.name,
-            sae=repr(sae),
-            n_rows=len(rows),
-            seq_len=int(n_pos),
-            skip_positions=skip,
+        return SAEEvaluation(
+            l0=float(l0_all.float().mean()),
+            l0_by_position=by_pos,
+            l0_per_token=l0_all.to(torch.int32),
+            explained_variance=1 - self.err / variance,
+            mse=self.err / n_tok,
+            loss_clean=loss["clean"],
+            loss_spliced=loss["sae"],
+            loss_zero=loss["zero"],
+            loss_mean=loss["mean"],
+            frac_recovered=recovered(loss["zero"]),
+            frac_recovered_mean=recovered(loss["mean"]),
+            kl_spliced=loss["kl"],
+            firing_frequency=freq,
+            dead=int((freq == 0).sum()),
+            dense=int((freq > dense_threshold).sum()),
             dense_threshold=float(dense_threshold),
-        ),
-    )
+            n_rows=len(self.rows),
+            seq_len=int(self.n_pos),
+            n_tokens=n_tok,
+            site=sae.cfg.site,
+            layer=layer,
+            sae=repr(sae),
+            provenance=Provenance.capture(
+                model.name,
+                sae=repr(sae),
+                n_rows=len(self.rows),
+                seq_len=int(self.n_pos),
+                skip_positions=self.skip,
+                dense_threshold=float(dense_threshold),
+            ),
+        )
 
 
 def _at_layer(sae: SAE, layer: int) -> SAE:

@@ -23,7 +23,9 @@ import os
 from pathlib import Path
 from typing import Any
 
+import huggingface_hub
 import torch
+from safetensors.torch import load_file, save_file
 
 from workbench.errors import InputError, ModelLoadError
 from workbench.sae.model import SAE, SAEConfig, site_of_hook
@@ -106,8 +108,6 @@ def save_sae(sae: SAE, path: str | os.PathLike) -> Path:
     ``sparsity.safetensors`` holds SAELens' ``sparsity`` (log10 of the firing frequency + 1e-10) and, for an exact
     round trip, the frequencies themselves under ``firing_frequency`` (SAELens ignores extra keys).
     """
-    from safetensors.torch import save_file
-
     if not isinstance(sae, SAE):
         raise InputError(f"save_sae takes a workbench SAE, got {type(sae).__name__}.")
     path = Path(path)
@@ -224,8 +224,6 @@ def _plain(value: Any) -> bool:
 def _from_files(
     cfg_path: Path, weights_path: Path, sparsity_path: Path | None, centre_input: bool | None
 ) -> SAE:
-    from safetensors.torch import load_file
-
     try:
         cfg = json.loads(Path(cfg_path).read_text())
     except (OSError, json.JSONDecodeError) as err:
@@ -261,10 +259,8 @@ def _from_files(
 
 
 def _hub_file(repo_id: str, filename: str, revision: str | None, optional: bool = False) -> Path | None:
-    from huggingface_hub import hf_hub_download
-
     try:
-        return Path(hf_hub_download(repo_id=repo_id, filename=filename, revision=revision))
+        return Path(huggingface_hub.hf_hub_download(repo_id=repo_id, filename=filename, revision=revision))
     except Exception as err:
         name = type(err).__name__
         if optional and name in ("EntryNotFoundError", "RemoteEntryNotFoundError"):

@@ -16,13 +16,19 @@ import dataclasses
 from collections.abc import Mapping
 from typing import ClassVar
 
+import numpy as np
 import torch
+from transformers import AutoModelForCausalLM
 
 from workbench.core import CancelToken, ProgressCallback, Run
 from workbench.errors import InputError, UnsupportedModelError
+from workbench.models import load_model
 from workbench.plateau import interpolate
 from workbench.plateau.stats import as_token_rows
 from workbench.results import Provenance, Result
+
+# pandas and scipy are imported where a summary table is built: they are slow to import and the engine does not
+# need them.
 
 
 def reinitialised(model, seed: int = 0):
@@ -30,9 +36,6 @@ def reinitialised(model, seed: int = 0):
     initialisation, seeded; the global random state is left as it was). Janiak et al.'s random-init control."""
     if model.remote is True or not model.is_transformer:
         raise UnsupportedModelError("reinitialised() needs a local transformers model.")
-    from transformers import AutoModelForCausalLM
-
-    from workbench.models import load_model
 
     config = model.module.config
     with torch.random.fork_rng(devices=[]):
@@ -90,7 +93,6 @@ class StableRegionsResult(Result):
     def summary(self):
         """Per model: median and interquartile range of the sharpness over pairs (a DataFrame), and the
         one-sided Mann-Whitney p-value that the first model's sharpness is larger than each other's."""
-        import numpy as np
         import pandas as pd
         from scipy import stats
 
@@ -176,7 +178,7 @@ def stable_regions(
         a, b = as_token_rows(first, prompts), as_token_rows(first, prompts_b)
     if not isinstance(n_steps, int) or n_steps < 3:
         raise InputError("n_steps must be an integer >= 3 (sharpness needs a slope between the endpoints).")
-    quiet = Run(progress=False, cancel=run.cancel, memory_budget=run.memory_budget, batch_size=run.batch_size)
+    quiet = run.quiet()
     results = run.map(
         list(models.items()),
         lambda item: interpolate(

@@ -53,21 +53,19 @@ from workbench.errors import InputError
 from workbench.plateau import kl_divergence
 from workbench.plateau.core import (
     WRITE_SITES,
+    SiteLabels,
     Where,
     clean_bases,
     reference_rows,
     resolve_positions,
     run_rows,
 )
-from workbench.plateau.stats import (
-    RefStats,
-    as_token_rows,
-    collect_activations,
-    reference_stats,
-    stats_from_activations,
-)
+from workbench.plateau.stats import RefStats, as_token_rows, prompt_texts, resolve_reference
 from workbench.results import Provenance, Result
 from workbench.sae.model import SAE
+
+# pandas and scipy are imported where a summary table is built: they are slow to import and the engine does not
+# need them.
 
 FAMILIES: dict[str, str] = {
     "real": "Model generated",
@@ -126,6 +124,18 @@ def _order(code: torch.Tensor) -> torch.Tensor:
     return torch.nonzero(code > 0).flatten()
 
 
+def _nearest_in_frequency(freq: torch.Tensor, latent: int, allowed: torch.Tensor, n: int) -> torch.Tensor:
+    """Indices of the (at most) `n` latents among `allowed` [d_sae] whose firing frequency `freq` [d_sae] is
+    closest to that of `latent` (the latent itself excluded)."""
+    dist = (freq - freq[latent]).abs()
+    dist[latent] = float("inf")
+    dist[~allowed] = float("inf")
+    n_ok = int(torch.isfinite(dist).sum())
+    if n_ok == 0:
+        raise InputError("The SAE has too few live latents to build a synthetic code.")
+    return dist.topk(min(n, n_ok), largest=False).indices
+
+
 def baseline_code(
     code: torch.Tensor,
     frequency: torch.Tensor,
@@ -140,13 +150,7 @@ def baseline_code(
     free = live.clone()
     freq = frequency.double()
     for i in _order(code).tolist():
-        dist = (freq - freq[i]).abs()
-        dist[i] = float("inf")
-        dist[~free] = float("inf")
-        n_ok = int(torch.isfinite(dist).sum())
-        if n_ok == 0:
-            raise InputError("The SAE has too few live latents to build a synthetic code.")
-        near = dist.topk(min(n_neighbours, n_ok), largest=False).indices
+        near = _nearest_in_frequency(freq, i, free, n_neighbours)
         j = int(near[torch.randint(len(near), (1,), generator=generator)])
         out[j] = code[i]
         free[j] = False
@@ -168,14 +172,7 @@ def structured_code(
     if len(active) == 0:
         return torch.zeros_like(code), -1
     t = int(code.argmax())
-    freq = frequency.double()
-    dist = (freq - freq[t]).abs()
-    dist[t] = float("inf")
-    dist[~live] = float("inf")
-    n_ok = int(torch.isfinite(dist).sum())
-    if n_ok == 0:
-        raise InputError("The SAE has too few live latents to build a synthetic code.")
-    candidates = dist.topk(min(n_anchor_candidates, n_ok), largest=False).indices
+    candidates = _nearest_in_frequency(frequency.double(), t, live, n_anchor_candidates)
     cos_t = unit_decoder @ unit_decoder[t]  # [d_sae]
     c = int(candidates[(cos_t[candidates] - anchor_cosine).abs().argmin()])
     cos_c = unit_decoder @ unit_decoder[c]
@@ -266,7 +263,7 @@ def path_points(
 
 
 @dataclasses.dataclass(frozen=True)
-class SyntheticTestResult(Result):
+class SyntheticTestResult(SiteLabels, Result):
     """Curves and per-curve statistics of one of the two tests, per family and sample.
 
     Axes: family, sample, step. Sample n runs in the context of prompt `sample_prompt[n]`; its "other" prompt
@@ -369,10 +366,6 @@ class SyntheticTestResult(Result):
     @property
     def n_steps(self) -> int:
         return int(self.l2.shape[-1])
-
-    @property
-    def read_label(self) -> str:
-        return self.read_site if self.read_layer is None else f"{self.read_site} {self.read_layer}"
 
     def label(self, family: str) -> str:
         return FAMILIES.get(family, family)
@@ -508,27 +501,298 @@ def _check_families(families, test: str) -> tuple[str, ...]:
     return families
 
 
-def _reference(model, reference, rows, where: Where, run: Run, notes: list[str]) -> RefStats:
-    if isinstance(reference, RefStats):
-        if (reference.site, reference.layer) != (where.site, where.layer):
+@dataclasses.dataclass(frozen=True)
+class SyntheticSpec:
+    """A synthetic-activation test resolved and checked before any model runs (see `synthetic_activation_test`
+    for the arguments).
+
+    rows: the prompts as [1, pos] token tensors; positions: the tested position of each row; texts: the prompts as
+    text; notes: pitfalls found while checking (raised as warnings with those of the run).
+    """
+
+    test: str
+    families: tuple[str, ...]
+    where: Where
+    rows: tuple[torch.Tensor, ...]
+    positions: tuple[tuple[int, ...], ...]
+    texts: tuple[str, ...]
+    position: int
+    n_steps: int
+    step_size: float | None
+    threshold: float
+    threshold_abs: float | None
+    n_neighbours: int
+    n_anchor_candidates: int
+    anchor_cosine: float | str
+    single_latent_activation: float | str
+    max_latents: int
+    seed: int
+    notes: tuple[str, ...]
+
+    @classmethod
+    def resolve(
+        cls,
+        model,
+        sae: SAE,
+        prompts,
+        *,
+        test,
+        families,
+        position,
+        n_steps,
+        step_size,
+        threshold,
+        threshold_abs,
+        read_site,
+        read_layer,
+        n_neighbours,
+        n_anchor_candidates,
+        anchor_cosine,
+        single_latent_activation,
+        max_latents,
+        seed,
+    ) -> SyntheticSpec:
+        if test not in TESTS:
+            raise InputError(f"test must be one of {', '.join(TESTS)}, got {test!r}.")
+        if not isinstance(sae, SAE):
+            raise InputError(f"sae must be a workbench SAE, got {type(sae).__name__}.")
+        families = _check_families(families, test)
+        if sae.cfg.site not in WRITE_SITES:
             raise InputError(
-                f"The reference statistics are for {reference.site} layer {reference.layer}; the SAE reads "
-                f"{where.site} layer {where.layer}. Compute them at the SAE's site."
+                f"The SAE reads {sae.cfg.site}; the tests write activations at residual-basis sites: "
+                f"{', '.join(WRITE_SITES)}."
             )
-        return reference
-    if reference is None:
-        sample = collect_activations(model, rows, site=where.site, layer=where.layer, cancel=run.cancel)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            ref = stats_from_activations(sample, site=where.site, layer=where.layer, model_name=model.name)
-        notes.append(
-            "The random family's mean and covariance come from the prompts' own activations; pass "
-            "reference=texts (or RefStats) with at least 10 x d_model activations for a good covariance."
+        where = Where.resolve(model, sae.cfg.site, sae.cfg.layer, read_site, read_layer)
+        if sae.d_in != model.cfg.d_model:
+            raise InputError(f"The SAE reads width {sae.d_in}; {model.name} has d_model {model.cfg.d_model}.")
+        _check_settings(
+            n_steps=n_steps, n_neighbours=n_neighbours, n_anchor_candidates=n_anchor_candidates,
+            max_latents=max_latents, threshold=threshold, threshold_abs=threshold_abs, step_size=step_size,
+            anchor_cosine=anchor_cosine, single_latent_activation=single_latent_activation,
+        )  # fmt: skip
+        rows = as_token_rows(model, prompts)
+        if len(rows) < 2:
+            raise InputError("Give at least two prompts: each sample needs another prompt.")
+        if not isinstance(position, int) or isinstance(position, bool):
+            raise InputError("position must be one integer.")
+        notes, positions = [], []
+        for r in rows:
+            pos, zero = resolve_positions(position, r.shape[-1])
+            if zero:
+                notes.append("Position 0 is used: its activation is an outlier (attention sink).")
+            positions.append(tuple(pos))
+        return cls(
+            test, families, where, tuple(rows), tuple(positions), prompt_texts(model, rows, prompts), position,
+            n_steps, step_size, threshold, threshold_abs, n_neighbours, n_anchor_candidates, anchor_cosine,
+            single_latent_activation, max_latents, seed, tuple(notes),
+        )  # fmt: skip
+
+    def provenance(self, model, sae: SAE) -> Provenance:
+        return Provenance.capture(
+            model.name,
+            sae=repr(sae),
+            prompts=list(self.texts),
+            test=self.test,
+            families=list(self.families),
+            position=self.position,
+            n_steps=self.n_steps,
+            step_size=self.step_size,
+            threshold=self.threshold,
+            threshold_abs=self.threshold_abs,
+            read_site=self.where.read_site,
+            read_layer=self.where.read_layer,
+            n_neighbours=self.n_neighbours,
+            n_anchor_candidates=self.n_anchor_candidates,
+            anchor_cosine=self.anchor_cosine,
+            single_latent_activation=self.single_latent_activation,
+            seed=self.seed,
         )
-        return ref
-    return reference_stats(
-        model, reference, layer=where.layer, site=where.site, progress=False, cancel=run.cancel
+
+
+def _check_settings(
+    *,
+    n_steps,
+    n_neighbours,
+    n_anchor_candidates,
+    max_latents,
+    threshold,
+    threshold_abs,
+    step_size,
+    anchor_cosine,
+    single_latent_activation,
+) -> None:
+    for name, value, low in (("n_steps", n_steps, 3), ("n_neighbours", n_neighbours, 1),
+                             ("n_anchor_candidates", n_anchor_candidates, 1), ("max_latents", max_latents, 1)):  # fmt: skip
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise InputError(f"{name} must be a whole number >= {low}, got {value!r}.")
+    if not (isinstance(threshold, (int, float)) and threshold > 0):
+        raise InputError(f"threshold is a positive fraction of the typical distance, got {threshold!r}.")
+    if threshold_abs is not None and not threshold_abs > 0:
+        raise InputError("threshold_abs must be positive.")
+    if step_size is not None and not step_size > 0:
+        raise InputError("step_size must be positive.")
+    if not (
+        anchor_cosine == "auto" or (isinstance(anchor_cosine, (int, float)) and -1 <= anchor_cosine <= 1)
+    ):
+        raise InputError(f"anchor_cosine must be 'auto' or a cosine in [-1, 1], got {anchor_cosine!r}.")
+    single = single_latent_activation
+    if not (single == "auto" or (isinstance(single, (int, float)) and single > 0)):
+        raise InputError("single_latent_activation must be 'auto' or a positive number.")
+
+
+@dataclasses.dataclass(frozen=True)
+class _Families:
+    """The samples' real codes and every family's activation, in the SAE's input space.
+
+    codes: [sample, d_sae] codes of the real activations; frequency: [d_sae] firing frequencies of the synthetic
+    picks; unit_decoder: [d_sae, d_in] unit decoder rows; anchor, single: the anchor cosine and single-latent
+    activation used; vectors: [family, sample, d_in]; codes_of: [family, sample, d_sae] each activation's code
+    (its own for synthetic families, its SAE encoding otherwise); reencoding: [family, sample] (NaN for families
+    not built from codes).
+    """
+
+    codes: torch.Tensor
+    frequency: torch.Tensor
+    unit_decoder: torch.Tensor
+    anchor: float
+    single: float
+    vectors: torch.Tensor
+    codes_of: torch.Tensor
+    reencoding: torch.Tensor
+
+
+def _family_activations(sae: SAE, spec: SyntheticSpec, A, other, mvn, gen, notes: list[str]) -> _Families:
+    """Each family's activation for each sample (module docstring). A: [sample, d_in] real activations; other:
+    [sample] each sample's other prompt; mvn(k): k samples of N(mean, cov); draws from `gen` in family order."""
+    sae_cpu = sae.to("cpu")
+    n = len(A)
+    with torch.no_grad():
+        codes = sae_cpu.encode(A)
+        live = sae_cpu.live()
+        freq = sae_cpu.firing_frequency
+        if freq is None:
+            notes.append(
+                "The SAE has no firing frequencies: synthetic picks treat all latents as equally frequent."
+            )
+            freq = torch.ones(sae.d_sae)
+        unit_dec = sae_cpu.W_dec.detach().float()
+        unit_dec = unit_dec / unit_dec.norm(dim=-1, keepdim=True).clamp(min=1e-12)
+        auto_anchor = spec.anchor_cosine == "auto"
+        anchor = top_latent_cosine(sae_cpu, codes, codes[other]) if auto_anchor else float(spec.anchor_cosine)
+        code_norm = float(codes.norm(dim=-1).mean())
+        auto_single = spec.single_latent_activation == "auto"
+        single = code_norm if auto_single else float(spec.single_latent_activation)
+
+        vectors, codes_of = [], []
+        reenc = torch.full((len(spec.families), n), float("nan"))
+        for fi, fam in enumerate(spec.families):
+            if fam == "real":
+                v, c = A[other], codes[other]
+            elif fam == "real_own":
+                v, c = A, codes
+            elif fam == "random":
+                v = mvn(n)
+                c = sae_cpu.encode(v)
+            elif fam == "sae_reconstruction":
+                c = codes[other]
+                v = sae_cpu.decode(c)
+            else:
+                if fam == "synthetic_baseline":
+                    c = torch.stack([baseline_code(codes[i], freq, live, n_neighbours=spec.n_neighbours,
+                                                   generator=gen) for i in range(n)])  # fmt: skip
+                elif fam == "synthetic_structured":
+                    c = torch.stack([structured_code(codes[i], freq, live, unit_dec, anchor_cosine=anchor,
+                                                     n_anchor_candidates=spec.n_anchor_candidates)[0]
+                                     for i in range(n)])  # fmt: skip
+                else:
+                    c = torch.stack([single_latent_code(sae.d_sae, live, single, gen) for _ in range(n)])
+                v = sae_cpu.decode(c)
+                reenc[fi] = reencoding_overlap(sae_cpu, c)
+            vectors.append(v.float())
+            codes_of.append(c)
+    return _Families(
+        codes, freq, unit_dec, anchor, single, torch.stack(vectors), torch.stack(codes_of), reenc
     )
+
+
+@dataclasses.dataclass(frozen=True)
+class _Paths:
+    """The path of every (family, sample): where it starts and ends, and the base it runs on.
+
+    bases: the bases the rows run on; base_index: [family * sample] each path's base; start, target: [family,
+    sample, d_in]; reach: [family, sample] steps before the target is passed; step_size: h (NaN for test 1);
+    alphas: [step] the interpolation fractions (test 2: h k / |R - X| of the median sample).
+    """
+
+    bases: list
+    base_index: torch.Tensor
+    start: torch.Tensor
+    target: torch.Tensor
+    reach: torch.Tensor
+    step_size: float
+    alphas: torch.Tensor
+
+
+def _paths(spec: SyntheticSpec, bases, A, V, mvn) -> _Paths:
+    """Test 1: from the real activation A toward each family's V, in A's prompt; test 2: from V toward a fresh
+    random R, in the prompt behind V. A: [sample, d_in]; V: [family, sample, d_in]."""
+    n_f, n = V.shape[:2]
+    n_steps = spec.n_steps
+    ks = torch.arange(n_steps, dtype=torch.float32)
+    if spec.test == "blowup":
+        reach = torch.full((n_f, n), n_steps)
+        return _Paths(bases, torch.arange(n).repeat(n_f), A.expand(n_f, n, -1), V, reach, float("nan"),
+                      ks / (n_steps - 1))  # fmt: skip
+    R = mvn(n_f * n).reshape(n_f, n, -1)
+    gap = (R - V).norm(dim=-1)
+    if spec.step_size is None:
+        real_gap = gap[spec.families.index("real")] if "real" in spec.families else gap.flatten()
+        h = float(real_gap.median()) / n_steps
+    else:
+        h = float(spec.step_size)
+    reach = torch.floor(gap / h).long().clamp(max=n_steps)
+    run_bases = [
+        dataclasses.replace(bases[i], x0=V[f, i], clean_logp=None) for f in range(n_f) for i in range(n)
+    ]
+    alphas = ks * h / max(float(gap.median()), 1e-12)
+    return _Paths(run_bases, torch.arange(n_f * n), V, R, reach, h, alphas)
+
+
+def _run_paths(model, spec: SyntheticSpec, paths: _Paths, reference, run: Run):
+    """l2, kl [family, sample, step] along every path; paths of bases of one length run together."""
+    n_f, n = paths.start.shape[:2]
+    n_steps = spec.n_steps
+    lengths = torch.tensor([len(b.tokens) for b in paths.bases])
+    blocks = torch.tensor(sorted(range(n_f * n), key=lambda j: int(lengths[paths.base_index[j]])))
+    base_of_row = paths.base_index[blocks].repeat_interleave(n_steps)
+    flat_start = paths.start.reshape(n_f * n, -1)
+    flat_target = paths.target.reshape(n_f * n, -1)
+
+    def vectors_for(lo: int, hi: int) -> torch.Tensor:
+        r = torch.arange(lo, hi)
+        blk = blocks[r // n_steps]
+        return path_points(
+            spec.test, flat_start[blk], flat_target[blk], r % n_steps, n_steps, paths.step_size
+        )
+
+    out = run_rows(
+        model,
+        spec.where,
+        paths.bases,
+        base_of_row,
+        vectors_for,
+        reference=reference,
+        desc=f"synthetic activations ({spec.test})",
+        top_k=1,
+        run=run,
+    )
+    inv = torch.empty_like(blocks)
+    inv[blocks] = torch.arange(len(blocks))
+
+    def grid(v: torch.Tensor) -> torch.Tensor:
+        return v.reshape(len(blocks), n_steps)[inv].reshape(n_f, n, n_steps)
+
+    return grid(out["l2"]), grid(out["kl"])
 
 
 def synthetic_activation_test(
@@ -582,208 +846,82 @@ def synthetic_activation_test(
         seed: seeds every draw (other prompts, random samples, synthetic picks).
         memory_budget / run / progress / cancel: as every engine.
     """
-    if test not in TESTS:
-        raise InputError(f"test must be one of {', '.join(TESTS)}, got {test!r}.")
-    if not isinstance(sae, SAE):
-        raise InputError(f"sae must be a workbench SAE, got {type(sae).__name__}.")
-    families = _check_families(families, test)
-    if sae.cfg.site not in WRITE_SITES:
-        raise InputError(
-            f"The SAE reads {sae.cfg.site}; the tests write activations at residual-basis sites: "
-            f"{', '.join(WRITE_SITES)}."
-        )
-    where = Where.resolve(model, sae.cfg.site, sae.cfg.layer, read_site, read_layer)
-    if sae.d_in != model.cfg.d_model:
-        raise InputError(f"The SAE reads width {sae.d_in}; {model.name} has d_model {model.cfg.d_model}.")
-    for name, value, low in (("n_steps", n_steps, 3), ("n_neighbours", n_neighbours, 1),
-                             ("n_anchor_candidates", n_anchor_candidates, 1), ("max_latents", max_latents, 1)):  # fmt: skip
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise InputError(f"{name} must be a whole number >= {low}, got {value!r}.")
-    if not (isinstance(threshold, (int, float)) and threshold > 0):
-        raise InputError(f"threshold is a positive fraction of the typical distance, got {threshold!r}.")
-    if threshold_abs is not None and not threshold_abs > 0:
-        raise InputError("threshold_abs must be positive.")
-    if step_size is not None and not step_size > 0:
-        raise InputError("step_size must be positive.")
+    spec = SyntheticSpec.resolve(
+        model, sae, prompts, test=test, families=families, position=position, n_steps=n_steps,
+        step_size=step_size, threshold=threshold, threshold_abs=threshold_abs, read_site=read_site,
+        read_layer=read_layer, n_neighbours=n_neighbours, n_anchor_candidates=n_anchor_candidates,
+        anchor_cosine=anchor_cosine, single_latent_activation=single_latent_activation, max_latents=max_latents,
+        seed=seed,
+    )  # fmt: skip
     run = Run.of(run, progress=progress, cancel=cancel, memory_budget=memory_budget)
-    notes: list[str] = []
-
-    rows = as_token_rows(model, prompts)
-    n = len(rows)
-    if n < 2:
-        raise InputError("Give at least two prompts: each sample needs another prompt.")
-    positions = []
-    for r in rows:
-        if not isinstance(position, int) or isinstance(position, bool):
-            raise InputError("position must be one integer.")
-        pos, zero = resolve_positions(position, r.shape[-1])
-        if zero:
-            notes.append("Position 0 is used: its activation is an outlier (attention sink).")
-        positions.append(pos)
-
+    quiet = run.quiet()
+    notes = list(spec.notes)
+    where, n = spec.where, len(spec.rows)
     gen = torch.Generator().manual_seed(seed)
     shift = torch.randint(1, n, (n,), generator=gen)
     other = (torch.arange(n) + shift) % n
 
     space = sae.prepare  # the SAE's input space (centred for SAEs of centred TransformerLens models)
-    quiet = Run(progress=False, cancel=run.cancel, memory_budget=run.memory_budget, batch_size=run.batch_size)
-    bases = clean_bases(model, where, rows, positions, run=quiet)
+    bases = clean_bases(model, where, spec.rows, spec.positions, run=quiet)
     if sae.cfg.centre_input:
         bases = [dataclasses.replace(b, x0=space(b.x0)) for b in bases]
     A = torch.stack([b.x0 for b in bases]).float()
     ref = None
-    if "random" in families or test == "plateau":
-        ref = _reference(model, reference, rows, where, run, notes)
+    if "random" in spec.families or test == "plateau":
+        ref = resolve_reference(model, reference, spec.rows, where.site, where.layer, quiet)
+        if reference is None:
+            notes.append(
+                "The random family's mean and covariance come from the prompts' own activations; pass "
+                "reference=texts (or RefStats) with at least 10 x d_model activations for a good covariance."
+            )
         notes.extend(ref.warnings)
 
     def mvn(k: int) -> torch.Tensor:
         return space(ref.sample_normal(k, gen)).float()
 
-    sae_cpu = sae.to("cpu")
-    with torch.no_grad():
-        codes = sae_cpu.encode(A)
-        live = sae_cpu.live()
-        freq = sae_cpu.firing_frequency
-        if freq is None:
-            notes.append(
-                "The SAE has no firing frequencies: synthetic picks treat all latents as equally frequent."
-            )
-            freq = torch.ones(sae.d_sae)
-        unit_dec = sae_cpu.W_dec.detach().float()
-        unit_dec = unit_dec / unit_dec.norm(dim=-1, keepdim=True).clamp(min=1e-12)
-        if anchor_cosine == "auto":
-            anchor = top_latent_cosine(sae_cpu, codes, codes[other])
-        elif isinstance(anchor_cosine, (int, float)) and -1 <= anchor_cosine <= 1:
-            anchor = float(anchor_cosine)
-        else:
-            raise InputError(f"anchor_cosine must be 'auto' or a cosine in [-1, 1], got {anchor_cosine!r}.")
-        code_norm = float(codes.norm(dim=-1).mean())
-        if single_latent_activation == "auto":
-            single = code_norm
-        elif isinstance(single_latent_activation, (int, float)) and single_latent_activation > 0:
-            single = float(single_latent_activation)
-        else:
-            raise InputError("single_latent_activation must be 'auto' or a positive number.")
-
-        vectors, twin_codes = [], []
-        reenc = torch.full((len(families), n), float("nan"))
-        for fi, fam in enumerate(families):
-            if fam == "real":
-                v = A[other]
-                c = codes[other]
-            elif fam == "real_own":
-                v = A
-                c = codes
-            elif fam == "random":
-                v = mvn(n)
-                c = sae_cpu.encode(v)
-            elif fam == "sae_reconstruction":
-                c = codes[other]
-                v = sae_cpu.decode(c)
-            else:
-                if fam == "synthetic_baseline":
-                    c = torch.stack([baseline_code(codes[i], freq, live, n_neighbours=n_neighbours, generator=gen)
-                                     for i in range(n)])  # fmt: skip
-                elif fam == "synthetic_structured":
-                    c = torch.stack([structured_code(codes[i], freq, live, unit_dec, anchor_cosine=anchor,
-                                                     n_anchor_candidates=n_anchor_candidates)[0]
-                                     for i in range(n)])  # fmt: skip
-                else:
-                    c = torch.stack([single_latent_code(sae.d_sae, live, single, gen) for _ in range(n)])
-                v = sae_cpu.decode(c)
-                reenc[fi] = reencoding_overlap(sae_cpu, c)
-            vectors.append(v.float())
-            twin_codes.append(c)
-        V = torch.stack(vectors)  # [family, sample, d]
-        C = torch.stack(twin_codes)
-    n_f = len(families)
-
-    # -- rows -----------------------------------------------------------------------------------------------
-    ks = torch.arange(n_steps, dtype=torch.float32)
-    kw = dict(top_k=1, run=quiet)
-    clean_ref = reference_rows(model, where, bases, **kw)
+    fam = _family_activations(sae, spec, A, other, mvn, gen, notes)
+    clean_ref = reference_rows(model, where, bases, top_k=1, run=quiet)
     floor = torch.tensor([float(kl_divergence(b.clean_logp, clean_ref[0][i])) for i, b in enumerate(bases)])
     typical = float((clean_ref[1] - clean_ref[1][other]).norm(dim=-1).median())
     if typical == 0:
         raise InputError("All prompts give the same read-site vector; use different prompts.")
-    if test == "blowup":
-        run_bases = bases
-        alphas = ks / (n_steps - 1)
-        base_index = torch.arange(n).repeat(n_f)  # row block (family, sample) -> base
-        reach = torch.full((n_f, n), n_steps)
-        h = float("nan")
-        start, target = A.expand(n_f, n, -1), V
-    else:
-        R = mvn(n_f * n).reshape(n_f, n, -1)
-        gap = (R - V).norm(dim=-1)
-        if step_size is None:
-            real_gap = gap[families.index("real")] if "real" in families else gap.flatten()
-            h = float(real_gap.median()) / n_steps
-        else:
-            h = float(step_size)
-        reach = torch.floor(gap / h).long().clamp(max=n_steps)
-        run_bases = [
-            dataclasses.replace(bases[i], x0=V[f, i], clean_logp=None) for f in range(n_f) for i in range(n)
-        ]
-        base_index = torch.arange(n_f * n)
-        start, target = V, R
-        alphas = ks * h / max(float(gap.median()), 1e-12)
-    step_ref = clean_ref if test == "blowup" else reference_rows(model, where, run_bases, **kw)
-
-    lengths = torch.tensor([len(b.tokens) for b in run_bases])
-    block_order = sorted(range(n_f * n), key=lambda j: int(lengths[base_index[j]]))
-    blocks = torch.tensor(block_order)
-    base_of_row = base_index[blocks].repeat_interleave(n_steps)
-    flat_start = start.reshape(n_f * n, -1)
-    flat_target = target.reshape(n_f * n, -1)
-
-    def vectors_for(lo: int, hi: int) -> torch.Tensor:
-        r = torch.arange(lo, hi)
-        blk = blocks[r // n_steps]
-        return path_points(test, flat_start[blk], flat_target[blk], r % n_steps, n_steps, h)
-
-    out = run_rows(
-        model,
-        where,
-        run_bases,
-        base_of_row,
-        vectors_for,
-        reference=step_ref,
-        desc=f"synthetic activations ({test})",
-        top_k=1,
-        run=run,
+    paths = _paths(spec, bases, A, fam.vectors, mvn)
+    step_ref = (
+        clean_ref if test == "blowup" else reference_rows(model, where, paths.bases, top_k=1, run=quiet)
     )
-    inv = torch.empty_like(blocks)
-    inv[blocks] = torch.arange(len(blocks))
-
-    def grid(v: torch.Tensor) -> torch.Tensor:
-        return v.reshape(len(blocks), n_steps)[inv].reshape(n_f, n, n_steps)
-
-    l2, kl = grid(out["l2"]), grid(out["kl"])
-    if threshold_abs is not None:
-        tau, frac = float(threshold_abs), float(threshold_abs) / typical
-    else:
-        tau, frac = float(threshold) * typical, float(threshold)
-
-    m = max(1, min(max_latents, int(max((codes > 0).sum(-1).max(), (C > 0).sum(-1).max()))))
-    src = _sparse(codes, m, unit_dec)
-    twin = _sparse(C, m, unit_dec)
+    l2, kl = _run_paths(model, spec, paths, step_ref, run)
     if float(floor.max()) > 1e-4:
         notes.append(
             f"The engine's unperturbed path differs from the clean run by up to {float(floor.max()):.2g} nats."
         )
-    texts = tuple(_texts(model, rows, prompts))
+    mvn_norm = float(mvn(max(256, n)).norm(dim=-1).median()) if ref is not None else float("nan")
     for note in notes:
         warnings.warn(note, stacklevel=2)
+    return _result(model, sae, spec, fam, paths, A, l2, kl, floor, typical, mvn_norm, other, notes)
+
+
+def _result(
+    model, sae: SAE, spec: SyntheticSpec, fam: _Families, paths: _Paths, A, l2, kl, floor, typical: float,
+    mvn_norm: float, other, notes: list[str],
+) -> SyntheticTestResult:  # fmt: skip
+    if spec.threshold_abs is not None:
+        tau, frac = float(spec.threshold_abs), float(spec.threshold_abs) / typical
+    else:
+        tau, frac = float(spec.threshold) * typical, float(spec.threshold)
+    most = int(max((fam.codes > 0).sum(-1).max(), (fam.codes_of > 0).sum(-1).max()))
+    m = max(1, min(spec.max_latents, most))
+    src = _sparse(fam.codes, m, fam.unit_decoder)
+    twin = _sparse(fam.codes_of, m, fam.unit_decoder)
+    start, target = paths.start, paths.target
     return SyntheticTestResult(
-        test=test,
-        families=families,
+        test=spec.test,
+        families=spec.families,
         l2=l2,
         kl=kl,
-        steps=torch.arange(n_steps),
-        alphas=alphas,
-        reach=reach,
-        step_size=h,
+        steps=torch.arange(spec.n_steps),
+        alphas=paths.alphas,
+        reach=paths.reach,
+        step_size=paths.step_size,
         typical_distance=typical,
         threshold=tau,
         threshold_fraction=frac,
@@ -793,59 +931,27 @@ def synthetic_activation_test(
         start_norm=start.norm(dim=-1).float(),
         target_norm=target.norm(dim=-1).float(),
         real_norm=float(A.norm(dim=-1).median()),
-        mvn_norm=float(mvn(max(256, n)).norm(dim=-1).median()) if ref is not None else float("nan"),
+        mvn_norm=mvn_norm,
         source_latents=src[0],
         source_values=src[1],
         source_cos_to_top=src[2],
         twin_latents=twin[0],
         twin_values=twin[1],
         twin_cos_to_top=twin[2],
-        reencoding=reenc,
-        latent_frequency=freq.float().clone(),
-        anchor_cosine=anchor,
-        single_latent_activation=single,
+        reencoding=fam.reencoding,
+        latent_frequency=fam.frequency.float().clone(),
+        anchor_cosine=fam.anchor,
+        single_latent_activation=fam.single,
         noise_floor=floor,
-        prompts=texts,
-        sample_prompt=tuple(range(n)),
+        prompts=spec.texts,
+        sample_prompt=tuple(range(len(spec.rows))),
         other_prompt=tuple(int(o) for o in other),
-        site=where.site,
-        layer=where.layer,
-        position=position,
-        read_site=where.read_site,
-        read_layer=where.read_layer,
+        site=spec.where.site,
+        layer=spec.where.layer,
+        position=spec.position,
+        read_site=spec.where.read_site,
+        read_layer=spec.where.read_layer,
         sae=repr(sae),
         warnings=tuple(dict.fromkeys(notes)),
-        provenance=Provenance.capture(
-            model.name,
-            sae=repr(sae),
-            prompts=list(texts),
-            test=test,
-            families=list(families),
-            position=position,
-            n_steps=n_steps,
-            step_size=step_size,
-            threshold=threshold,
-            threshold_abs=threshold_abs,
-            read_site=where.read_site,
-            read_layer=where.read_layer,
-            n_neighbours=n_neighbours,
-            n_anchor_candidates=n_anchor_candidates,
-            anchor_cosine=anchor_cosine,
-            single_latent_activation=single_latent_activation,
-            seed=seed,
-        ),
+        provenance=spec.provenance(model, sae),
     )
-
-
-def _texts(model, rows, data) -> list[str]:
-    if (
-        not isinstance(data, torch.Tensor)
-        and not isinstance(data, str)
-        and all(isinstance(x, str) for x in data)
-    ):
-        return list(data)
-    if isinstance(data, str):
-        return [data]
-    if model.tokenizer is None:
-        return [f"tokens {r[0].tolist()}" for r in rows]
-    return ["".join(model.to_str_tokens(r[0])) for r in rows]

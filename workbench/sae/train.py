@@ -140,6 +140,110 @@ class _Buffer:
         return out
 
 
+class _Training:
+    """The parameters, optimiser and running statistics of one training run (module docstring for the recipe).
+
+    Parameters live in the scaled input space (inputs times `scale`); `sae()` folds the scale back in.
+    """
+
+    def __init__(self, s: TrainSettings, init: SAE, first: torch.Tensor, scale: float, gen: torch.Generator):
+        d_sae = init.d_sae
+        self.s, self.scale, self.gen = s, scale, gen
+        self.W_dec = init.W_dec.detach().clone().requires_grad_(True)
+        self.W_enc = init.W_enc.detach().clone().requires_grad_(True)
+        self.b_enc = torch.zeros(d_sae, requires_grad=True)
+        self.b_dec = (first.mean(0) * scale).requires_grad_(True)
+        self.opt = torch.optim.Adam([self.W_enc, self.b_enc, self.W_dec, self.b_dec], lr=s.lr)
+        self.fired = torch.zeros(d_sae, dtype=torch.bool)
+        self.history: dict[str, list[float]] = {
+            "step": [],
+            "mse": [],
+            "fvu": [],
+            "l0": [],
+            "l1": [],
+            "dead": [],
+        }
+        self.resampled = 0
+        self.theta: float | None = None  # batchtopk's inference threshold (running mean of the smallest kept)
+        self.warm = max(1, int(s.l1_warmup * s.steps))
+        self.decay_from = int((1 - s.lr_decay) * s.steps)
+        self.stop_resampling = int(s.resample_until * s.steps)
+        self.log_every = max(1, s.steps // 100)
+
+    def codes(self, pre: torch.Tensor) -> torch.Tensor:
+        """[batch, d_sae] codes of pre-activations `pre` (batchtopk also updates its threshold)."""
+        s = self.s
+        if s.architecture == "relu":
+            return torch.relu(pre)
+        if s.architecture == "topk":
+            top = pre.topk(s.k, dim=-1)
+            return torch.zeros_like(pre).scatter(-1, top.indices, torch.relu(top.values))
+        flat = torch.relu(pre).flatten()
+        top = flat.topk(min(s.k * len(pre), flat.numel()))
+        f = torch.zeros_like(flat).scatter(0, top.indices, top.values).view_as(pre)
+        kept = top.values[top.values > 0]
+        if len(kept):
+            smallest = float(kept.min().detach())
+            self.theta = smallest if self.theta is None else 0.99 * self.theta + 0.01 * smallest
+        return f
+
+    def step(self, step: int, x: torch.Tensor) -> None:
+        """One optimiser step on the scaled batch x [batch, d_in], then logging and resampling."""
+        s, W_dec = self.s, self.W_dec
+        f = self.codes((x - self.b_dec) @ self.W_enc + self.b_enc)
+        x_hat = f @ W_dec + self.b_dec
+        err = (x_hat - x).pow(2).sum(-1)
+        mse = err.mean()
+        l1 = f.sum(-1).mean()  # f >= 0
+        loss = mse
+        if s.architecture == "relu":
+            loss = loss + s.l1_coefficient * min(1.0, (step + 1) / self.warm) * l1
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        with torch.no_grad():
+            # keep decoder rows on the unit sphere: drop the gradient along each row, renormalise after the step
+            W_dec.grad -= (W_dec.grad * W_dec).sum(-1, keepdim=True) * W_dec
+            lr = (
+                s.lr
+                if step < self.decay_from
+                else s.lr * (s.steps - step) / max(1, s.steps - self.decay_from)
+            )
+            for group in self.opt.param_groups:
+                group["lr"] = lr
+            self.opt.step()
+            W_dec /= W_dec.norm(dim=-1, keepdim=True)
+            active = f > 0
+            self.fired |= active.any(0)
+            if step % self.log_every == 0 or step == s.steps - 1:
+                self._log(step, x, mse, l1, active)
+            if (step + 1) % s.resample_every == 0:
+                dead = torch.nonzero(~self.fired).flatten()
+                if len(dead) and step < self.stop_resampling:
+                    _resample(dead, x, err, self.W_enc, self.b_enc, W_dec, self.b_dec, self.opt, self.gen)
+                    self.resampled += len(dead)
+                self.fired.zero_()
+
+    def _log(self, step: int, x, mse, l1, active) -> None:
+        var = (x - x.mean(0)).pow(2).sum(-1).mean()
+        history = self.history
+        history["step"].append(step)
+        history["mse"].append(float(mse))
+        history["fvu"].append(float(mse / var))
+        history["l0"].append(float(active.sum(-1).float().mean()))
+        history["l1"].append(float(l1))
+        history["dead"].append(int((~self.fired).sum()) if (step + 1) % self.s.resample_every == 0 else -1)
+
+    def sae(self, cfg: SAEConfig) -> SAE:
+        """The trained SAE reading raw activations: f_raw = f / scale, decoder rows stay unit."""
+        with torch.no_grad():
+            b_dec_raw = self.b_dec.detach() / self.scale
+            b_enc_raw = self.b_enc.detach() / self.scale
+        threshold = None
+        if self.s.architecture == "batchtopk":
+            threshold = torch.full((len(b_enc_raw),), (self.theta or 0.0) / self.scale)
+        return SAE(cfg, self.W_enc.detach(), b_enc_raw, self.W_dec.detach(), b_dec_raw, threshold)
+
+
 def train_sae(
     model,
     data,
@@ -189,83 +293,11 @@ def train_sae(
     first = buffer.data
     scale = float((first.pow(2).sum(-1).mean() / d_in).rsqrt())  # mean squared norm -> d_in
 
-    init = SAE.init(d_in, d_sae, site=site, layer=layer, seed=s.seed)
-    W_dec = init.W_dec.detach().clone().requires_grad_(True)
-    W_enc = init.W_enc.detach().clone().requires_grad_(True)
-    b_enc = torch.zeros(d_sae, requires_grad=True)
-    b_dec = (first.mean(0) * scale).requires_grad_(True)
-    params = [W_enc, b_enc, W_dec, b_dec]
-    opt = torch.optim.Adam(params, lr=s.lr)
-
-    fired = torch.zeros(d_sae, dtype=torch.bool)
-    history: dict[str, list[float]] = {"step": [], "mse": [], "fvu": [], "l0": [], "l1": [], "dead": []}
-    resampled = 0
-    warm = max(1, int(s.l1_warmup * s.steps))
-    decay_from = int((1 - s.lr_decay) * s.steps)
-    stop_resampling = int(s.resample_until * s.steps)
-    log_every = max(1, s.steps // 100)
-    theta: float | None = (
-        None  # batchtopk's inference threshold (running mean of the smallest kept activation)
-    )
-
+    training = _Training(s, SAE.init(d_in, d_sae, site=site, layer=layer, seed=s.seed), first, scale, gen)
     for step in run.steps(s.steps, desc=f"training SAE ({site} {layer})"):
-        x = buffer.batch(s.batch_size) * scale
-        pre = (x - b_dec) @ W_enc + b_enc
-        if s.architecture == "relu":
-            f = torch.relu(pre)
-        elif s.architecture == "topk":
-            top = pre.topk(s.k, dim=-1)
-            f = torch.zeros_like(pre).scatter(-1, top.indices, torch.relu(top.values))
-        else:
-            flat = torch.relu(pre).flatten()
-            top = flat.topk(min(s.k * len(x), flat.numel()))
-            f = torch.zeros_like(flat).scatter(0, top.indices, top.values).view_as(pre)
-            kept = top.values[top.values > 0]
-            if len(kept):
-                smallest = float(kept.min().detach())
-                theta = smallest if theta is None else 0.99 * theta + 0.01 * smallest
-        x_hat = f @ W_dec + b_dec
-        err = (x_hat - x).pow(2).sum(-1)
-        mse = err.mean()
-        l1 = f.sum(-1).mean()  # f >= 0
-        loss = mse
-        if s.architecture == "relu":
-            loss = loss + s.l1_coefficient * min(1.0, (step + 1) / warm) * l1
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        with torch.no_grad():
-            # keep decoder rows on the unit sphere: drop the gradient along each row, renormalise after the step
-            W_dec.grad -= (W_dec.grad * W_dec).sum(-1, keepdim=True) * W_dec
-            lr = s.lr if step < decay_from else s.lr * (s.steps - step) / max(1, s.steps - decay_from)
-            for group in opt.param_groups:
-                group["lr"] = lr
-            opt.step()
-            W_dec /= W_dec.norm(dim=-1, keepdim=True)
-            active = f > 0
-            fired |= active.any(0)
-            if step % log_every == 0 or step == s.steps - 1:
-                var = (x - x.mean(0)).pow(2).sum(-1).mean()
-                history["step"].append(step)
-                history["mse"].append(float(mse))
-                history["fvu"].append(float(mse / var))
-                history["l0"].append(float(active.sum(-1).float().mean()))
-                history["l1"].append(float(l1))
-                history["dead"].append(int((~fired).sum()) if (step + 1) % s.resample_every == 0 else -1)
-            if (step + 1) % s.resample_every == 0:
-                dead = torch.nonzero(~fired).flatten()
-                if len(dead) and step < stop_resampling:
-                    _resample(dead, x, err, W_enc, b_enc, W_dec, b_dec, opt, gen)
-                    resampled += len(dead)
-                fired.zero_()
+        training.step(step, buffer.batch(s.batch_size) * scale)
 
-    with torch.no_grad():  # fold the input scale: f_raw = f / scale, decoder rows stay unit
-        b_dec_raw = b_dec.detach() / scale
-        b_enc_raw = b_enc.detach() / scale
-    threshold = None
-    architecture = s.architecture
-    if architecture == "batchtopk":
-        architecture = "jumprelu"
-        threshold = torch.full((d_sae,), (theta or 0.0) / scale)
+    architecture = "jumprelu" if s.architecture == "batchtopk" else s.architecture  # inference by threshold
     cfg = SAEConfig(
         architecture=architecture,
         d_in=d_in,
@@ -282,18 +314,18 @@ def train_sae(
             "training": {
                 "settings": dataclasses.asdict(s),
                 "input_scale": scale,
-                "batchtopk_threshold": None if theta is None else theta / scale,
+                "batchtopk_threshold": None if training.theta is None else training.theta / scale,
                 "tokens_seen": int(buffer.tokens_seen),
                 "training_tokens_available": int(buffer.total),
                 "passes_over_data": buffer.passes,
-                "resampled_latents": resampled,
+                "resampled_latents": training.resampled,
                 "wall_time_s": round(time.perf_counter() - started, 1),
                 "threads": torch.get_num_threads(),
-                "history": history,
+                "history": training.history,
             },
         },
     )
-    return SAE(cfg, W_enc.detach(), b_enc_raw, W_dec.detach(), b_dec_raw, threshold)
+    return training.sae(cfg)
 
 
 def _resample(dead, x, err, W_enc, b_enc, W_dec, b_dec, opt, gen) -> None:

@@ -16,6 +16,7 @@ statistics on `PROMPTS` prompts of BOS + 10 tokens (the first tokens of validati
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -25,8 +26,15 @@ from pathlib import Path
 
 import torch
 
-from workbench.sae.demo import DEMO_SAE_DIR, LAYER, PROMPT_TOKENS, SITE
-from workbench.sae.train import TrainSettings
+from workbench.core import Run
+from workbench.models import load_model
+from workbench.sae import activations as acts
+from workbench.sae.activations import token_rows
+from workbench.sae.demo import DEMO_SAE_DIR, LAYER, PROMPT_TOKENS, SITE, document_starts
+from workbench.sae.evaluate import evaluate_sae
+from workbench.sae.io import load_sae, save_sae
+from workbench.sae.train import TrainSettings, train_sae
+from workbench.tasks import demo_corpus
 
 TRAIN_DOCS, SEQ_LEN = 20_000, 32
 FREQUENCY_DOCS, EVAL_DOCS, PROMPTS = 6_000, 256, 1_000
@@ -46,19 +54,12 @@ at least 0.9."""
 
 def train_rows(model) -> list[torch.Tensor]:
     """One row per training document (BOS first, cut at `SEQ_LEN` tokens), as the demo model was trained."""
-    from workbench.sae.activations import token_rows
-    from workbench.tasks import demo_corpus
-
     return token_rows(model, demo_corpus("train", TRAIN_DOCS), SEQ_LEN)
 
 
 def validation_data(model) -> dict:
     """Held-out data from disjoint validation documents, one per row: {"frequency": rows of 6000 documents,
     "eval": rows of 256 documents, "prompts": [1000, 11] document starts}."""
-    from workbench.sae.activations import token_rows
-    from workbench.sae.demo import document_starts
-    from workbench.tasks import demo_corpus
-
     docs = demo_corpus("validation", 9_000)
     return {
         "frequency": token_rows(model, docs[:FREQUENCY_DOCS], SEQ_LEN),
@@ -69,11 +70,6 @@ def validation_data(model) -> dict:
 
 def measure(sae, model=None, *, progress: bool = False) -> dict:
     """Every number of the card, measured on `sae` with the demo model and the validation data."""
-    from workbench.core import Run
-    from workbench.models import load_model
-    from workbench.sae import activations as acts
-    from workbench.sae.evaluate import evaluate_sae
-
     model = model or load_model("demo")
     data = validation_data(model)
     run = Run(progress=progress)
@@ -222,8 +218,6 @@ def _objective_text(s: dict) -> str:
 
 def write_card(sae_dir: Path = DEMO_SAE_DIR, progress: bool = False) -> dict:
     """Measure the SAE in `sae_dir`, store its firing frequencies, write ``evaluation.json`` and the card."""
-    from workbench.sae.io import load_sae, save_sae
-
     sae = load_sae(sae_dir)
     results, freq = measure(sae, progress=progress)
     save_sae(sae.with_frequency(freq), sae_dir)
@@ -239,12 +233,6 @@ def train(
     out: Path = DEMO_SAE_DIR, settings: TrainSettings = SETTINGS, *, progress: bool = True, argv=None
 ) -> dict:
     """Train the demo SAE and save it (without firing frequencies: `write_card` measures them)."""
-    import dataclasses
-
-    from workbench.models import load_model
-    from workbench.sae.io import save_sae
-    from workbench.sae.train import train_sae
-
     threads = THREADS
     torch.set_num_threads(threads)
     model = load_model("demo")
@@ -286,8 +274,6 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if not args.card:
-        import dataclasses
-
         settings = SETTINGS
         if args.steps is not None:
             settings = dataclasses.replace(settings, steps=args.steps)
