@@ -21,6 +21,8 @@ from workbench.lib.data import LibData
 from workbench.lib.models import LibModel
 from workbench.results import Provenance, Result
 
+# pandas is imported where a table is built: it is slow to import and the engine does not need it.
+
 
 def exponential_schedule(n: int, every_below: int = 30, factor: float = 1.05) -> list[int]:
     """Directions kept: every k from 0 while k < `every_below` or while k * factor adds less than one, then k

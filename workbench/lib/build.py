@@ -15,6 +15,8 @@ from workbench.lib.data import LibData
 from workbench.lib.models import LibModel
 from workbench.results import Provenance, Result
 
+# pandas is imported where a table is built: it is slow to import and the engine does not need it.
+
 BASES = ("lib", "pca", "neuron")
 """lib: the local interaction basis; pca: centred PCA (orthogonal, unscaled); neuron: the coordinates themselves,
 centred, ordered by variance."""
@@ -368,151 +370,25 @@ def build_graph(
     names = tuple(m.node_layers[i] for i in idx)
     if "output" in names[:-1]:
         raise InputError("'output' (the logits) can only be the last node layer")
+    builder = _Builder(m, idx, basis, center, float(truncation), sources, points, seed, run)
     L = len(idx)
-    generator = torch.Generator().manual_seed(seed)
-
-    state: dict[str, Any] = {
-        "C": [None] * L,
-        "C_pinv": [None] * L,
-        "eig": [torch.zeros(0, dtype=torch.float64)] * L,
-        "gram": [torch.zeros(0, dtype=torch.float64)] * L,
-        "means": [None] * L,
-        "edges": [None] * (L - 1),
-    }
-
-    def section(l_in: int):
-        a, b = idx[l_in], idx[l_in + 1]
-        return lambda f: m.run(f, a, b)
-
-    def step(item):
-        kind, li = item
-        if kind == "acts":
-            state["acts"] = collect_acts(m, data.x, idx, run)
-        elif kind == "basis":
-            _basis_step(li)
-        else:
-            _edge_step(li)
-
-    def _stats(li: int):
-        f = state["acts"][li].reshape(-1, state["acts"][li].shape[-1])
-        mean = f.mean(0)
-        if center:
-            mean_c = mean.clone()
-            mean_c[-1] = 0
-            fc = f - mean_c
-        else:
-            fc = f
-        G = fc.T @ fc / len(f)
-        D, U = linalg.eigh_desc(G)
-        if center:
-            D, U = linalg.const_first(D, U)
-        state["means"][li] = mean
-        state["gram"][li] = D
-        return mean, D, U
-
-    def _basis_step(li: int):
-        name = names[li]
-        if name == "output":
-            f = state["acts"][li]
-            state["means"][li] = f.reshape(-1, f.shape[-1]).mean(0)
-            return
-        if not m.has_const(name) and center:
-            raise InputError(f"{name} has no constant coordinate to centre on")
-        mean, D, U = _stats(li)
-        S, S_inv = linalg.centring(mean) if center else (torch.eye(len(mean), dtype=torch.float64),) * 2
-        keep = D > truncation
-        if basis == "neuron":
-            var = state["acts"][li].reshape(-1, len(mean)).var(0, unbiased=False)
-            if center:
-                neurons = [j for j in range(len(mean) - 1) if var[j] > truncation]
-                order = [len(mean) - 1] + sorted(neurons, key=lambda j: -float(var[j]))
-                values = torch.cat([torch.ones(1, dtype=torch.float64), var[order[1:]]])
-            else:
-                order = sorted(
-                    range(len(mean)), key=lambda j: -float((state["acts"][li][..., j] ** 2).mean())
-                )
-                values = torch.stack([(state["acts"][li][..., j] ** 2).mean() for j in order])
-            state["C"][li] = S[:, order]
-            state["C_pinv"][li] = S_inv[order, :]
-            state["eig"][li] = values
-            return
-        D, U = D[keep], U[:, keep]
-        if basis == "pca" or li == L - 1:
-            state["C"][li], state["C_pinv"][li], state["eig"][li] = S @ U, U.T @ S_inv, D
-            return
-        # LIB: whitened Jacobian Gram to the next layer's basis
-        R = S @ U @ torch.diag(D.rsqrt())
-        R_pinv = torch.diag(D.sqrt()) @ U.T @ S_inv
-        C_next = state["C"][li + 1]
-        k_out = C_next.shape[1] if C_next is not None else state["acts"][li + 1].shape[-1]
-        F = section(li)
-        fn = (lambda f: F(f) @ C_next) if C_next is not None else F
-        f_all = state["acts"][li]
-        d = f_all.shape[-1]
-        p_in = f_all.shape[1]
-        M_dash = torch.zeros(d, d, dtype=torch.float64)
-
-        def consume(_rows, _r, g):
-            flat = g.reshape(-1, d)
-            M_dash.addmm_(flat.T, flat)
-
-        _jacobian_passes(fn, f_all, k_out, sources, points, generator, run, p_in * d * 8 * 24, consume)
-        M_dash /= len(f_all) * p_in * (sources or 1)
-        M = R_pinv @ M_dash @ R_pinv.T
-        n_fixed = 1 if center else 0
-        lam_rest, V_rest = linalg.eigh_desc(M[n_fixed:, n_fixed:])
-        k = M.shape[0]
-        V = torch.zeros(k, k, dtype=torch.float64)
-        V[:n_fixed, :n_fixed] = torch.eye(n_fixed, dtype=torch.float64)
-        V[n_fixed:, n_fixed:] = V_rest
-        lam = torch.cat([M.diagonal()[:n_fixed], lam_rest])
-        kept = torch.cat([torch.ones(n_fixed, dtype=torch.bool), lam_rest >= truncation])
-        lam, V = lam[kept], V[:, kept]
-        state["C"][li] = R @ V @ torch.diag(lam.sqrt())
-        state["C_pinv"][li] = torch.diag(lam.rsqrt()) @ V.T @ R_pinv
-        state["eig"][li] = lam
-
-    def _edge_step(li: int):
-        C_in, C_in_pinv, C_out = state["C"][li], state["C_pinv"][li], state["C"][li + 1]
-        F = section(li)
-        k_in = C_in.shape[1]
-        k_out = C_out.shape[1] if C_out is not None else state["acts"][li + 1].shape[-1]
-        f_hat = state["acts"][li] @ C_in
-        p_in = f_hat.shape[1]
-
-        def fn(fh):
-            out = F(fh @ C_in_pinv)
-            return out @ C_out if C_out is not None else out
-
-        E = torch.zeros(k_out, k_in, dtype=torch.float64)
-
-        def consume(rows, r, g):
-            J = (g * f_hat[rows]).sum(
-                1
-            )  # [n, k_in]: attribution of each input direction, summed over positions
-            E[r % k_out] += (J**2).sum(0)
-
-        _jacobian_passes(fn, f_hat, k_out, sources, points, generator, run, p_in * k_in * 8 * 24, consume)
-        E /= len(f_hat) * p_in * (sources or 1)
-        state["edges"][li] = E
-
     items = [("acts", 0)] + [("basis", li) for li in reversed(range(L))]
     if edges:
         items += [("edges", li) for li in range(L - 1)]
-    run.map(items, step, desc=f"{basis.upper()} graph")
+    run.map(items, lambda item: builder.step(data, *item), desc=f"{basis.upper()} graph")
 
-    acts = state["acts"]
+    acts = builder.acts
     return LibGraph(
         node_layers=names,
         basis=basis,
-        C=tuple(state["C"]),
-        C_pinv=tuple(state["C_pinv"]),
-        eigenvalues=tuple(state["eig"]),
-        gram_eigenvalues=tuple(state["gram"]),
-        means=tuple(state["means"]),
+        C=tuple(builder.C),
+        C_pinv=tuple(builder.C_pinv),
+        eigenvalues=tuple(builder.eig),
+        gram_eigenvalues=tuple(builder.gram),
+        means=tuple(builder.means),
         dims=tuple(a.shape[-1] for a in acts),
         positions=tuple(a.shape[1] for a in acts),
-        edges=tuple(state["edges"]) if edges else (),
+        edges=tuple(builder.edges) if edges else (),
         integration=integration,
         n_intervals=n_intervals,
         truncation=float(truncation),
@@ -536,3 +412,154 @@ def build_graph(
             seed=seed,
         ),
     )
+
+
+class _Builder:
+    """The bases and edges of one `build_graph` call, filled step by step (`step`): the activations, each node
+    layer's basis from the last backwards, then each section's edges (see `build_graph` for the maths).
+
+    m: the float64 model; idx: the node layers' indices into `m.node_layers`.
+    """
+
+    def __init__(self, m: LibModel, idx: list[int], basis: str, center: bool, truncation: float, sources,
+                 points, seed: int, run: Run):  # fmt: skip
+        self.m, self.idx, self.basis, self.center, self.truncation = m, idx, basis, center, truncation
+        self.sources, self.points, self.run = sources, points, run
+        self.names = tuple(m.node_layers[i] for i in idx)
+        self.generator = torch.Generator().manual_seed(seed)
+        L = len(idx)
+        self.acts: list[torch.Tensor] = []
+        self.C: list[torch.Tensor | None] = [None] * L
+        self.C_pinv: list[torch.Tensor | None] = [None] * L
+        self.eig = [torch.zeros(0, dtype=torch.float64)] * L
+        self.gram = [torch.zeros(0, dtype=torch.float64)] * L
+        self.means: list[torch.Tensor | None] = [None] * L
+        self.edges: list[torch.Tensor | None] = [None] * (L - 1)
+
+    def step(self, data: LibData, kind: str, li: int) -> None:
+        if kind == "acts":
+            self.acts = collect_acts(self.m, data.x, self.idx, self.run)
+        elif kind == "basis":
+            self.basis_step(li)
+        else:
+            self.edge_step(li)
+
+    def section(self, l_in: int):
+        """The model from node layer `l_in` to the next one, as a function of the activations."""
+        a, b = self.idx[l_in], self.idx[l_in + 1]
+        return lambda f: self.m.run(f, a, b)
+
+    def k_out(self, li: int) -> int:
+        """Directions of node layer li + 1 (its basis', or its width for the logits)."""
+        C_next = self.C[li + 1]
+        return C_next.shape[1] if C_next is not None else self.acts[li + 1].shape[-1]
+
+    def stats(self, li: int):
+        """Mean [d] and the centred Gram matrix's spectrum D [d] and eigenvectors U [d, d] (constant first)."""
+        f = self.acts[li].reshape(-1, self.acts[li].shape[-1])
+        mean = f.mean(0)
+        if self.center:
+            mean_c = mean.clone()
+            mean_c[-1] = 0
+            fc = f - mean_c
+        else:
+            fc = f
+        G = fc.T @ fc / len(f)
+        D, U = linalg.eigh_desc(G)
+        if self.center:
+            D, U = linalg.const_first(D, U)
+        self.means[li] = mean
+        self.gram[li] = D
+        return mean, D, U
+
+    def basis_step(self, li: int) -> None:
+        name = self.names[li]
+        if name == "output":
+            f = self.acts[li]
+            self.means[li] = f.reshape(-1, f.shape[-1]).mean(0)
+            return
+        if not self.m.has_const(name) and self.center:
+            raise InputError(f"{name} has no constant coordinate to centre on")
+        mean, D, U = self.stats(li)
+        eye = torch.eye(len(mean), dtype=torch.float64)
+        S, S_inv = linalg.centring(mean) if self.center else (eye, eye)
+        if self.basis == "neuron":
+            order, values = self.neuron_order(li, len(mean))
+            self.C[li], self.C_pinv[li], self.eig[li] = S[:, order], S_inv[order, :], values
+            return
+        keep = D > self.truncation
+        D, U = D[keep], U[:, keep]
+        if self.basis == "pca" or li == len(self.idx) - 1:
+            self.C[li], self.C_pinv[li], self.eig[li] = S @ U, U.T @ S_inv, D
+            return
+        self.C[li], self.C_pinv[li], self.eig[li] = self.lib_basis(li, D, U, S, S_inv)
+
+    def neuron_order(self, li: int, d: int):
+        """The coordinates by variance (constant first when centred), and their variances (or mean squares)."""
+        f = self.acts[li]
+        if self.center:
+            var = f.reshape(-1, d).var(0, unbiased=False)
+            neurons = [j for j in range(d - 1) if var[j] > self.truncation]
+            order = [d - 1] + sorted(neurons, key=lambda j: -float(var[j]))
+            return order, torch.cat([torch.ones(1, dtype=torch.float64), var[order[1:]]])
+        order = sorted(range(d), key=lambda j: -float((f[..., j] ** 2).mean()))
+        return order, torch.stack([(f[..., j] ** 2).mean() for j in order])
+
+    def lib_basis(self, li: int, D, U, S, S_inv):
+        """C, C_pinv and Lambda of node layer li: the whitened Jacobian Gram to the next layer's basis."""
+        R = S @ U @ torch.diag(D.rsqrt())
+        R_pinv = torch.diag(D.sqrt()) @ U.T @ S_inv
+        C_next = self.C[li + 1]
+        F = self.section(li)
+        fn = (lambda f: F(f) @ C_next) if C_next is not None else F
+        f_all = self.acts[li]
+        d = f_all.shape[-1]
+        p_in = f_all.shape[1]
+        M_dash = torch.zeros(d, d, dtype=torch.float64)
+
+        def consume(_rows, _r, g):
+            flat = g.reshape(-1, d)
+            M_dash.addmm_(flat.T, flat)
+
+        self.jacobians(fn, f_all, self.k_out(li), p_in * d * 8 * 24, consume)
+        M_dash /= len(f_all) * p_in * (self.sources or 1)
+        M = R_pinv @ M_dash @ R_pinv.T
+        n_fixed = 1 if self.center else 0
+        lam_rest, V_rest = linalg.eigh_desc(M[n_fixed:, n_fixed:])
+        k = M.shape[0]
+        V = torch.zeros(k, k, dtype=torch.float64)
+        V[:n_fixed, :n_fixed] = torch.eye(n_fixed, dtype=torch.float64)
+        V[n_fixed:, n_fixed:] = V_rest
+        lam = torch.cat([M.diagonal()[:n_fixed], lam_rest])
+        kept = torch.cat([torch.ones(n_fixed, dtype=torch.bool), lam_rest >= self.truncation])
+        lam, V = lam[kept], V[:, kept]
+        return R @ V @ torch.diag(lam.sqrt()), torch.diag(lam.rsqrt()) @ V.T @ R_pinv, lam
+
+    def edge_step(self, li: int) -> None:
+        C_in, C_in_pinv, C_out = self.C[li], self.C_pinv[li], self.C[li + 1]
+        F = self.section(li)
+        k_in = C_in.shape[1]
+        k_out = self.k_out(li)
+        f_hat = self.acts[li] @ C_in
+        p_in = f_hat.shape[1]
+
+        def fn(fh):
+            out = F(fh @ C_in_pinv)
+            return out @ C_out if C_out is not None else out
+
+        E = torch.zeros(k_out, k_in, dtype=torch.float64)
+
+        def consume(rows, r, g):
+            J = (g * f_hat[rows]).sum(
+                1
+            )  # [n, k_in]: attribution of each input direction, summed over positions
+            E[r % k_out] += (J**2).sum(0)
+
+        self.jacobians(fn, f_hat, k_out, p_in * k_in * 8 * 24, consume)
+        E /= len(f_hat) * p_in * (self.sources or 1)
+        self.edges[li] = E
+
+    def jacobians(self, fn, leaf_value, k_out: int, bytes_per_row: int, consume) -> None:
+        _jacobian_passes(
+            fn, leaf_value, k_out, self.sources, self.points, self.generator, self.run, bytes_per_row, consume
+        )

@@ -17,6 +17,9 @@ from workbench.lib.build import LibGraph
 from workbench.lib.linalg import smallest_holding
 from workbench.results import Provenance, Result
 
+# networkx and pandas are imported where they are used: they are slow to import, and only communities need
+# networkx.
+
 NORMALISATIONS = ("none", "section", "log")
 """none: raw E; section: E over its section's total (sections comparable); log: log10(E / eps) per section, eps =
 the smallest edge among those holding 99 % of the section's weight (smaller edges dropped)."""

@@ -27,8 +27,9 @@ from pathlib import Path
 
 import torch
 
-from workbench.casper.data import DataFile, file_digest
+from workbench.casper.data import DataFile, file_digest, load_mnist
 from workbench.errors import InputError, ModelLoadError
+from workbench.tasks import demo_corpus, pack
 
 ENV_VAR = "WORKBENCH_LIB_DIR"
 """Environment variable naming a folder laid out like ``../shared/data/lib`` (``modadd/seedN.pt``, ``mnist_mlp/``)."""
@@ -281,8 +282,6 @@ def mnist_data(
     split: "train" (60 000 images; LIB is built on a seeded subset of them, `n`) or "test" (10 000, for scoring).
     The files are found as `workbench.casper.data.load_mnist` finds them (``$WORKBENCH_CASPER_DIR`` or a download).
     """
-    from workbench.casper.data import load_mnist
-
     if split not in ("train", "test"):
         raise InputError(f"split must be 'train' or 'test', got {split!r}")
     mnist = load_mnist(split, data_dir=data_dir, download=download)
@@ -301,8 +300,6 @@ def lm_data(model, *, n_rows: int = 64, seq_len: int = 32, split: str = "validat
     `model` is a `WorkbenchModel` or a tokenizer. The last position has no target in the row; its target is -100
     (ignored by the loss).
     """
-    from workbench.tasks import demo_corpus, pack
-
     if not isinstance(seq_len, int) or seq_len < 2:
         raise InputError(f"seq_len={seq_len!r}: rows need at least 2 tokens")
     tokens = pack(model, demo_corpus(split, n_docs=max(200, n_rows * seq_len // 8)), seq_len, n_rows=n_rows)

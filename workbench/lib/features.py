@@ -15,6 +15,8 @@ from workbench.lib.data import LibData
 from workbench.lib.models import LibModel
 from workbench.results import Provenance, Result
 
+# pandas is imported where a table is built: it is slow to import and the engine does not need it.
+
 
 @dataclasses.dataclass(frozen=True)
 class FeatureActivations(Result):

@@ -12,6 +12,7 @@ Shares are of the direction's total squared Fourier magnitude, the constant term
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import ClassVar
 
 import torch
@@ -22,6 +23,8 @@ from workbench.lib.build import LibGraph, collect_acts, float64_twin
 from workbench.lib.data import MODULUS, modadd_data
 from workbench.lib.models import LibModel
 from workbench.results import Provenance, Result
+
+# pandas is imported where a table is built: it is slow to import and the engine does not need it.
 
 TOP_TERMS = 7
 """At most this many terms are kept per direction (the authors' label length)."""
@@ -84,8 +87,6 @@ def top_terms(
 
 def term_frequency(name: str) -> int | None:
     """The frequency of a single-frequency term ("cos(15x) + cos(15y)", "cos(8(x + y))", ...), else None."""
-    import re
-
     if name == "const":
         return 0
     nums = {int(n) for n in re.findall(r"(\d+)[xy(]", name)}

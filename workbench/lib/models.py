@@ -28,6 +28,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from workbench.errors import InputError, ModelLoadError, UnsupportedModelError
+from workbench.lib import data
+from workbench.models import WorkbenchModel
 
 
 def _aug(W: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -268,8 +270,6 @@ def load_modadd(seed: int = 0, *, path=None, data_dir=None, download: bool = Tru
     The checkpoint is found as `workbench.lib.data.locate` says: `path`, `data_dir` or ``$WORKBENCH_LIB_DIR``,
     the cache, else a download checked against its sha256.
     """
-    from workbench.lib import data
-
     if seed not in data.MODADD_SEEDS:
         raise InputError(f"seed must be one of {data.MODADD_SEEDS} (the authors' checkpoints), got {seed!r}")
     p = data.locate(
@@ -340,8 +340,6 @@ class MnistMLP(LibModel):
 
 def load_mnist_mlp(*, path=None, data_dir=None, download: bool = True) -> MnistMLP:
     """The authors' MNIST MLP checkpoint (12 epochs), float32, in eval mode."""
-    from workbench.lib import data
-
     p = data.locate(
         "mnist_mlp/model_epoch_12.pt",
         path=path,
@@ -471,8 +469,6 @@ class LanguageModelSections(LibModel):
 def lm_sections(model, layers: int | tuple[int, ...] = (1,)) -> LanguageModelSections:
     """A language model (a `WorkbenchModel` of the GPT-2 family, e.g. ``load_model("demo")``) at one or two
     blocks, as LIB sections. The negative-result experiment of the paper, at a size a CPU can run."""
-    from workbench.models import WorkbenchModel
-
     if not isinstance(model, WorkbenchModel):
         raise InputError("lm_sections takes a WorkbenchModel, e.g. load_model('demo')")
     layers = (layers,) if isinstance(layers, int) else tuple(layers)

@@ -13,6 +13,7 @@ import dataclasses
 from workbench.errors import InputError
 from workbench.lib.data import LibData, lm_data, mnist_data, modadd_data
 from workbench.lib.models import LibModel, lm_sections, load_mnist_mlp, load_modadd
+from workbench.models import load_model
 
 SETUPS = {
     **{f"modadd-{s}": f"mod-add transformer, seed {s} (the authors' checkpoint)" for s in range(5)},
@@ -59,7 +60,6 @@ def load_setup(name: str, *, data_dir=None, mnist_dir=None, n_train: int | None 
         train = mnist_data("train", n=n_train or 2048, data_dir=mnist_dir)
         test = mnist_data("test", data_dir=mnist_dir)
         return Setup(name, model, train, test, test.subset(2000))
-    from workbench.models import load_model
 
     lm = load_model("demo")
     model = lm_sections(lm, (1,))
