@@ -20,6 +20,7 @@ import nnsight
 import torch
 
 from workbench.core import CancelToken, Run, chunks
+from workbench.core.measures import pearson, spearman
 from workbench.errors import InputError
 from workbench.patching.result import AttributionComparison, PatchingResult
 from workbench.patching.sweep import (
@@ -166,16 +167,6 @@ def _plain_versions(p: Provenance) -> Provenance:
     return dataclasses.replace(p, versions={k: str(v) for k, v in p.versions.items()})
 
 
-def _ranks(x: torch.Tensor) -> torch.Tensor:
-    return x.argsort().argsort().double()
-
-
-def _corr(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.double() - a.double().mean(), b.double() - b.double().mean()
-    denom = a.norm() * b.norm()
-    return float((a * b).sum() / denom) if denom > 0 else float("nan")
-
-
 def compare_attribution(
     exact: PatchingResult,
     approx: PatchingResult,
@@ -214,8 +205,8 @@ def compare_attribution(
         labels=labels,
         cell_sites=tuple(c[0] for c in cells),
         base_level=base,
-        pearson=_corr(e, a),
-        spearman=_corr(_ranks(e), _ranks(a)),
+        pearson=pearson(e, a),
+        spearman=spearman(e, a),
         top_k=k,
         top_k_agreement=len(set(top_e) & set(top_a)) / k,
         top_exact=tuple(labels[i] for i in top_e),

@@ -12,7 +12,8 @@ from collections.abc import Sequence
 import torch
 
 from workbench.core import selectors
-from workbench.errors import InputError, SiteError
+from workbench.errors import InputError, SiteError, UnsupportedModelError
+from workbench.models.model import WorkbenchModel
 
 BLOCK_SITES = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out")
 HEAD_SITES = ("z", "pattern")
@@ -48,6 +49,33 @@ class Pairs:
     @property
     def n_pos(self) -> int:
         return self.clean.shape[1]
+
+    def prompts(self) -> dict[str, list]:
+        """{"clean": [...], "corrupt": [...]} as plain data: the texts where the prompts were given as text, else
+        the token ids."""
+        if self.clean_text is not None:
+            return {"clean": list(self.clean_text), "corrupt": list(self.corrupt_text)}
+        return {"clean": self.clean.tolist(), "corrupt": self.corrupt.tolist()}
+
+    def halves(self, direction: str) -> tuple[slice, slice]:
+        """(base, source) halves of a [clean; corrupt] batch: the run that is patched in `direction`, and where the
+        patches come from."""
+        n = self.n_pairs
+        clean, corrupt = slice(0, n), slice(n, 2 * n)
+        return (corrupt, clean) if direction == "denoising" else (clean, corrupt)
+
+
+def check_model(model, needs: str) -> None:
+    """Refuse anything but a `WorkbenchModel` with standard sites; `needs` names what needs them ("Patching")."""
+    if not isinstance(model, WorkbenchModel):
+        raise InputError(
+            f"Expected a WorkbenchModel, got {type(model).__name__}; wrap it first: "
+            "model = workbench.models.load_model(model, tokenizer)."
+        )
+    if model.adapter is None:
+        raise UnsupportedModelError(
+            f"{needs} needs a transformer with standard sites; {model.name!r} is a plain module."
+        )
 
 
 def _as_list(x, what: str) -> list:

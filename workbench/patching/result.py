@@ -15,6 +15,8 @@ import torch
 from workbench.errors import InputError
 from workbench.results import Provenance, Result
 
+# pandas is imported where a table is built: it is slow to import and the engines do not need it.
+
 
 def _equal(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     scale = torch.maximum(a.abs(), b.abs()).clamp_min(1.0)

@@ -11,10 +11,9 @@ from typing import Any
 
 import torch
 
-from workbench.errors import InputError, UnsupportedModelError
-from workbench.models.model import WorkbenchModel
 from workbench.patching.inputs import (
     Pairs,
+    check_model,
     prepare_pairs,
     resolve_direction,
     resolve_heads,
@@ -51,15 +50,7 @@ class PatchSpec:
         cls, model, clean, corrupt=None, answers=None, *, site, direction, layers, positions, heads, metric
     ) -> PatchSpec:
         """Validate every argument (see `sweep`) before any model runs."""
-        if not isinstance(model, WorkbenchModel):
-            raise InputError(
-                f"Expected a WorkbenchModel, got {type(model).__name__}; wrap it first: "
-                "model = workbench.models.load_model(model, tokenizer)."
-            )
-        if model.adapter is None:
-            raise UnsupportedModelError(
-                f"Patching needs a transformer with standard sites; {model.name!r} is a plain module."
-            )
+        check_model(model, "Patching")
         direction = resolve_direction(direction)
         sites = resolve_sites(model, site)
         layers = resolve_layers(model, layers)
@@ -91,23 +82,16 @@ class PatchSpec:
 
     def halves(self) -> tuple[slice, slice]:
         """Which half of a [clean; corrupt] cache is the base run and which the source of patches."""
-        n = self.pairs.n_pairs
-        clean, corrupt = slice(0, n), slice(n, 2 * n)
-        return (corrupt, clean) if self.direction == "denoising" else (clean, corrupt)
+        return self.pairs.halves(self.direction)
 
     # -- what it records -----------------------------------------------------------------------------
     def arguments(self) -> dict[str, Any]:
         """The engine call's arguments as plain data: prompts as text where given as text."""
         p = self.pairs
-        if p.clean_text is not None:
-            clean, corrupt = list(p.clean_text), list(p.corrupt_text)
-        else:
-            clean, corrupt = p.clean.tolist(), p.corrupt.tolist()
         user = [m for m in self.metrics if not m.builtin]
         metric = self.metric if not user else [self.metric, *(m.name for m in user if m.name != self.metric)]
         return {
-            "clean": clean,
-            "corrupt": corrupt,
+            **p.prompts(),
             "answers": [list(a) for a in p.answer_tokens],
             "site": self.sites[0] if len(self.sites) == 1 else list(self.sites),
             "direction": self.direction,
@@ -120,11 +104,6 @@ class PatchSpec:
     def provenance(self, method: str, **options: Any) -> Provenance:
         """Provenance of a result computed from this spec (`options`: run settings such as the batch size)."""
         p = self.pairs
-        prompts = (
-            {"clean": list(p.clean_text), "corrupt": list(p.corrupt_text)}
-            if p.clean_text is not None
-            else {"clean": p.clean.tolist(), "corrupt": p.corrupt.tolist()}
-        )
         return Provenance.capture(
             self.model,
             method=method,
@@ -135,6 +114,6 @@ class PatchSpec:
             heads=None if self.heads is None else list(self.heads),
             metrics=[m.name for m in self.metrics],
             answers=[list(a) for a in p.answer_tokens],
-            **prompts,
+            **p.prompts(),
             **options,
         )

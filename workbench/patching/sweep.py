@@ -341,17 +341,12 @@ def non_finite_warnings(s: PatchSpec, raw: torch.Tensor) -> tuple[str, ...]:
     )
 
 
-def baseline_warnings(s: PatchSpec, clean: torch.Tensor, corrupt: torch.Tensor) -> tuple[str, ...]:
-    """Sentences about baselines that make normalised values unreliable (`warn_baselines` issues them).
-
-    Checks the primary metric: a mean clean - corrupt gap below 1 logit for the logit difference (normalising
-    divides by it, so noise is amplified), and pairs whose gap has the opposite sign to the mean's.
-    """
-    i = [m.name for m in s.metrics].index(s.metric)
-    gap = clean[i] - corrupt[i]
+def baseline_notes(clean: torch.Tensor, corrupt: torch.Tensor, metric: str) -> list[str]:
+    """Sentences about baselines [pair] of the primary metric that make normalised values unreliable."""
+    gap = clean - corrupt
     mean = float(gap.mean())
     out = []
-    if s.metric == "logit_diff" and abs(mean) < 1.0:
+    if metric == "logit_diff" and abs(mean) < 1.0:
         out.append(
             f"The clean and corrupt logit differences differ by only {mean:+.3g} on average (less than 1 logit): "
             "normalised values divide by this gap and amplify noise. Check that the model answers the clean "
@@ -361,9 +356,16 @@ def baseline_warnings(s: PatchSpec, clean: torch.Tensor, corrupt: torch.Tensor) 
     if flipped and len(gap) > 1:
         out.append(
             f"For pair{'s' * (len(flipped) > 1)} {', '.join(map(str, flipped))} the clean - corrupt gap of "
-            f"{s.metric} has the opposite sign to the mean's: the mean hides a disagreement (see per-pair views)."
+            f"{metric} has the opposite sign to the mean's: the mean hides a disagreement (see per-pair views)."
         )
-    return tuple(out)
+    return out
+
+
+def baseline_warnings(s: PatchSpec, clean: torch.Tensor, corrupt: torch.Tensor) -> tuple[str, ...]:
+    """Sentences about baselines [metric, pair] that make normalised values unreliable (`baseline_notes` of the
+    primary metric; `warn_baselines` issues them)."""
+    i = [m.name for m in s.metrics].index(s.metric)
+    return tuple(baseline_notes(clean[i], corrupt[i], s.metric))
 
 
 def warn_baselines(result: PatchingResult) -> PatchingResult:
