@@ -23,6 +23,7 @@ softmax(q k^T) reproduces the model's pattern and refuses a model whose attentio
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import nnsight
@@ -37,6 +38,7 @@ from workbench.models.prefix import bytes_per_row, enter_at
 from workbench.models.sites import envoy_at
 from workbench.patching.inputs import prepare_pairs
 from workbench.patching.metrics import resolve_metrics
+from workbench.patching.sweep import baseline_notes
 
 KINDS = ("q", "k", "v", "mlp")
 _PATTERN_TOLERANCE = 1e-4
@@ -119,7 +121,7 @@ def atp_star(
         exact_grid = _exact_nodes(model, spec, cache, nodes, clean_m, corrupt_m, clean_lp, run, shape)
     i = spec.metric_index()
     messages = guards.training_mode(model)
-    messages += guards.baselines(clean_m[i], corrupt_m[i], spec.metric)
+    messages += baseline_notes(clean_m[i], corrupt_m[i], spec.metric)
     messages += guards.misaligned(spec.pairs.clean_tokens, spec.pairs.corrupt_tokens)
     result = AtPResult(
         direction=spec.direction,
@@ -175,7 +177,6 @@ def verify(
         model, spec, cache, nodes, clean_m, corrupt_m, clean_lp, run, tuple(result.exact.shape)
     )
     merged = torch.where(grid.isnan(), result.exact, grid)
-    import dataclasses
 
     return dataclasses.replace(result, exact=merged)
 

@@ -36,6 +36,7 @@ from workbench.errors import InputError
 from workbench.models.prefix import bytes_per_row
 from workbench.patching.inputs import prepare_pairs
 from workbench.patching.metrics import resolve_metrics
+from workbench.patching.sweep import baseline_notes
 
 METHODS = ("eap", "eap-ig", "exact")
 
@@ -96,7 +97,7 @@ def edge_attribution(
         )
     i = spec.metric_index()
     messages = guards.training_mode(model)
-    messages += guards.baselines(clean_m[i], corrupt_m[i], spec.metric)
+    messages += baseline_notes(clean_m[i], corrupt_m[i], spec.metric)
     messages += guards.misaligned(spec.pairs.clean_tokens, spec.pairs.corrupt_tokens)
     result = EdgeScores(
         method=method,

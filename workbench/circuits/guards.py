@@ -3,7 +3,8 @@ sentences. Engines put them in their result's `warnings` and issue them as UserW
 
 - a no-op patch (the clean run patched with its own values) must give 1 within tolerance: if not, the patched
   runs are not the runs they claim to be (dropout, low precision, a broken intervention);
-- baselines too close to normalise (a clean - corrupt gap under 1 logit, or pairs whose gap has the other sign);
+- baselines too close to normalise (a clean - corrupt gap under 1 logit, or pairs whose gap has the other sign):
+  `workbench.patching.sweep.baseline_notes`, shared with activation patching;
 - the model in training mode with dropout active: two runs of the same input differ, so estimates report effects
   for identical inputs (a known bug of attribution code that leaves dropout on);
 - clean and corrupt prompts that look misaligned (shifted by a token, or differing at most positions);
@@ -37,26 +38,6 @@ def training_mode(model) -> list[str]:
         "patched and unpatched value is noisy and estimates report effects between identical inputs. Call "
         "model.module.eval() before patching."
     ]
-
-
-def baselines(clean: torch.Tensor, corrupt: torch.Tensor, metric: str) -> list[str]:
-    """Sentences about baselines [pair] of the primary metric that make normalised values unreliable."""
-    gap = clean - corrupt
-    mean = float(gap.mean())
-    out = []
-    if metric == "logit_diff" and abs(mean) < 1.0:
-        out.append(
-            f"The clean and corrupt logit differences differ by only {mean:+.3g} on average (less than 1 logit): "
-            "normalised values divide by this gap and amplify noise. Check that the model answers the clean "
-            "prompts and that the corrupt prompts change the answer."
-        )
-    flipped = [j for j, g in enumerate(gap.tolist()) if g * mean < 0]
-    if flipped and len(gap) > 1:
-        out.append(
-            f"For pair{'s' * (len(flipped) > 1)} {', '.join(map(str, flipped))} the clean - corrupt gap of "
-            f"{metric} has the opposite sign to the mean's: the mean hides a disagreement (see per-pair views)."
-        )
-    return out
 
 
 def misaligned(clean_tokens, corrupt_tokens) -> list[str]:

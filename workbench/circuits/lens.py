@@ -14,6 +14,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+import re
+
 import nnsight
 import torch
 
@@ -22,7 +25,9 @@ from workbench.circuits.results import AttentionPatterns, DLAResult, LogitLensRe
 from workbench.circuits.spec import check_model
 from workbench.core import CancelToken, Run
 from workbench.errors import InputError, SiteError, UnsupportedModelError
+from workbench.lnfree.norms import FrozenNorm, norm_info, token_scale
 from workbench.models.prefix import bytes_per_row
+from workbench.results import Provenance
 
 DLA_NOTE = (
     "Each part goes through the final norm with the norm's scale frozen at its value in this run (the scale of the "
@@ -185,7 +190,6 @@ def direct_logit_attribution(
             f"position={position!r}: the prompts have {n_pos} tokens (0..{n_pos - 1}, or -1 for the last)."
         )
     position %= n_pos
-    from workbench.lnfree.norms import FrozenNorm, norm_info, token_scale
 
     norm = model.torch_submodule("ln_final")
     try:
@@ -356,8 +360,6 @@ def _resolve_heads(c, heads) -> list[tuple[int, int]]:
                 raise InputError(f"Layer {item} is out of range: layers are 0..{c.n_layers - 1}.")
             out += [(item, h) for h in range(c.n_heads)]
         elif isinstance(item, str):
-            import re
-
             m = re.match(r"^L(\d+)H(\d+)$", item)
             if m is None:
                 raise InputError(f"{item!r}: name a head like 'L2H0', or give (layer, head).")
@@ -372,10 +374,6 @@ def _resolve_heads(c, heads) -> list[tuple[int, int]]:
 
 
 def _provenance(model, method, tokens, str_tokens, answer_tokens, **options):
-    import dataclasses
-
-    from workbench.results import Provenance
-
     prov = Provenance.capture(
         model.name,
         method=method,

@@ -25,6 +25,7 @@ from workbench.circuits.graph import Graph
 from workbench.circuits.results import PathPatchingResult
 from workbench.circuits.spec import CircuitSpec
 from workbench.core import CancelToken, Run
+from workbench.patching.sweep import baseline_notes
 
 
 def path_patch(
@@ -99,7 +100,7 @@ def path_patch(
     noop = values[:, len(rows) :] if noop_rows else clean_m.clone()
     i = spec.metric_index()
     messages = guards.training_mode(model)
-    messages += guards.baselines(clean_m[i], corrupt_m[i], spec.metric)
+    messages += baseline_notes(clean_m[i], corrupt_m[i], spec.metric)
     messages += guards.misaligned(spec.pairs.clean_tokens, spec.pairs.corrupt_tokens)
     if noop_rows:
         messages += guards.noop(noop[i], clean_m[i], corrupt_m[i], "every requested edge")

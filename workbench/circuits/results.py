@@ -12,8 +12,11 @@ from typing import ClassVar
 
 import torch
 
+from workbench.core.measures import pearson, spearman
 from workbench.errors import InputError
 from workbench.results import Provenance, Result
+
+# pandas is imported where a table is built: it is slow to import and the engines do not need it.
 
 
 def _equal(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -446,8 +449,8 @@ class AtPResult(_Baselines, Result):
             rows.append(
                 {
                     "method": method,
-                    "pearson": _corr(a, e) if method != "atp*" else float("nan"),
-                    "spearman_abs": _corr(_ranks(a.abs()), _ranks(e.abs())),
+                    "pearson": pearson(a, e) if method != "atp*" else float("nan"),
+                    "spearman_abs": spearman(a.abs(), e.abs()),
                     f"top{k}_recall": len(top_a & top_e) / k,
                     "worst_exact_rank_missed": _worst_missed(a, e, k),
                 }
@@ -479,16 +482,6 @@ class AtPResult(_Baselines, Result):
             f"AtPResult({self.direction}, {len(self.nodes())} nodes, {self.n_pairs} pairs, qk_fix={self.qk_fix}, "
             f"graddrop={self.graddrop is not None}, {measured} measured exactly)"
         )
-
-
-def _ranks(x: torch.Tensor) -> torch.Tensor:
-    return x.argsort().argsort().double()
-
-
-def _corr(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.double() - a.double().mean(), b.double() - b.double().mean()
-    denom = a.norm() * b.norm()
-    return float((a * b).sum() / denom) if denom > 0 else float("nan")
 
 
 def _worst_missed(a: torch.Tensor, e: torch.Tensor, k: int) -> int | None:

@@ -11,9 +11,9 @@ from typing import Any
 
 import torch
 
-from workbench.errors import InputError, UnsupportedModelError
-from workbench.models.model import WorkbenchModel
+from workbench.errors import InputError
 from workbench.patching.inputs import Pairs, prepare_pairs, resolve_direction
+from workbench.patching.inputs import check_model as check_patchable
 from workbench.patching.metrics import Metric, resolve_metrics
 from workbench.results import Provenance
 
@@ -55,9 +55,7 @@ class CircuitSpec:
     def halves(self) -> tuple[slice, slice]:
         """(base, source) halves of a [clean; corrupt] batch: the run that is patched, and where patches come
         from."""
-        n = self.n_pairs
-        clean, corrupt = slice(0, n), slice(n, 2 * n)
-        return (corrupt, clean) if self.direction == "denoising" else (clean, corrupt)
+        return self.pairs.halves(self.direction)
 
     def metric_index(self, name: str | None = None) -> int:
         names = [m.name for m in self.metrics]
@@ -66,13 +64,8 @@ class CircuitSpec:
     def arguments(self) -> dict[str, Any]:
         """The prompts, answers, direction and metric as plain data (for provenance and code)."""
         p = self.pairs
-        if p.clean_text is not None:
-            clean, corrupt = list(p.clean_text), list(p.corrupt_text)
-        else:
-            clean, corrupt = p.clean.tolist(), p.corrupt.tolist()
         return {
-            "clean": clean,
-            "corrupt": corrupt,
+            **p.prompts(),
             "answers": [list(a) for a in p.answer_tokens],
             "direction": self.direction,
             "metric": self.metric,
@@ -107,15 +100,8 @@ class CircuitSpec:
 
 
 def check_model(model) -> None:
-    if not isinstance(model, WorkbenchModel):
-        raise InputError(
-            f"Expected a WorkbenchModel, got {type(model).__name__}; wrap it first: "
-            "model = workbench.models.load_model(model, tokenizer)."
-        )
-    if model.adapter is None:
-        raise UnsupportedModelError(
-            f"Circuit analysis needs a transformer with standard sites; {model.name!r} is a plain module."
-        )
+    """Refuse models circuit analysis cannot run on (see `workbench.patching.inputs.check_model`)."""
+    check_patchable(model, "Circuit analysis")
 
 
 def resolve_patch_positions(positions, n_pos: int) -> tuple[int, ...] | None:
