@@ -27,6 +27,8 @@ from workbench.lnfree.sites import norm_module, norm_modules, paper_order, site_
 from workbench.models.prefix import bytes_per_row
 from workbench.results import Provenance, Result
 
+# pandas is imported where a table is built: it is slow to import and the engine does not need it.
+
 METHODS = ("mean", "median", "ema")
 
 

@@ -25,6 +25,7 @@ import math
 from pathlib import Path
 
 import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from workbench.errors import InputError, ModelLoadError, UnsupportedModelError
 from workbench.lnfree.norms import (
@@ -36,6 +37,8 @@ from workbench.lnfree.norms import (
     plain_copy,
     set_module,
 )
+from workbench.models import load_model
+from workbench.models.adapters import adapter_for
 
 HACK_EPS = 1e12
 HACK_FACTOR = 1e6  # sqrt(HACK_EPS)
@@ -139,16 +142,12 @@ def load_lnfree(
     server, where the eps convention is already linear to float precision). float16 is refused (see the module
     docstring).
     """
-    from workbench.models import load_model
-
     _refuse_half(dtype)
     if remote is True:
         model = load_model(name_or_path, remote=True, revision=revision)
         _check_convention(name_or_path, model.module.config)
         return model
     try:
-        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
         kwargs = {"revision": revision} if revision else {}
         hf_config = AutoConfig.from_pretrained(name_or_path, **kwargs)
         _check_convention(name_or_path, hf_config)
@@ -162,7 +161,6 @@ def load_lnfree(
             f"the local cache); download one elsewhere with `hf download {name_or_path} --local-dir DIR` and "
             "call load_lnfree(DIR)."
         ) from err
-    from workbench.models.adapters import adapter_for
 
     adapter = adapter_for(hf_config, module)
     info_path = Path(name_or_path) / INFO_FILE

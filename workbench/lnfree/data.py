@@ -12,6 +12,7 @@ from collections.abc import Sequence
 import torch
 
 from workbench.errors import InputError
+from workbench.tasks import pack
 
 DEFAULT_SEQ_LEN = 128
 
@@ -46,7 +47,6 @@ def text_tokens(
         raise InputError("Give the text set as a list of documents (strings) or as token ids [row, pos].")
     if getattr(model, "tokenizer", None) is None:
         raise InputError(f"{model.name} has no tokenizer; pass token ids [row, pos] instead of text.")
-    from workbench.tasks import pack
 
     n_ctx = model.cfg.n_ctx if getattr(model, "cfg", None) is not None else DEFAULT_SEQ_LEN
     seq_len = min(seq_len or DEFAULT_SEQ_LEN, n_ctx)

@@ -33,6 +33,8 @@ from workbench.lnfree.norms import FrozenNorm, norm_info
 from workbench.lnfree.sites import parse_sites
 from workbench.results import Provenance, Result
 
+# pandas is imported where a table is built: it is slow to import and the engine does not need it.
+
 EXTREME_LOSS = 30.0
 """Per-token losses above this many nats are counted as extreme (a uniform guess over 50k tokens is 10.8)."""
 

@@ -52,6 +52,8 @@ from workbench.lnfree.sites import paper_order
 from workbench.models import load_model
 from workbench.results import Provenance, Result
 
+# pandas is imported where a table is built: it is slow to import and the engine does not need it.
+
 _HISTORY_FIELDS = ("step", "loss", "aux_loss", "lr", "grad_norm", "n_frozen")
 
 

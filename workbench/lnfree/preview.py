@@ -32,6 +32,8 @@ from workbench.lnfree.sites import norm_module, norm_modules, paper_order, parse
 from workbench.models.prefix import reuses_cache
 from workbench.results import Provenance, Result
 
+# pandas is imported where a table is built: it is slow to import and the engine does not need it.
+
 
 @dataclasses.dataclass(frozen=True)
 class RemovalPreview(Result):
