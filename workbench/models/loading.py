@@ -29,9 +29,13 @@ from pathlib import Path
 
 import torch
 
+from workbench.demo_model import DEMO_DIR
 from workbench.errors import ModelLoadError
 from workbench.models.adapters import adapter_for, model_config
 from workbench.models.model import WorkbenchModel
+
+# transformers, nnsight, httpx and huggingface_hub are imported inside the functions that use them: importing
+# workbench.models (sites, tokens, adapters) stays light, and hub_reachable's client loads only when asked.
 
 _BIG_MODEL_PARAMS = 2e9  # above this, GPUs default to bfloat16
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
@@ -136,42 +140,20 @@ def load_model(
     """
     if isinstance(model, WorkbenchModel):
         return model
+    settings = dict(
+        device=device,
+        dtype=dtype,
+        remote=remote,
+        attn_implementation=attn_implementation,
+        prepend_bos=prepend_bos,
+    )
     if isinstance(model, str) and model == "demo":
-        from workbench.demo_model import DEMO_DIR
-
         check_digests(DEMO_DIR, DEMO_DIGESTS)
-        return _from_directory(
-            str(DEMO_DIR),
-            name="demo",
-            device=device,
-            dtype=dtype,
-            remote=remote,
-            attn_implementation=attn_implementation,
-            dispatch=True,
-            prepend_bos=prepend_bos,
-            quiet=True,
-        )
+        return _from_directory(str(DEMO_DIR), name="demo", dispatch=True, quiet=True, **settings)
     if isinstance(model, (str, os.PathLike)):
-        return _from_name(
-            str(model),
-            device=device,
-            dtype=dtype,
-            remote=remote,
-            attn_implementation=attn_implementation,
-            revision=revision,
-            dispatch=dispatch,
-            prepend_bos=prepend_bos,
-        )
+        return _from_name(str(model), revision=revision, dispatch=dispatch, **settings)
     if isinstance(model, torch.nn.Module):
-        return _from_module(
-            model,
-            tokenizer,
-            device=device,
-            dtype=dtype,
-            remote=remote,
-            attn_implementation=attn_implementation,
-            prepend_bos=prepend_bos,
-        )
+        return _from_module(model, tokenizer, **settings)
     raise ModelLoadError(
         f"Cannot load a model from {type(model).__name__}. Give 'demo', a hub id, a local directory, a "
         "transformers model (with tokenizer=...), or a torch.nn.Module."
@@ -182,32 +164,14 @@ def _looks_like_path(name: str) -> bool:
     return name.startswith((".", "/", "~")) or name.count("/") > 1  # hub ids are "name" or "org/name"
 
 
-def _from_name(name, *, device, dtype, remote, attn_implementation, revision, dispatch, prepend_bos):
+def _from_name(name, *, revision, **settings):
+    """A local directory, or else a hub id (`settings`: those of `_from_directory`)."""
     path = Path(name).expanduser()
     if path.is_dir():
-        return _from_directory(
-            str(path),
-            name=name,
-            device=device,
-            dtype=dtype,
-            remote=remote,
-            attn_implementation=attn_implementation,
-            dispatch=dispatch,
-            prepend_bos=prepend_bos,
-        )
+        return _from_directory(str(path), name=name, **settings)
     if _looks_like_path(name):
         raise ModelLoadError(f"No model directory at {name!r}. Check the path, or give a hub id like 'gpt2'.")
-    return _from_directory(
-        name,
-        name=name,
-        device=device,
-        dtype=dtype,
-        remote=remote,
-        attn_implementation=attn_implementation,
-        dispatch=dispatch,
-        prepend_bos=prepend_bos,
-        revision=revision,
-    )
+    return _from_directory(name, name=name, revision=revision, **settings)
 
 
 def _hub_error(name: str, err: Exception) -> ModelLoadError:
@@ -497,8 +461,6 @@ def check_digests(directory: Path, digests_file: Path) -> None:
 
 def record_demo_digests() -> None:
     """Write the demo model's digests (after retraining it)."""
-    from workbench.demo_model import DEMO_DIR
-
     names = ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"]
     digests = {n: _digest(DEMO_DIR / n) for n in names}
     DEMO_DIGESTS.write_text(json.dumps({"sha256": digests}, indent=2) + "\n")

@@ -16,6 +16,8 @@ from __future__ import annotations
 import torch
 import transformers
 
+# transformers is imported where a key/value cache is built: importing workbench.models stays light.
+
 TRANSFORMERS_4 = int(transformers.__version__.split(".")[0]) < 5
 """Under transformers 4 some families' blocks return a tuple (hidden states first); under 5 all return a
 tensor (`Adapter.tuple_blocks_tf4` says which)."""

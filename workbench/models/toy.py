@@ -15,6 +15,8 @@ from workbench.errors import InputError
 from workbench.models.loading import load_model
 from workbench.models.model import WorkbenchModel
 
+# tokenizers and transformers are imported where a toy model is built: importing workbench.models stays light.
+
 SHAPES = {  # n_layers, d_model, n_heads
     "tiny": (2, 32, 4),
     "small": (4, 64, 4),
