@@ -8,6 +8,7 @@ Everything is seeded and returned as strings plus tokens, for any tokenizer::
     toks = pairs.tokens(model)                         # clean/corrupt [pair, pos], answers [pair, 2]
 """
 
+from workbench.tasks import ioi, world
 from workbench.tasks.corpus import REAL_CORPORA, demo_corpus, load_corpus, pack
 from workbench.tasks.induction import InductionSequences, induction_sequences
 from workbench.tasks.ioi import NAME_PAIRS, NAMES, OBJECTS, PLACES, TEMPLATES, ioi_pairs
@@ -40,7 +41,5 @@ __all__ = [
 def single_token_words() -> list[str]:
     """Every word the tasks need as one token (with its leading space): names, places, objects, and the
     invented world's countries, capitals, languages and currencies."""
-    from workbench.tasks import ioi, world
-
     words = [*ioi.NAMES, *ioi.PLACES, *ioi.OBJECTS, *world.COUNTRIES, *world.CAPITALS, *world.LANGUAGES]
     return [" " + w for w in (*words, *world.CURRENCIES)]

@@ -21,6 +21,8 @@ from workbench.errors import InputError, WorkbenchError
 from workbench.tasks import ioi, world
 from workbench.tasks.pairs import as_tokenizer
 
+# datasets is imported where a real corpus is loaded: it is optional and slow to import.
+
 SPLIT_SEEDS = {"train": 0, "validation": 1}
 MIXTURE = {"ioi": 0.4, "facts": 0.15, "story": 0.45}
 """Fraction of documents of each kind."""
