@@ -43,6 +43,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from workbench.errors import InputError, ModelLoadError
 
@@ -374,7 +375,6 @@ def _copy_with_progress(src, dst, *, desc: str, progress: bool) -> None:
     if not progress:
         shutil.copyfileobj(src, dst)
         return
-    from tqdm.auto import tqdm
 
     with tqdm(total=total or None, unit="B", unit_scale=True, desc=desc, leave=False) as bar:
         for block in iter(lambda: src.read(1 << 16), b""):

@@ -33,6 +33,7 @@ from workbench.casper.pca import PCA
 from workbench.core import CancelToken, Run
 from workbench.core.selectors import renamed
 from workbench.errors import InputError, ModelLoadError
+from workbench.models import load_model
 from workbench.scrubbing import Hypothesis, Resample, nearest_value, random_donors
 
 CLUE_INDEX = 6
@@ -137,8 +138,6 @@ def load_mnist_cnn(
 
 def as_nnsight(cnn: CasperCNN):
     """The nnsight view of the CNN: ``model.relu3.output`` are the neurons inside ``model.trace(images)``."""
-    from workbench.models import load_model
-
     return load_model(cnn).nnsight
 
 

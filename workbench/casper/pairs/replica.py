@@ -32,6 +32,8 @@ from workbench.core import CancelToken, Run
 from workbench.errors import InputError
 from workbench.results import Provenance, Result
 
+# pandas is imported where a table is built: it is slow to import and the engine does not need it.
+
 
 @dataclass(frozen=True)
 class ReplicaRecipe:
