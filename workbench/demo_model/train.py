@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
 from workbench.demo_model import DEMO_DIR
+from workbench.demo_model.evaluate import quick_eval
 from workbench.tasks import demo_corpus, single_token_words
 from workbench.tasks.induction import ordinary_token_ids, repeated_tokens
 
@@ -223,8 +224,6 @@ def _train(cfg: TrainConfig, out_dir: Path, progress: bool, eval_every: int) -> 
         losses.append(loss.item())
         bar.set_postfix(loss=f"{sum(losses[-20:]) / len(losses[-20:]):.3f}")
         if eval_every and (step + 1) % eval_every == 0:
-            from workbench.demo_model.evaluate import quick_eval
-
             model.eval()
             evals.append({"step": step + 1, **quick_eval(model, tok)})
             model.train()
