@@ -22,22 +22,31 @@ from __future__ import annotations
 
 import io
 import json
+import linecache
 import pickle
 import sys
 import time
 import types
 from typing import Any
 
+import nnsight
+import torch
 from nnsight.intervention.backends.local import LocalSimulationBackend
-from nnsight.intervention.backends.remote import RemoteBackend
+from nnsight.intervention.backends.remote import _NNSIGHT_VERSION, RemoteBackend
 from nnsight.intervention.backends.remote import RemoteError as NNsightRemoteError
+from nnsight.ndif import pull_env
+from nnsight.schema.request import RequestModel
 from nnsight.schema.response import ResponseModel, Status
+from torch._weights_only_unpickler import _get_allowed_globals
 
 from workbench.errors import Cancelled, RemoteError
 from workbench.remote.config import KEY_HELP, check_host, configured_key
 from workbench.remote.jobs import JobUpdate, unreachable
 from workbench.remote.runner import RemoteRunner, active_runner
 from workbench.remote.service import served_models
+
+# httpx and websocket-client are imported where a job goes over the network (dry runs with remote="local" never
+# load them), zstandard where a compressed result is read.
 
 _CONNECT_TIMEOUT = 10.0
 _READ_TIMEOUT = 600.0
@@ -54,8 +63,6 @@ def ship_workbench_by_value() -> None:
     """Send the workbench's code with remote requests (NDIF does not have the package installed)."""
     global _SHIPPED
     if not _SHIPPED:
-        import nnsight
-
         nnsight.register("workbench")
         _SHIPPED = True
 
@@ -206,7 +213,6 @@ class NDIFJobBackend(_Tracked, RemoteBackend):
     def _post(self, request, blob: bytes) -> ResponseModel:
         """nnsight's POST /request, with errors that say what to do."""
         import httpx
-        from nnsight.intervention.backends.remote import _NNSIGHT_VERSION
 
         headers = {
             "ndif-timestamp": repr(time.time()),
@@ -307,7 +313,6 @@ class NDIFJobBackend(_Tracked, RemoteBackend):
             return self.finalize(bytes(url))
         if not url:
             raise RemoteError(f"NDIF job {self.job_id} completed without a result.")
-        import io
 
         import httpx
 
@@ -378,9 +383,6 @@ def _cap_frames(connection, limit: int, too_large) -> None:
 
 
 def _allowed_globals() -> dict[str, Any]:
-    from nnsight.schema.response import Status
-    from torch._weights_only_unpickler import _get_allowed_globals
-
     return {**_get_allowed_globals(), "nnsight.schema.response.Status": Status}
 
 
@@ -404,8 +406,6 @@ _DATA_ONLY_PICKLE = types.SimpleNamespace(
 
 def load_data_only(content: bytes, what: str) -> Any:
     """Load ``torch.save`` bytes from NDIF without running anything they name; `RemoteError` otherwise."""
-    import torch
-
     try:
         return torch.load(
             io.BytesIO(content), map_location="cpu", weights_only=False, pickle_module=_DATA_ONLY_PICKLE
@@ -422,8 +422,6 @@ def load_data_only(content: bytes, what: str) -> Any:
 
 def _detached(value: Any) -> Any:
     """Saved values without autograd history: NDIF runs traces in grad mode, and a graph cannot come back."""
-    import torch
-
     if isinstance(value, torch.Tensor):
         return value.detach() if value.requires_grad else value
     if isinstance(value, dict):
@@ -463,11 +461,6 @@ class LocalJobBackend(_Tracked, LocalSimulationBackend):
         self._emit("COMPLETED")
 
     def _run(self, tracer) -> None:
-        import linecache
-
-        from nnsight.ndif import pull_env
-        from nnsight.schema.request import RequestModel
-
         pull_env()
         blob = RequestModel.serialize(tracer, compress=False)
         persistent = self.model._remoteable_persistent_objects()

@@ -23,9 +23,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from nnsight import CONFIG
 
 from workbench.core import CancelToken
 from workbench.errors import WorkbenchError
+from workbench.results import load_result
 
 IGNORED_OPTIONS = frozenset({"progress", "cancel", "run"})
 """Keyword arguments that do not change an engine's result and stay out of the cache key."""
@@ -129,8 +131,6 @@ def _function(fn: types.FunctionType, seen: frozenset[int]) -> tuple:
 
 def model_identity(model) -> tuple:
     """What names a model for the cache: its name, hub revision, and where it runs."""
-    from nnsight import CONFIG
-
     remote = model.remote
     where = CONFIG.API.HOST if remote is True else str(remote)
     return (model.name, getattr(model.nnsight, "revision", None), where)
@@ -222,7 +222,6 @@ class ResultCache:
         path = self._path(key)
         if path is None or not path.is_file():
             return _MISSING
-        from workbench.results import load_result
 
         try:
             return load_result(path)

@@ -13,6 +13,8 @@ import os
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
+from nnsight import CONFIG
+
 from workbench.errors import RemoteError
 
 KEY_HELP = (
@@ -53,15 +55,11 @@ class Settings:
 def configured_key() -> str | None:
     """The key jobs will send: ``NDIF_API_KEY`` as the environment holds it now (so a key exported after nnsight
     was imported still counts), else nnsight's configured one. Never display it."""
-    from nnsight import CONFIG
-
     return os.environ.get("NDIF_API_KEY") or CONFIG.API.APIKEY or None
 
 
 def settings() -> Settings:
     """The current host and where the API key comes from (the key itself is never shown)."""
-    from nnsight import CONFIG
-
     key = configured_key()
     if not key:
         source = None

@@ -11,8 +11,14 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 
+import nnsight
+from nnsight import CONFIG
+from nnsight.ndif import EnvComparison, get_local_env
+
 from workbench.errors import RemoteError
 from workbench.remote.jobs import unreachable
+
+# httpx is imported where NDIF is asked for its status: only that network call needs it.
 
 _STATUS_TIMEOUT = 10.0
 
@@ -45,8 +51,6 @@ class ServedModel:
 
 
 def _host(host: str | None) -> str:
-    from nnsight import CONFIG
-
     return (host or CONFIG.API.HOST).rstrip("/")
 
 
@@ -71,9 +75,6 @@ def served_models(host: str | None = None, *, text_generation_only: bool = False
         host: NDIF's URL (default: nnsight's configured host).
         text_generation_only: keep only deployments the workbench can drive (task "text-generation").
     """
-    import nnsight
-    from nnsight import CONFIG
-
     host = _host(host)
     table = {}
     if host == CONFIG.API.HOST.rstrip("/"):
@@ -106,16 +107,12 @@ def served_models(host: str | None = None, *, text_generation_only: bool = False
 
 @functools.lru_cache(maxsize=1)
 def _local_env() -> dict:
-    from nnsight.ndif import get_local_env
-
     return get_local_env()
 
 
 def version_drift(host: str | None = None) -> list[str]:
     """Differences between this machine and NDIF in torch, transformers and nnsight, as sentences like
     ``"torch 2.13.0 here, 2.5.1 on NDIF"`` (empty when they match). `RemoteError` when unreachable."""
-    from nnsight.ndif import EnvComparison
-
     comparison = EnvComparison(_local_env(), _get_json(_host(host), "/env", timeout=30.0))
     return [
         f"{name} {v['local']} here, {v['remote']} on NDIF"
