@@ -23,10 +23,13 @@ import json
 import os
 import platform
 import uuid
+from importlib.metadata import version as installed_version
 from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save as safetensors_bytes
 
 from workbench.errors import InputError
 
@@ -148,9 +151,7 @@ def package_versions() -> dict[str, str]:
     for name in ("workbench", "torch", "transformers", "nnsight"):
         try:
             if name == "workbench":
-                from importlib.metadata import version
-
-                out[name] = version("interp-workbench")
+                out[name] = installed_version("interp-workbench")
             else:
                 out[name] = str(importlib.import_module(name).__version__)
         except Exception:  # a missing optional package is not an error here
@@ -266,12 +267,10 @@ def _class_named(name: Any) -> type:
 # -- writing -------------------------------------------------------------------------------------------------
 def to_bytes(result: Any) -> bytes:
     """The file contents for `result` (see the module docstring)."""
-    from safetensors.torch import save
-
     tensors: dict[str, torch.Tensor] = {}
     tree = _encode(result, tensors)
     meta = {_FORMAT_KEY: str(FORMAT_VERSION), "result": json.dumps(tree, allow_nan=True)}
-    return save(tensors, metadata=meta)
+    return safetensors_bytes(tensors, metadata=meta)
 
 
 def _encode(value: Any, tensors: dict[str, torch.Tensor]) -> Any:
@@ -350,8 +349,6 @@ def _damaged(path: Path, reason: str) -> InputError:
 
 
 def _read_safetensors(path: Path) -> tuple[Any, dict[str, torch.Tensor]]:
-    from safetensors import safe_open
-
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             meta = f.metadata() or {}
