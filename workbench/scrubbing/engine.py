@@ -16,6 +16,8 @@ from workbench.errors import InputError, SiteError, UnsupportedModelError
 from workbench.models.model import WorkbenchModel
 from workbench.results import Provenance, Result
 
+# pandas is imported where a table is built: it is slow to import and the engine does not need it.
+
 # ---------------------------------------------------------------------------------------------------------------
 # donor samplers
 
