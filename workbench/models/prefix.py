@@ -15,8 +15,7 @@ from __future__ import annotations
 
 import torch
 import transformers
-
-# transformers is imported where a key/value cache is built: importing workbench.models stays light.
+from transformers import DynamicCache
 
 TRANSFORMERS_4 = int(transformers.__version__.split(".")[0]) < 5
 """Under transformers 4 some families' blocks return a tuple (hidden states first); under 5 all return a
@@ -47,8 +46,6 @@ def enter_at(model, layer: int, resid) -> None:
 def kv_cache(model, kv: list[tuple[torch.Tensor, torch.Tensor]]):
     """A transformers cache holding per-layer (keys, values) [batch, kv_head, pos, d_head] for a model call
     that runs only the later positions (the model appends to it)."""
-    from transformers import DynamicCache  # transformers loads lazily; models always have it
-
     return DynamicCache(ddp_cache_data=kv, config=model.module.config)
 
 

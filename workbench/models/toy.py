@@ -10,12 +10,14 @@ Numbers from these models mean nothing; use the demo model (`load_model("demo")`
 from __future__ import annotations
 
 import torch
+import transformers as tf
+from tokenizers import Tokenizer, pre_tokenizers
+from tokenizers import models as tokenizer_models
+from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
 from workbench.errors import InputError
 from workbench.models.loading import load_model
 from workbench.models.model import WorkbenchModel
-
-# tokenizers and transformers are imported where a toy model is built: importing workbench.models stays light.
 
 SHAPES = {  # n_layers, d_model, n_heads
     "tiny": (2, 32, 4),
@@ -38,11 +40,8 @@ TOY_WORDS = (
 
 def toy_tokenizer():
     """A word-level tokenizer over `TOY_WORDS` with GPT-2's BOS/EOS convention (`<|endoftext|>`)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
     vocab = {w: i for i, w in enumerate(dict.fromkeys(TOY_WORDS))}
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok = Tokenizer(tokenizer_models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     return PreTrainedTokenizerFast(
         tokenizer_object=tok,
@@ -57,8 +56,6 @@ def random_config(
     family: str = "gpt2", shape: str = "tiny", *, vocab_size: int | None = None, n_ctx: int = 64, **overrides
 ):
     """A transformers config of `family` with the layer/width/head counts of `shape`."""
-    import transformers as tf
-
     if shape not in SHAPES:
         raise InputError(f"Unknown shape {shape!r}; shapes: {', '.join(SHAPES)}.")
     if family not in FAMILIES:
@@ -120,8 +117,6 @@ def random_model(
     **config_overrides,
 ) -> WorkbenchModel:
     """A `WorkbenchModel` with random weights (seeded), built offline from `random_config`."""
-    from transformers import AutoModelForCausalLM
-
     cfg = random_config(family, shape, **config_overrides)
     cfg._attn_implementation = "eager"
     torch.manual_seed(seed)
