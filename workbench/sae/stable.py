@@ -179,21 +179,11 @@ def stable_regions(
     if not isinstance(n_steps, int) or n_steps < 3:
         raise InputError("n_steps must be an integer >= 3 (sharpness needs a slope between the endpoints).")
     quiet = run.quiet()
+    where = dict(
+        layer=layer, site=site, position=position, n_steps=n_steps, read_site=read_site, read_layer=read_layer
+    )
     results = run.map(
-        list(models.items()),
-        lambda item: interpolate(
-            item[1],
-            a,
-            b,
-            layer=layer,
-            site=site,
-            position=position,
-            n_steps=n_steps,
-            read_site=read_site,
-            read_layer=read_layer,
-            run=quiet,
-        ),  # fmt: skip
-        desc="stable regions",
+        list(models.values()), lambda m: interpolate(m, a, b, **where, run=quiet), desc="stable regions"
     )
     ref = results[0]
     return StableRegionsResult(
@@ -215,11 +205,6 @@ def stable_regions(
             models=list(models),
             prompts_a=list(ref.prompts_a),
             prompts_b=list(ref.prompts_b),
-            layer=layer,
-            site=site,
-            position=position,
-            n_steps=n_steps,
-            read_site=read_site,
-            read_layer=read_layer,
+            **where,
         ),
     )
