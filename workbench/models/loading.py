@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from workbench.demo_model import DEMO_DIR
+from workbench import demo_model
 from workbench.errors import ModelLoadError
 from workbench.models.adapters import adapter_for, model_config
 from workbench.models.model import WorkbenchModel
@@ -148,8 +148,8 @@ def load_model(
         prepend_bos=prepend_bos,
     )
     if isinstance(model, str) and model == "demo":
-        check_digests(DEMO_DIR, DEMO_DIGESTS)
-        return _from_directory(str(DEMO_DIR), name="demo", dispatch=True, quiet=True, **settings)
+        check_digests(demo_model.DEMO_DIR, DEMO_DIGESTS)
+        return _from_directory(str(demo_model.DEMO_DIR), name="demo", dispatch=True, quiet=True, **settings)
     if isinstance(model, (str, os.PathLike)):
         return _from_name(str(model), revision=revision, dispatch=dispatch, **settings)
     if isinstance(model, torch.nn.Module):
@@ -462,5 +462,5 @@ def check_digests(directory: Path, digests_file: Path) -> None:
 def record_demo_digests() -> None:
     """Write the demo model's digests (after retraining it)."""
     names = ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"]
-    digests = {n: _digest(DEMO_DIR / n) for n in names}
+    digests = {n: _digest(demo_model.DEMO_DIR / n) for n in names}
     DEMO_DIGESTS.write_text(json.dumps({"sha256": digests}, indent=2) + "\n")
