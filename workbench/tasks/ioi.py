@@ -191,12 +191,4 @@ def ioi_pairs(
         answers.append((" " + io, " " + s))
         labels.append(f"ioi/{t}")
         info.append({"io": io, "s": s, "order": o, "template": t, "place": place, "object": obj})
-    return PromptPairs(
-        clean=tuple(clean),
-        corrupt=tuple(corrupt),
-        answers=tuple(answers),
-        template=tuple(labels),
-        info=tuple(info),
-        task="ioi",
-        corruption=corruption,
-    )
+    return PromptPairs(clean, corrupt, answers, labels, info, task="ioi", corruption=corruption)

@@ -77,6 +77,8 @@ class PromptPairs:
     corruption: str = ""
 
     def __post_init__(self):
+        for name in ("clean", "corrupt", "answers", "template", "info"):  # lists given: kept as tuples
+            object.__setattr__(self, name, tuple(getattr(self, name)))
         n = len(self.clean)
         if not (len(self.corrupt) == len(self.answers) == len(self.template) == len(self.info) == n):
             raise InputError(

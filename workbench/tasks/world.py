@@ -154,12 +154,4 @@ def factual_pairs(
         info.append(
             {"country": c, "corrupt_country": other, "relation": tmpl.relation, "phrasing": tmpl.split}
         )
-    return PromptPairs(
-        clean=tuple(clean),
-        corrupt=tuple(corrupt),
-        answers=tuple(answers),
-        template=tuple(labels),
-        info=tuple(info),
-        task="factual",
-        corruption="country",
-    )
+    return PromptPairs(clean, corrupt, answers, labels, info, task="factual", corruption="country")
