@@ -128,6 +128,16 @@ def test_code_reproduces_the_last_run_in_a_fresh_namespace():
     curves = namespace["curves"]
     assert torch.equal(curves.loss, panel.curves.loss)
     assert curves.labels == panel.curves.labels
+    # the transplant's code too: the same fine-tuned weights and numbers
+    panel.transplant_button.click()
+    text = panel.code()
+    assert "transplant(model, steps=150" in text and "finetune(" in text
+    clear_cache()
+    namespace = {}
+    exec(text, namespace)
+    assert namespace["tr"].clean_after == panel.transplanted.clean_after
+    assert torch.equal(namespace["tr"].W_in_after, panel.transplanted.W_in_after)
+    assert torch.equal(namespace["curves"].loss, panel.curves.loss)
     # the sweep's code too
     panel.sweep_kinds.value = ("asymmetric",)
     panel.sweep_button.click()

@@ -178,8 +178,11 @@ class ToyConfig:
         data = " one-hot" if self.data == "one_hot" else f" p={self.p:g}"
         return f"{mix}{data}{extra}"
 
+    def changes(self) -> dict[str, Any]:
+        """The fields that differ from the defaults (the critique's settings)."""
+        default = ToyConfig()
+        return {k: v for k, v in self.to_dict().items() if getattr(default, k) != v}
+
     def code(self) -> str:
         """The constructor call for this config, listing only fields that differ from the defaults."""
-        default = ToyConfig()
-        parts = [f"{k}={v!r}" for k, v in self.to_dict().items() if getattr(default, k) != v]
-        return f"ToyConfig({', '.join(parts)})"
+        return f"ToyConfig({', '.join(f'{k}={v!r}' for k, v in self.changes().items())})"

@@ -21,7 +21,7 @@ from typing import ClassVar
 
 import torch
 
-from workbench.core import CancelToken, Run
+from workbench.core import CancelToken, Run, positive_size
 from workbench.errors import InputError
 from workbench.results import Provenance, Result
 from workbench.toymodels.data import (
@@ -179,6 +179,81 @@ def _strata(n: int, p: float, n_samples: int, mode: str) -> list[tuple[int, floa
     return [(k, w, max(16, round(n_samples * w))) for k, w in weights.items()]
 
 
+@dataclasses.dataclass
+class _Plan:
+    """The sampling plan of one evaluation: per density its strata [(k, weight, samples)], a generator per
+    stratum, and the chunks (density index, stratum index, rows) that `run.map` walks through."""
+
+    ps: list[float]
+    strata: list[list[tuple[int, float, int]]]
+    gens: dict[tuple[int, int], torch.Generator]
+    chunks: list[tuple[int, int, int]]
+
+
+def _plan(n: int, ps: list[float], n_samples: int, mode: str, seed: int, rows: int) -> _Plan:
+    strata, gens, chunks = [], {}, []
+    for i, q in enumerate(ps):
+        strata.append(_strata(n, q, n_samples, mode))
+        for s, (k, _w, count) in enumerate(strata[i]):
+            # inputs depend on (seed, p, k) only, so a model's numbers do not depend on what it is evaluated with
+            gens[(i, s)] = generator(seed * 100_003 + round(q * 1e7) * 1009 + k, "eval")
+            chunks += [(i, s, min(rows, count - a)) for a in range(0, count, rows)]
+    return _Plan(ps, strata, gens, chunks)
+
+
+def _chunk_losses(plan: _Plan, item, n: int, mode: str, weights) -> list[tuple[torch.Tensor, float, float]]:
+    """Per model: ([feature] summed squared error, sum and sum of squares of the per-sample loss) on one chunk."""
+    i, s, count = item
+    k = plan.strata[i][s][0]
+    gen = plan.gens[(i, s)]
+    if mode == "one_hot":
+        cols = torch.randint(0, n, (count, 1), generator=gen)
+        vals = torch.rand(count, 1, generator=gen) * 2 - 1
+    else:
+        cols, vals = k_active(count, n, k, gen)
+    dense = torch.zeros(count, n).scatter_(1, cols, vals) if k > SPARSE_K else None
+    out = []
+    for W_in, W_out, MT in weights:
+        if dense is None:  # x @ W as a sum of k gathered rows
+            h = (W_in[cols] * vals[..., None]).sum(1)
+            y = (MT[cols] * vals[..., None]).sum(1).scatter_add_(1, cols, torch.relu(vals))
+        else:
+            h = dense @ W_in
+            y = torch.relu(dense) + dense @ MT
+        err = torch.relu(h) @ W_out - y
+        sq = err * err
+        per_sample = sq.sum(1).double() / n
+        out.append((sq.sum(0).double(), float(per_sample.sum()), float((per_sample**2).sum())))
+    return out
+
+
+def _combine_strata(plan: _Plan, parts, n_models: int, n: int, mode: str):
+    """([model, p] L/p, [model, p] standard error, [model, p, feature] per-feature L/p) from the chunks' sums:
+    each stratum's mean weighted by its exact probability."""
+    n_p = len(plan.ps)
+    sums = torch.zeros(n_models, n_p, max(len(s) for s in plan.strata), n, dtype=torch.float64)
+    s1 = torch.zeros(n_models, n_p, sums.shape[2], dtype=torch.float64)
+    s2 = torch.zeros_like(s1)
+    for (i, s, _), out in parts:
+        for m, (feat, a, b) in enumerate(out):
+            sums[m, i, s] += feat
+            s1[m, i, s] += a
+            s2[m, i, s] += b
+    loss = torch.zeros(n_models, n_p, dtype=torch.float64)
+    var = torch.zeros_like(loss)
+    per_feature = torch.zeros(n_models, n_p, n, dtype=torch.float64)
+    for i, q in enumerate(plan.ps):
+        # one-hot: L / (1/n), one active feature per sample; Bernoulli: P(K >= 1) E[loss | K >= 1] / p
+        scale = n if mode == "one_hot" else nonempty_fraction(n, q) / q
+        for s, (_k, w, count) in enumerate(plan.strata[i]):
+            mean = s1[:, i, s] / count
+            v = (s2[:, i, s] / count - mean**2).clamp_min(0) / max(count - 1, 1)
+            loss[:, i] += scale * w * mean
+            var[:, i] += (scale * w) ** 2 * v
+            per_feature[:, i] += scale * w * sums[:, i, s] / count
+    return loss, var.sqrt(), per_feature
+
+
 def evaluate(
     models,
     p: float | Sequence[float] | torch.Tensor | None = None,
@@ -206,8 +281,6 @@ def evaluate(
     models = _as_models(models)
     if mode not in MODES:
         raise InputError(f"mode must be one of {MODES}, got {mode!r}.")
-    from workbench.core import positive_size
-
     n_samples = positive_size(n_samples, "n_samples", allow_none=False)
     n = models[0].n_features
     if mode == "one_hot":
@@ -221,81 +294,22 @@ def evaluate(
     if own_p and mode == "bernoulli":
         all_ps += sorted({tp for tp in train_p.tolist() if not math.isnan(tp)} - set(all_ps))
     run = Run.of(run, progress=progress, cancel=cancel)
-    rows = run.batch_size or CHUNK_ROWS
-
-    chunks = []  # (p index, stratum index, rows)
-    strata = []
-    gens = {}
-    for i, q in enumerate(all_ps):
-        strata.append(_strata(n, q, n_samples, mode))
-        for s, (k, _w, count) in enumerate(strata[i]):
-            # inputs depend on (seed, p, k) only, so a model's numbers do not depend on what it is evaluated with
-            gens[(i, s)] = generator(seed * 100_003 + round(q * 1e7) * 1009 + k, "eval")
-            chunks += [(i, s, min(rows, count - a)) for a in range(0, count, rows)]
-    weights = [(M.W_in, M.W_out, M.M.T.contiguous()) for M in models]
-
-    def one_chunk(item):
-        i, s, count = item
-        k = strata[i][s][0]
-        gen = gens[(i, s)]
-        if mode == "one_hot":
-            cols = torch.randint(0, n, (count, 1), generator=gen)
-            vals = torch.rand(count, 1, generator=gen) * 2 - 1
-        else:
-            cols, vals = k_active(count, n, k, gen)
-        dense = None
-        if k > SPARSE_K:
-            dense = torch.zeros(count, n).scatter_(1, cols, vals)
-        out = []
-        for W_in, W_out, MT in weights:
-            if dense is None:  # x @ W as a sum of k gathered rows
-                h = (W_in[cols] * vals[..., None]).sum(1)
-                y = (MT[cols] * vals[..., None]).sum(1).scatter_add_(1, cols, torch.relu(vals))
-            else:
-                h = dense @ W_in
-                y = torch.relu(dense) + dense @ MT
-            err = torch.relu(h) @ W_out - y
-            sq = err * err
-            per_sample = sq.sum(1).double() / n
-            out.append((sq.sum(0).double(), float(per_sample.sum()), float((per_sample**2).sum())))
-        return item, out
-
+    plan = _plan(n, all_ps, n_samples, mode, seed, run.batch_size or CHUNK_ROWS)
+    weights = [(m.W_in, m.W_out, m.M.T.contiguous()) for m in models]
     with torch.no_grad():
-        parts = run.map(chunks, one_chunk, desc="evaluating L/p", weights=[c[2] for c in chunks])
-
-    n_m, n_p = len(models), len(all_ps)
-    sums = torch.zeros(n_m, n_p, max(len(s) for s in strata), n, dtype=torch.float64)
-    s1 = torch.zeros(n_m, n_p, sums.shape[2], dtype=torch.float64)
-    s2 = torch.zeros_like(s1)
-    for (i, s, _), out in parts:
-        for m, (feat, a, b) in enumerate(out):
-            sums[m, i, s] += feat
-            s1[m, i, s] += a
-            s2[m, i, s] += b
-    loss = torch.zeros(n_m, n_p, dtype=torch.float64)
-    var = torch.zeros_like(loss)
-    per_feature = torch.zeros(n_m, n_p, n, dtype=torch.float64)
-    for i, q in enumerate(all_ps):
-        # one-hot: L / (1/n), one active feature per sample; Bernoulli: P(K >= 1) E[loss | K >= 1] / p
-        scale = n if mode == "one_hot" else nonempty_fraction(n, q) / q
-        for s, (_k, w, count) in enumerate(strata[i]):
-            mean = s1[:, i, s] / count
-            v = (s2[:, i, s] / count - mean**2).clamp_min(0) / max(count - 1, 1)
-            loss[:, i] += scale * w * mean
-            var[:, i] += (scale * w) ** 2 * v
-            per_feature[:, i] += scale * w * sums[:, i, s] / count
-    stderr = var.sqrt()
-
-    own = torch.full((n_m,), math.nan)
-    own_se = torch.full((n_m,), math.nan)
-    for m in range(n_m):
-        tp = float(train_p[m])
+        parts = run.map(
+            plan.chunks,
+            lambda item: (item, _chunk_losses(plan, item, n, mode, weights)),
+            desc="evaluating L/p",
+            weights=[c[2] for c in plan.chunks],
+        )
+    loss, stderr, per_feature = _combine_strata(plan, parts, len(models), n, mode)
+    own = torch.full((len(models),), math.nan)
+    own_se = torch.full((len(models),), math.nan)
+    for m, tp in enumerate(train_p.tolist()):
         if own_p and not math.isnan(tp):
-            if mode == "one_hot":
-                own[m], own_se[m] = loss[m, 0], stderr[m, 0]
-            else:
-                j = all_ps.index(tp)
-                own[m], own_se[m] = loss[m, j], stderr[m, j]
+            j = 0 if mode == "one_hot" else all_ps.index(tp)
+            own[m], own_se[m] = loss[m, j], stderr[m, j]
     keep = len(ps)
     return LossCurves(
         p=ps.float(),

@@ -16,6 +16,17 @@ from plotly.colors import qualitative, sample_colorscale
 from plotly.subplots import make_subplots
 
 from workbench.errors import InputError
+from workbench.toymodels import (
+    FeatureResponse,
+    LossCurves,
+    Mechanism,
+    OffsetSweep,
+    SigmaSweep,
+    SNMFSweep,
+    ToyModel,
+    Transplant,
+)
+from workbench.toymodels import paper as ref
 
 PALETTE = qualitative.Plotly + qualitative.D3
 NAIVE_STYLE = dict(color="#555", dash="dash", width=1.5)
@@ -56,17 +67,6 @@ def _naive_line(fig: go.Figure, value: float, **where) -> None:
 
 def plot(result, **kwargs) -> go.Figure:
     """The default figure of any toy-model result."""
-    from workbench.toymodels import (
-        FeatureResponse,
-        LossCurves,
-        Mechanism,
-        OffsetSweep,
-        SigmaSweep,
-        SNMFSweep,
-        ToyModel,
-        Transplant,
-    )
-
     table = {
         ToyModel: training_curve,
         LossCurves: loss_vs_p,
@@ -233,8 +233,6 @@ def sigma_sweep(
 ) -> go.Figure:
     """L/p against sigma per kind; the naive line (clean task) dashed, the naive weights on the noisy labels
     dotted; the critique's minima and crossings as open markers. customdata: [kind index, sigma index]."""
-    from workbench.toymodels import paper as ref
-
     fig = go.Figure()
     s = _np(sweep.sigma)
     for k, kind in enumerate(sweep.kinds):
@@ -279,8 +277,6 @@ def sigma_sweep(
             )
         )
     _naive_line(fig, sweep.naive)
-    from workbench.toymodels import paper as ref
-
     shown = [float(sweep.loss.min()), float(sweep.loss.max()), sweep.naive]
     shown += [y for kind in sweep.kinds for _, y in ref.SWEEP.get(kind, [])] if paper else []
     fig.update_yaxes(
@@ -340,8 +336,6 @@ def transplant(tr, *, window: int = 100, paper: bool = True, title: str | None =
     fig.add_vline(x=n1, line=dict(color="#999", dash="dot"))
     _naive_line(fig, tr.naive)
     if paper:
-        from workbench.toymodels import paper as ref
-
         _paper_points(
             fig, [(n1 + len(y2), ref.PAPER["transplant_after"].value)], name="paper: after phase 2 (≈)"
         )
@@ -416,36 +410,50 @@ def spectrum(mech, *, basis: str = "eig", title: str | None = None) -> go.Figure
     return fig
 
 
+def _heatmap_grid(
+    panels: list[tuple[np.ndarray, str]],
+    *,
+    hover: str | None = None,
+    vertical_spacing: float = 0.12,
+    cap: float = math.inf,
+) -> tuple[go.Figure, list[tuple[int, int]]]:
+    """A 2 x 2 grid of heatmaps on one symmetric colour scale, at most ±`cap` (the first carries the colour
+    bar), and each panel's (row, col)."""
+    fig = make_subplots(
+        rows=2,
+        cols=2,
+        subplot_titles=[name for _, name in panels],
+        horizontal_spacing=0.08,
+        vertical_spacing=vertical_spacing,
+    )
+    lim = min(max(float(np.abs(z).max()) for z, _ in panels), cap) or 1.0
+    where = [(i // 2 + 1, i % 2 + 1) for i in range(len(panels))]
+    for i, ((z, _name), (row, col)) in enumerate(zip(panels, where)):
+        heat = go.Heatmap(
+            z=z,
+            zmin=-lim,
+            zmax=lim,
+            colorscale="RdBu",
+            reversescale=True,
+            showscale=i == 0,
+            hovertemplate=hover,
+        )
+        fig.add_trace(heat, row=row, col=col)
+    return fig, where
+
+
 def projections(mech, title: str | None = None) -> go.Figure:
     """Heatmaps of the weights projected on M's directions: Eᵀ W_in, Eᵀ W_outᵀ, Vᵀ W_in, Uᵀ W_outᵀ."""
     panels = [
-        (mech.proj_eig_in, "Eᵀ W_in"),
-        (mech.proj_eig_out, "Eᵀ W_outᵀ"),
-        (mech.proj_sv_in, "Vᵀ W_in"),
-        (mech.proj_sv_out, "Uᵀ W_outᵀ"),
+        (_np(mech.proj_eig_in), "Eᵀ W_in"),
+        (_np(mech.proj_eig_out), "Eᵀ W_outᵀ"),
+        (_np(mech.proj_sv_in), "Vᵀ W_in"),
+        (_np(mech.proj_sv_out), "Uᵀ W_outᵀ"),
     ]
-    fig = make_subplots(
-        rows=2, cols=2, subplot_titles=[t for _, t in panels], horizontal_spacing=0.08, vertical_spacing=0.16
-    )
-    lim = max(float(np.abs(_np(z)).max()) for z, _ in panels) or 1.0  # one colour scale for the four maps
-    for i, (z, _name) in enumerate(panels):
-        z = _np(z)
-        fig.add_trace(
-            go.Heatmap(
-                z=z,
-                zmin=-lim,
-                zmax=lim,
-                colorscale="RdBu",
-                reversescale=True,
-                showscale=i == 0,
-                hovertemplate="direction %{y}<br>neuron %{x}<br>%{z:.3f}<extra></extra>",
-            ),
-            row=i // 2 + 1,
-            col=i % 2 + 1,
-        )
-        fig.add_hline(
-            y=mech.d_mlp - 0.5, line=dict(color="black", dash="dot", width=1), row=i // 2 + 1, col=i % 2 + 1
-        )
+    hover = "direction %{y}<br>neuron %{x}<br>%{z:.3f}<extra></extra>"
+    fig, where = _heatmap_grid(panels, hover=hover, vertical_spacing=0.16)
+    for row, col in where:
+        fig.add_hline(y=mech.d_mlp - 0.5, line=dict(color="black", dash="dot", width=1), row=row, col=col)
     fig.update_yaxes(autorange="reversed", title_text="direction (largest first)")
     fig.update_xaxes(title_text="neuron")
     fig.update_layout(
@@ -509,8 +517,6 @@ def scatter(mech, *, paper: bool = True, max_points: int = 4000, title: str | No
             )
         )
     if paper:
-        from workbench.toymodels import paper as ref
-
         a = ref.PAPER["offdiag_slope"].value
         b, c = ref.PAPER["diag_slope"].value, ref.PAPER["diag_intercept"].value
         fig.add_trace(
@@ -620,24 +626,14 @@ def slope_histogram(resp, title: str | None = None) -> go.Figure:
 def onehot_maps(resp, title: str | None = None) -> go.Figure:
     """Outputs and labels for one-hot inputs ±e_j (output feature x input feature)."""
     panels = [
-        (resp.onehot_pos, "output, x = +e_j"),
-        (resp.target_pos, "label, x = +e_j"),
-        (resp.onehot_neg, "output, x = −e_j"),
-        (resp.target_neg, "label, x = −e_j"),
+        (_np(resp.onehot_pos).T, "output, x = +e_j"),
+        (_np(resp.target_pos).T, "label, x = +e_j"),
+        (_np(resp.onehot_neg).T, "output, x = −e_j"),
+        (_np(resp.target_neg).T, "label, x = −e_j"),
     ]
-    fig = make_subplots(
-        rows=2, cols=2, subplot_titles=[t for _, t in panels], horizontal_spacing=0.08, vertical_spacing=0.1
-    )
-    lim = max(float(_np(z).__abs__().max()) for z, _ in panels) or 1.0
-    lim = min(lim, 1.0)
-    for i, (z, _name) in enumerate(panels):
-        fig.add_trace(
-            go.Heatmap(
-                z=_np(z).T, zmin=-lim, zmax=lim, colorscale="RdBu", reversescale=True, showscale=i == 0
-            ),
-            row=i // 2 + 1,
-            col=i % 2 + 1,
-        )
+    fig, _ = _heatmap_grid(
+        panels, vertical_spacing=0.1, cap=1.0
+    )  # the labels' ReLU part is 1: keep it visible
     fig.update_yaxes(autorange="reversed", title_text="output feature")
     fig.update_xaxes(title_text="input feature j")
     fig.update_layout(title=title or f"{resp.model_label}: one-hot inputs", height=720)
@@ -702,8 +698,6 @@ def offset_sweep(sweep, *, paper: bool = True, title: str | None = None) -> go.F
             )
         )
     if paper:
-        from workbench.toymodels import paper as ref
-
         _paper_points(fig, ref.OFFSET_POINTS, name="paper: best offsets")
     _naive_line(fig, sweep.naive)
     fig.update_layout(
@@ -754,8 +748,6 @@ def snmf_sweep(sweep, *, trained=None, paper: bool = True, title: str | None = N
             )
         )
     if paper:
-        from workbench.toymodels import paper as ref
-
         _paper_points(fig, ref.SNMF_POINTS, name="paper: semi-NMF (code, one-hot eval)")
     _naive_line(fig, sweep.naive)
     fig.update_layout(

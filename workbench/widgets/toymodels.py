@@ -12,6 +12,7 @@ cosines, W_in W_out vs M scatter, per-feature curves); clicking a feature's curv
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import threading
 import time
@@ -19,6 +20,7 @@ import time
 import ipywidgets as widgets
 import plotly.graph_objects as go
 
+from workbench.codegen import Expr, Name, Script, call, literal
 from workbench.core import Run
 from workbench.errors import InputError, WorkbenchError
 from workbench.toymodels import (
@@ -58,6 +60,8 @@ MECH_VIEWS = (
     "projections",
 )
 REDRAW_EVERY = 0.3  # seconds between live loss-curve redraws
+STYLE = {"description_width": "110px"}
+API = "workbench.toymodels"
 
 
 class ToyModelExplorer(Panel):
@@ -89,33 +93,37 @@ class ToyModelExplorer(Panel):
         cfg = config or ToyConfig()
         self.eval_points, self.n_samples, self.n_workers = eval_points, n_samples, n_workers
         self.models: list[ToyModel] = []
-        self.recipes: list[str] = []  # the public-API expression that recreates each model
+        self.recipes: list[Expr] = []  # the public-API expression that recreates each model
         self.curves: LossCurves | None = None
         self.current: ToyModel | None = None
-        self.current_recipe: str | None = None
+        self.current_recipe: Expr | None = None
         self.sweep = None
         self.transplanted = None
         self.highlight: int | None = None
         self._show_transplant = (
             False  # the training figure shows the last transplant (else the current model)
         )
-        self._last_code: list[str] = []
+        self._last_code: list[
+            tuple[str | None, Expr | str]
+        ] = []  # (assigned name, statement) of the last run
         self._live: dict[int, TrainingProgress] = {}
         self._last_draw = 0.0
         self._draw_lock = threading.Lock()
+        self._build_controls(cfg, sweep_sigmas)
+        self._build_buttons()
+        self._build_figures()
+        self.children = self._layout()
+        self._sync_controls()
+        self.set_status("Set the task and press Train (10k steps take about 15 s of one core).")
 
-        style = {"description_width": "110px"}
-        mix_label = next(
-            k
-            for k, v in MIXING_OPTIONS.items()
-            if v == (cfg.mixing, cfg.embed_sign if cfg.mixing == "embed" else "I-G")
-        )
+    def _build_controls(self, cfg: ToyConfig, sweep_sigmas: tuple[float, ...]) -> None:
+        wide = widgets.Layout(width="470px")
         self.mixing_box = widgets.Dropdown(
             options=list(MIXING_OPTIONS),
-            value=mix_label,
+            value=_mixing_label(cfg),
             description="mixing M",
-            style=style,
-            layout=widgets.Layout(width="470px"),
+            style=STYLE,
+            layout=wide,
         )
         self.model_box = widgets.Dropdown(
             options=[
@@ -124,8 +132,8 @@ class ToyModelExplorer(Panel):
             ],
             value=cfg.model,
             description="model",
-            style=style,
-            layout=widgets.Layout(width="470px"),
+            style=STYLE,
+            layout=wide,
         )
         self.sigma_box = widgets.FloatSlider(
             value=cfg.sigma or 0.03,
@@ -134,19 +142,11 @@ class ToyModelExplorer(Panel):
             step=0.001,
             readout_format=".3f",
             description="σ",
-            style=style,
+            style=STYLE,
             continuous_update=False,
         )
         self.learn_box = widgets.Checkbox(
             value=cfg.learn_sigma, description="learn σ (starts at σ)", indent=False
-        )
-        self.rank_box = widgets.BoundedIntText(
-            value=cfg.rank or 10,
-            min=1,
-            max=10_000,
-            description="rank",
-            style=style,
-            layout=widgets.Layout(width="200px"),
         )
         self.p_box = widgets.FloatLogSlider(
             value=cfg.p,
@@ -156,59 +156,42 @@ class ToyModelExplorer(Panel):
             step=0.05,
             readout_format=".3g",
             description="training p",
-            style=style,
+            style=STYLE,
             continuous_update=False,
         )
-        self.n_box = widgets.BoundedIntText(
-            value=cfg.n_features,
-            min=2,
-            max=2000,
-            description="features n",
-            style=style,
-            layout=widgets.Layout(width="200px"),
-        )
-        self.d_box = widgets.BoundedIntText(
-            value=cfg.d_mlp,
-            min=1,
-            max=2000,
-            description="neurons d",
-            style=style,
-            layout=widgets.Layout(width="200px"),
-        )
-        self.steps_box = widgets.BoundedIntText(
-            value=cfg.steps,
-            min=1,
-            max=10_000_000,
-            description="steps",
-            style=style,
-            layout=widgets.Layout(width="200px"),
-        )
+        self.rank_box = _int_box(cfg.rank or 10, "rank", 1, 10_000)
+        self.n_box = _int_box(cfg.n_features, "features n", 2, 2000)
+        self.d_box = _int_box(cfg.d_mlp, "neurons d", 1, 2000)
+        self.steps_box = _int_box(cfg.steps, "steps", 1, 10_000_000)
         self.seed_box = widgets.IntText(
-            value=cfg.seed, description="seed", style=style, layout=widgets.Layout(width="200px")
+            value=cfg.seed, description="seed", style=STYLE, layout=widgets.Layout(width="200px")
         )
         self.sweep_box = widgets.Text(
-            value=", ".join(f"{s:g}" for s in sweep_sigmas),
-            description="sweep σ",
-            style=style,
-            layout=widgets.Layout(width="470px"),
+            value=", ".join(f"{s:g}" for s in sweep_sigmas), description="sweep σ", style=STYLE, layout=wide
         )
         self.sweep_kinds = widgets.SelectMultiple(
             options=["symmetric", "asymmetric"],
             value=("symmetric", "asymmetric"),
             rows=2,
             description="sweep kinds",
-            style=style,
+            style=STYLE,
         )
         self.baseline_box = widgets.Dropdown(
             options=BASELINES,
             value="naive",
             description="baseline",
-            style=style,
+            style=STYLE,
             layout=widgets.Layout(width="400px"),
         )
         self.mech_box = widgets.ToggleButtons(options=MECH_VIEWS, value=MECH_VIEWS[0])
         self.mech_box.style.button_width = "175px"
+        self.mixing_box.observe(lambda _c: self._sync_controls(), names="value")
+        self.model_box.observe(lambda _c: self._sync_controls(), names="value")
+        self.mech_box.observe(lambda _c: self.redraw_mechanism(), names="value")
+
+    def _build_buttons(self) -> None:
         self.run_button.description = "Train"
+        self.run_button.add_class("wb-toy-train")
         self.sweep_button = widgets.Button(
             description="σ sweep", icon="line-chart", layout=widgets.Layout(width="110px")
         )
@@ -226,7 +209,12 @@ class ToyModelExplorer(Panel):
             self.progress,
             self.code_button,
         )
+        self.run_button.on_click(lambda _b: self.train())
+        self.sweep_button.on_click(lambda _b: self.run_sweep())
+        self.transplant_button.on_click(lambda _b: self.run_transplant())
+        self.baseline_button.on_click(lambda _b: self.add_baseline())
 
+    def _build_figures(self) -> None:
         self.p_figure = go.FigureWidget()
         self.sigma_figure = go.FigureWidget()
         self.mech_figure = go.FigureWidget()
@@ -237,37 +225,26 @@ class ToyModelExplorer(Panel):
             (self.mech_figure, "mechanism"),
         ):
             fig.add_class(f"wb-toy-{cls}-figure")
-        self.run_button.add_class("wb-toy-train")
 
-        self.run_button.on_click(lambda _b: self.train())
-        self.sweep_button.on_click(lambda _b: self.run_sweep())
-        self.transplant_button.on_click(lambda _b: self.run_transplant())
-        self.baseline_button.on_click(lambda _b: self.add_baseline())
-        self.mixing_box.observe(lambda _c: self._sync_controls(), names="value")
-        self.model_box.observe(lambda _c: self._sync_controls(), names="value")
-        self.mech_box.observe(lambda _c: self.redraw_mechanism(), names="value")
-
+    def _layout(self) -> list[widgets.Widget]:
         half = widgets.Layout(width="50%")
+        wrap = widgets.Layout(flex_flow="row wrap")
+        sizes = widgets.VBox(
+            [
+                widgets.HBox([self.n_box, self.d_box]),
+                widgets.HBox([self.steps_box, self.seed_box]),
+                widgets.HBox([self.learn_box, self.rank_box]),
+            ]
+        )
+        task = widgets.VBox([self.model_box, self.mixing_box, self.sigma_box, self.p_box])
         controls = widgets.VBox(
             [
-                widgets.HBox(
-                    [
-                        widgets.VBox([self.model_box, self.mixing_box, self.sigma_box, self.p_box]),
-                        widgets.VBox(
-                            [
-                                widgets.HBox([self.n_box, self.d_box]),
-                                widgets.HBox([self.steps_box, self.seed_box]),
-                                widgets.HBox([self.learn_box, self.rank_box]),
-                            ]
-                        ),
-                    ],
-                    layout=widgets.Layout(flex_flow="row wrap"),
-                ),
-                widgets.HBox([self.sweep_box, self.sweep_kinds], layout=widgets.Layout(flex_flow="row wrap")),
+                widgets.HBox([task, sizes], layout=wrap),
+                widgets.HBox([self.sweep_box, self.sweep_kinds], layout=wrap),
                 widgets.HBox([self.baseline_box, self.baseline_button]),
             ]
         )
-        self.children = [
+        return [
             controls,
             self.run_bar,
             self.status,
@@ -282,8 +259,6 @@ class ToyModelExplorer(Panel):
                 ]
             ),
         ]
-        self._sync_controls()
-        self.set_status("Set the task and press Train (10k steps take about 30 s of one core).")
 
     # -- controls ------------------------------------------------------------------------------------------
     def _sync_controls(self) -> None:
@@ -318,11 +293,7 @@ class ToyModelExplorer(Panel):
     def set_config(self, cfg: ToyConfig) -> None:
         """Set the controls from a config."""
         self.model_box.value = cfg.model
-        self.mixing_box.value = next(
-            k
-            for k, v in MIXING_OPTIONS.items()
-            if v == (cfg.mixing, cfg.embed_sign if cfg.mixing == "embed" else "I-G")
-        )
+        self.mixing_box.value = _mixing_label(cfg)
         if cfg.has_sigma:
             self.sigma_box.value = cfg.sigma
         self.learn_box.value = cfg.learn_sigma
@@ -377,9 +348,9 @@ class ToyModelExplorer(Panel):
 
         def on_result(out):
             model, curves = out
-            recipe = f"train({cfg.code()})"
+            recipe = _train_expr(cfg)
             self._add([model], [recipe], curves)
-            self._last_code = [f"model = {recipe}"]
+            self._last_code = [("model", recipe)]
             self._show_transplant = False
             self.load(model, recipe)
             self.redraw()
@@ -414,10 +385,10 @@ class ToyModelExplorer(Panel):
 
         def on_result(sweep):
             self.sweep = sweep
+            kwargs = {"base": _config_expr(base), "n_samples": self.n_samples, "n_workers": self.n_workers}
             self._last_code = [
-                f"sweep = sigma_sweep({sigmas!r}, {kinds!r}, base={base.code()}, n_samples={self.n_samples}, "
-                f"n_workers={self.n_workers})",
-                "sweep.plot()",
+                ("sweep", call(API, "sigma_sweep", [sigmas, kinds], kwargs)),
+                (None, "sweep.plot()"),
             ]
             self.redraw()
 
@@ -452,12 +423,14 @@ class ToyModelExplorer(Panel):
             tr, after, curves = out
             self.transplanted = tr
             self._show_transplant = True
-            after_recipe = f"finetune({recipe}, steps={steps})"
-            self._add([after], [after_recipe], curves)
+            self._add([after], [call(API, "finetune", [recipe], {"steps": steps})], curves)
             self._last_code = [
-                f"model = {recipe}",
-                f"tr = transplant(model, steps={steps}, n_samples={self.n_samples})",
-                "tr.plot()",
+                ("model", recipe),
+                (
+                    "tr",
+                    call(API, "transplant", [Name("model")], {"steps": steps, "n_samples": self.n_samples}),
+                ),
+                (None, "tr.plot()"),
             ]
             self.redraw()
 
@@ -478,20 +451,20 @@ class ToyModelExplorer(Panel):
 
         def compute(progress, cancel):
             if choice == "naive":
-                model, recipe = naive_model(cfg), f"naive_model({cfg.code()})"
+                model, recipe = naive_model(cfg), call(API, "naive_model", [_config_expr(cfg)])
             elif choice == "naive + best offset":
                 b = round(best_offset(cfg.p, cfg.n_features, cfg.d_mlp)[0], 5)
-                model, recipe = offset_model(b, cfg), f"offset_model({b!r}, {cfg.code()})"
+                model, recipe = offset_model(b, cfg), call(API, "offset_model", [b, _config_expr(cfg)])
             else:
                 orientation = "exact" if "exact" in choice else "code"
                 model = snmf_model(cfg, orientation=orientation)
-                recipe = f"snmf_model({cfg.code()}, orientation={orientation!r})"
+                recipe = call(API, "snmf_model", [_config_expr(cfg)], {"orientation": orientation})
             return model, recipe, self._evaluate([model], Run(progress=progress, cancel=cancel))
 
         def on_result(out):
             model, recipe, curves = out
             self._add([model], [recipe], curves)
-            self._last_code = [f"baseline = {recipe}"]
+            self._last_code = [("baseline", recipe)]
             self.redraw()
 
         self.start(compute, on_result, label=f"Adding the {choice} baseline")
@@ -523,9 +496,10 @@ class ToyModelExplorer(Panel):
             replace_figure(self.figure, fig)
 
     # -- loading and drawing ------------------------------------------------------------------------------------
-    def load(self, model: ToyModel, recipe: str | None = None) -> None:
-        """Show `model` in the mechanism views (what a click on its curve or sweep point does)."""
-        self.current, self.current_recipe = model, recipe or f"train({model.cfg.code()})"
+    def load(self, model: ToyModel, recipe: Expr | None = None) -> None:
+        """Show `model` in the mechanism views (what a click on its curve or sweep point does); `recipe` is the
+        code that makes it (default: training its config)."""
+        self.current, self.current_recipe = model, recipe or _train_expr(model.cfg)
         self.highlight = None
         self.redraw_mechanism()
         self.set_status(f"Mechanism views: {model.label}.", "info")
@@ -593,8 +567,7 @@ class ToyModelExplorer(Panel):
             return
         k, j = (int(v) for v in trace.customdata[points.point_inds[0]])
         kind, sigma = self.sweep.kinds[k], float(self.sweep.sigma[j])
-        model = self.sweep.model(kind, sigma)
-        self.load(model, f"train({model.cfg.code()})")
+        self.load(self.sweep.model(kind, sigma))
         self.redraw()
 
     def _on_feature_click(self, trace, points, selector=None) -> None:
@@ -606,34 +579,57 @@ class ToyModelExplorer(Panel):
 
     # -- show code ----------------------------------------------------------------------------------------------
     def code(self) -> str:
-        """The public-API calls that reproduce the panel's last successful run and its L/p-vs-p plot."""
+        """The public-API calls that reproduce the panel's last successful run and its L/p-vs-p plot (they train
+        again where the cache of a fresh kernel is empty)."""
         if not self._last_code:
             raise InputError("Nothing has run yet: press Train first.")
-        names = sorted(
-            {"ToyConfig", "default_ps", "evaluate"} | _names("\n".join(self._last_code + self.recipes))
-        )
-        lines = [f"from workbench.toymodels import {', '.join(names)}", "", *self._last_code]
-        if self.curves is not None and not self._last_code[-1].startswith("sweep.plot"):
-            lines += ["", "models = ["] + [f"    {r}," for r in self.recipes] + ["]"]
-            lines += [
-                f"curves = evaluate(models, default_ps({self.eval_points}), n_samples={self.n_samples}, own_p=True)",
-                "curves.plot()",
-            ]
-            if self.current_recipe is not None:
-                lines.append(f"{self.current_recipe}.mechanism().plot()")
-        return "\n".join(lines)
+        script = Script()
+        for name, statement in self._last_code:
+            script.add(statement, assign=name) if isinstance(statement, Expr) else script.add(statement)
+        if self.curves is not None and self._last_code[-1][1] != "sweep.plot()":
+            script.add("")
+            script.add(literal(list(self.recipes)), assign="models")
+            ps = call(API, "default_ps", [self.eval_points])
+            kwargs = {"n_samples": self.n_samples, "own_p": True}
+            script.call("curves", API, "evaluate", [Name("models"), ps], kwargs)
+            script.add("curves.plot()")
+            shown = next((i for i, m in enumerate(self.models) if m is self.current), None)
+            if shown is not None:
+                script.add(f"models[{shown}].mechanism().plot()")
+            elif self.current_recipe is not None:
+                recipe = self.current_recipe
+                script.add(Expr(f"{recipe.text}.mechanism().plot()", recipe.imports))
+        return script.render()
 
 
-def _names(text: str) -> set[str]:
-    import re
+def _int_box(value: int, description: str, low: int, high: int) -> widgets.BoundedIntText:
+    return widgets.BoundedIntText(
+        value=value,
+        min=low,
+        max=high,
+        description=description,
+        style=STYLE,
+        layout=widgets.Layout(width="200px"),
+    )
 
-    api = {"train", "finetune", "naive_model", "offset_model", "snmf_model", "sigma_sweep", "transplant"}
-    return {name for name in api if re.search(rf"\b{name}\(", text)}
+
+def _mixing_label(cfg: ToyConfig) -> str:
+    """The mixing dropdown's entry for a config."""
+    want = (cfg.mixing, cfg.embed_sign if cfg.mixing == "embed" else "I-G")
+    return next(label for label, value in MIXING_OPTIONS.items() if value == want)
+
+
+def _config_expr(cfg: ToyConfig) -> Expr:
+    """``ToyConfig(...)`` with the fields that differ from the defaults."""
+    return call(API, "ToyConfig", (), cfg.changes())
+
+
+def _train_expr(cfg: ToyConfig) -> Expr:
+    return call(API, "train", [_config_expr(cfg)])
 
 
 def _select(curves: LossCurves, keep: list[int]) -> LossCurves:
-    import dataclasses
-
+    """The curves of the models at indices `keep`."""
     return dataclasses.replace(
         curves,
         loss=curves.loss[keep],
