@@ -7,7 +7,8 @@ for `null`, delete it (lodash `unset`). `Frontend` replays the same messages on 
 compare what the page ends with against a freshly built figure without a browser. It also does what plotly.js
 does on every restyle (the widget's view sends each update to `Plotly.update` with a `_doNotReportToPy` style key,
 so even a layout-only update restyles the traces it names, all of them when it names none): it forgets the `type`
-of those traces' x and y axes unless the update's layout names the axis, and would guess it again from the data.
+of x and y axes unless the update's layout names the axis (of the first n traces when n are restyled: see
+`_clear_axis_types`), and would guess it again from the data.
 The browser tests check the same things against plotly.js itself.
 """
 
@@ -168,9 +169,11 @@ class Frontend:
             self.data.insert(i, trace)
 
     def _clear_axis_types(self, indexes, layout_update: dict) -> None:
-        """plotly.js `Axes.clearAxisTypes`: the restyled traces' axes lose their type (log excepted) unless the
-        same update names the axis or its type."""
-        for index in self._traces(indexes):
+        """plotly.js `Axes.clearAxisTypes`: axes lose their type (log excepted) unless the same update names the
+        axis or its type. Which axes: those of the first n traces for n restyled traces, whichever these are
+        (plotly.js reads `gd._fullData[i]` for the i-th index, not `gd._fullData[traces[i]]`), so a restyle of
+        traces on the second subplot clears the first subplot's axes."""
+        for index in range(len(self._traces(indexes))):
             trace = self.data[index]
             for letter in "xy":
                 ref = trace.get(f"{letter}axis", letter)

@@ -218,3 +218,45 @@ def test_any_sequence_of_redraws_shows_the_last_figure(sequence):
         assert figure_json(target) == expected
         assert watching.figure() == expected
     assert Frontend(target).figure() == expected
+
+
+def _bars_and_line(y) -> go.Figure:
+    fig = make_subplots(rows=1, cols=2)
+    fig.add_trace(go.Bar(x=["0", "1", "final"], y=[1, 2, 3]), row=1, col=1)
+    fig.add_trace(go.Scatter(x=[1, 2], y=y), row=1, col=2)
+    return fig.update_xaxes(type="category", row=1, col=1)
+
+
+def test_restyling_a_later_subplot_keeps_the_first_subplots_axis_type():
+    """For n restyled traces plotly.js forgets the axis types of the figure's first n traces (not those of the
+    restyled ones): a redraw that changes the second subplot only must keep the first one's category axis."""
+    target = PanelFigure()
+    replace_figure(target, _bars_and_line([1, 2]))
+    page = Frontend(target)
+    replace_figure(target, _bars_and_line([3, 4]))
+    assert page.figure() == figure_json(_bars_and_line([3, 4]))
+
+
+@pytest.mark.parametrize("widget", [PanelFigure, go.FigureWidget])
+def test_the_pages_reports_leave_the_figure_as_python_set_it(widget):
+    """After each change the page reports what plotly.js computed; a report naming properties Python set (as one
+    does that crosses a newer change) must not remove them from the figure, nor from the page's copy."""
+    target = widget(go.Figure(go.Bar(x=["a", "b"], y=[1, 2], name="bars")))
+    before = figure_json(target)
+    removals = []
+    target.observe(
+        lambda c: c["new"] and removals.append(c["new"]),
+        ["_py2js_removeTraceProps", "_py2js_removeLayoutProps"],
+    )
+    target._js2py_traceDeltas = {
+        "trace_deltas": [{"uid": target.data[0].uid, "x": ["a", "b"], "name": "bars", "opacity": 1}],
+        "trace_edit_id": target._last_trace_edit_id,
+    }
+    target._js2py_layoutDelta = {
+        "layout_delta": {"xaxis": {"type": "category"}},
+        "layout_edit_id": target._last_layout_edit_id,
+    }
+    if widget is go.FigureWidget:  # what a plain FigureWidget does (why panels use PanelFigure)
+        assert figure_json(target) != before and removals
+    else:
+        assert figure_json(target) == before and not removals

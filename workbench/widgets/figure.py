@@ -13,11 +13,13 @@ that connects after the deltas were sent (Voila without progressive rendering) n
 
 from __future__ import annotations
 
+import re
 from copy import deepcopy
 
 import numpy as np
 import plotly.graph_objects as go
 from plotly.basedatatypes import Undefined
+from traitlets import observe
 
 
 class PanelFigure(go.FigureWidget):
@@ -31,6 +33,34 @@ class PanelFigure(go.FigureWidget):
     # set the default template as a plain go.Figure does, without validating plotly's own template again
     # (~50 ms per figure widget otherwise)
     _allow_disable_validation = True
+
+    # After each change the page reports what plotly.js computed besides (autoranges, axis types, default
+    # colours). A plain FigureWidget then deletes every property such a report names from its own traces and
+    # layout, and tells the page to do the same: a report that crosses a newer change (reports arrive on another
+    # thread, in the middle of a redraw) strips values Python had just set (x, y, names, markers), the next
+    # redraw resends them as changes, and the page restyles traces the new figure did not change (the LN preview's
+    # layer axis turned linear and hid the "final" bar in 2 of 4 browser runs). Here the figure is what Python set
+    # and nothing else: a report only marks the change as done.
+    @observe("_js2py_traceDeltas")
+    def _handler_js2py_traceDeltas(self, change):
+        if change["new"]:
+            self._edit_reported("trace", change["new"]["trace_edit_id"])
+            self._js2py_traceDeltas = None
+
+    @observe("_js2py_layoutDelta")
+    def _handler_js2py_layoutDelta(self, change):
+        if change["new"]:
+            self._edit_reported("layout", change["new"]["layout_edit_id"])
+            self._js2py_layoutDelta = None
+
+    def _edit_reported(self, kind: str, edit_id: int) -> None:
+        """The page has applied the latest `kind` ("trace" or "layout") edit: run what waits for all edits."""
+        if edit_id != getattr(self, f"_last_{kind}_edit_id"):
+            return
+        setattr(self, f"_{kind}_edit_in_process", False)
+        if not (self._trace_edit_in_process or self._layout_edit_in_process):
+            while self._waiting_edit_callbacks:
+                self._waiting_edit_callbacks.pop()()
 
     def get_state(self, key=None, drop_defaults=False):
         keys = self.keys if key is None else [key] if isinstance(key, str) else key
@@ -72,29 +102,26 @@ def replace_figure(target: go.FigureWidget, new: go.Figure) -> None:
         if relayout[key] is not None:
             target.layout[key] = {}  # a new subplot (xaxis2, ...): the layout accepts it from now on
     if restyle or relayout:
-        _update(target, restyle, relayout, indexes, [new_traces[i] for i in indexes], new_layout)
+        _update(target, restyle, relayout, indexes, new_layout)
     if keep < len(new_traces):
         target.add_traces(list(new.data[keep:]))
 
 
-def _update(
-    target, restyle: dict, relayout: dict, indexes: list[int], traces: list[dict], layout: dict
-) -> None:
+def _update(target, restyle: dict, relayout: dict, indexes: list[int], layout: dict) -> None:
     """`target.plotly_update(restyle, relayout, indexes)`, with two differences in the message to the page:
 
-    - the axes of every restyled trace go along whole: plotly.js, restyling a trace's data (or any of many other
-      properties), forgets the type of that trace's axes unless the same update names them, and guesses again
-      (a category axis of layers "0", "1", "final" became linear, hiding the "final" bar);
+    - every axis of the layout goes along whole: plotly.js, restyling a trace's data (or any of many other
+      properties), forgets axis types unless the same update names the axis, and guesses them again (a category
+      axis of layers "0", "1", "final" became linear, hiding the "final" bar). Which axes it forgets: for n
+      restyled traces, those of the first n traces of the figure, whichever traces were restyled;
     - without trace changes it is a relayout: an update naming no property still restyles every trace in
       plotly.js, with the same effect.
     """
     restyle_changes, relayout_changes, indexes = target._perform_plotly_update(restyle, relayout, indexes)
     restyle_changes, relayout_changes = restyle_changes or {}, relayout_changes or {}
     if restyle_changes:
-        for trace in traces:
-            for axis in _cartesian_axes(trace):
-                if axis in layout:
-                    relayout_changes.setdefault(axis, layout[axis])
+        for axis in _cartesian_axes(layout):
+            relayout_changes.setdefault(axis, layout[axis])
         target._send_update_msg(restyle_changes, relayout_changes, indexes)
         target._dispatch_trace_change_callbacks(restyle_changes, indexes)
     elif relayout_changes:
@@ -108,14 +135,9 @@ def _update(
         _forget(target.data[i], restyle)
 
 
-def _cartesian_axes(trace: dict) -> list[str]:
-    """Layout names of a trace's x and y axes ('x2' -> 'xaxis2')."""
-    out = []
-    for letter in "xy":
-        ref = trace.get(f"{letter}axis", letter)
-        if isinstance(ref, str) and ref.startswith(letter):
-            out.append(f"{letter}axis{ref[1:]}")
-    return out
+def _cartesian_axes(layout: dict) -> list[str]:
+    """The x and y axes a layout sets ('xaxis', 'yaxis2', ...)."""
+    return [key for key in layout if re.fullmatch(r"[xy]axis\d*", key)]
 
 
 def _forget(obj, keys) -> None:
