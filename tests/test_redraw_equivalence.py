@@ -12,6 +12,7 @@ redraws only.
 
 from __future__ import annotations
 
+import html
 import warnings
 
 import pytest
@@ -308,4 +309,8 @@ def test_plateau_probe_redraws_equal_a_fresh_panel(model, actions):
         fresh.redraw()
         assert_same_figure(panel.token_figure, pages[1], fresh.token_figure)
     assert (fresh.token_box.layout.display != "none") == shown
+    # the notes are those of the result the view draws
+    result = panel.interpolation if panel.view_box.value == "Interpolation" else panel.plateau
+    assert all(w in html.unescape(panel.notes.value) for w in getattr(result, "warnings", ()))
+    assert panel.notes.value == fresh.notes.value
     assert panel.code() == fresh.code()

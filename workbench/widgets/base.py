@@ -10,6 +10,7 @@ never "Done" over an older picture. **Show code** follows the last successful ru
 
 from __future__ import annotations
 
+import ast
 import html
 import threading
 import time
@@ -24,11 +25,64 @@ from workbench.errors import Cancelled, InputError, WorkbenchError
 from workbench.runner import CancelToken
 from workbench.widgets.figure import PanelFigure, replace_figure
 
-__all__ = ["Panel", "PanelFigure", "replace_figure", "check_choice", "show_app", "source_of", "FULL_WIDTH"]
+__all__ = [
+    "Panel",
+    "PanelFigure",
+    "replace_figure",
+    "check_choice",
+    "show_app",
+    "source_of",
+    "add_classes",
+    "lines",
+    "parse_answers",
+    "format_answers",
+    "FULL_WIDTH",
+]
 
 # `width: 100%` plus the 2 px margins ipywidgets puts around every control overflows the output area by 4 px
 # (a horizontal scrollbar); in a column, `auto` fills the width inside the margins.
 FULL_WIDTH = "auto"
+
+
+def add_classes(prefix: str, **named: widgets.DOMWidget) -> None:
+    """Give each widget the CSS class `prefix-name` (underscores as hyphens), by which tests and styles find it:
+    `add_classes("wb-plateau", max_size=box)` -> "wb-plateau-max-size"."""
+    for name, widget in named.items():
+        widget.add_class(f"{prefix}-{name.replace('_', '-')}")
+
+
+def lines(text: str) -> list[str]:
+    """The non-blank lines of a text box (one prompt per line)."""
+    return [line for line in (t.rstrip("\r") for t in text.split("\n")) if line.strip()]
+
+
+def parse_answers(text: str) -> list[tuple[str, str]]:
+    """Answer lines like ``' Mary', ' John'`` (Python string literals, so leading spaces are exact)."""
+    out = []
+    for i, line in enumerate(lines(text)):
+        try:
+            value = ast.literal_eval(line.strip())
+        except (ValueError, SyntaxError):
+            value = None
+        if not (isinstance(value, tuple) and len(value) == 2 and all(isinstance(v, str) for v in value)):
+            raise InputError(
+                f"Answers line {i + 1} ({line.strip()!r}): write the correct and the incorrect answer as two quoted "
+                "tokens, e.g. ' Mary', ' John' (one line for all pairs, or one line per pair)."
+            )
+        out.append(value)
+    if not out:
+        raise InputError("Give the answers, e.g. ' Mary', ' John' (correct, then incorrect).")
+    return out
+
+
+def format_answers(answers) -> str:
+    """The text of an answers box: one ``'correct', 'incorrect'`` line per pair (one pair or a list of pairs)."""
+    answers = list(answers)
+    if not answers:
+        return ""
+    if isinstance(answers[0], str):
+        answers = [answers]
+    return "\n".join(f"{a!r}, {b!r}" for a, b in answers)
 
 
 def check_choice(name: str, value, allowed, error: type[WorkbenchError] = InputError, hint: str = "") -> None:

@@ -12,7 +12,6 @@ site and direction take effect on Run.
 
 from __future__ import annotations
 
-import ast
 import html
 
 import ipywidgets as widgets
@@ -23,7 +22,17 @@ from workbench.errors import InputError, SiteError, WorkbenchError
 from workbench.patching import METRICS, Metric, sweep
 from workbench.patching.inputs import resolve_direction, resolve_sites
 from workbench.viz.patching import effect_reach, heatmap
-from workbench.widgets.base import FULL_WIDTH, Panel, PanelFigure, check_choice, replace_figure
+from workbench.widgets.base import (
+    FULL_WIDTH,
+    Panel,
+    PanelFigure,
+    add_classes,
+    check_choice,
+    format_answers,
+    lines,
+    parse_answers,
+    replace_figure,
+)
 from workbench.widgets.circuits import HeadViews
 
 HEAD_VIEWS = ("z", "pattern")
@@ -47,40 +56,9 @@ _DIRECTION_HELP = {
 }
 
 
-def _lines(text: str) -> list[str]:
-    return [line for line in (t.rstrip("\r") for t in text.split("\n")) if line.strip()]
-
-
 def _fit_rows(box: widgets.Textarea, least: int = 1, most: int = 8) -> None:
     """Show every line of a text box (up to `most`)."""
     box.rows = max(least, min(most, len(box.value.split("\n"))))
-
-
-def parse_answers(text: str) -> list[tuple[str, str]]:
-    """Answer lines like ``' Mary', ' John'`` (Python string literals, so leading spaces are exact)."""
-    out = []
-    for i, line in enumerate(_lines(text)):
-        try:
-            value = ast.literal_eval(line.strip())
-        except (ValueError, SyntaxError):
-            value = None
-        if not (isinstance(value, tuple) and len(value) == 2 and all(isinstance(v, str) for v in value)):
-            raise InputError(
-                f"Answers line {i + 1} ({line.strip()!r}): write the correct and the incorrect answer as two quoted "
-                "tokens, e.g. ' Mary', ' John' (one line for all pairs, or one line per pair)."
-            )
-        out.append(value)
-    if not out:
-        raise InputError("Give the answers, e.g. ' Mary', ' John' (correct, then incorrect).")
-    return out
-
-
-def _format_answers(answers) -> str:
-    if not answers:
-        return ""
-    if isinstance(answers[0], str):
-        answers = [answers]
-    return "\n".join(f"{a!r}, {b!r}" for a, b in answers)
 
 
 class PatchingExplorer(Panel):
@@ -119,91 +97,14 @@ class PatchingExplorer(Panel):
         self._user_metrics = {
             m.name: m for m in ([metric] if isinstance(metric, Metric) else []) + list(extra_metrics or [])
         }
-        # the same checks and sentences as the engine's, before the values reach the controls
-        sites = [v for _, v in SITE_OPTIONS]
-        if site not in sites:
-            resolve_sites(model, site)  # the engine's sentence for a site it does not know
-            check_choice("site", site, sites, SiteError, "A panel shows one site, or 'block' for three.")
-        resolve_sites(model, BLOCK_VIEW if site == "block" else site)  # ... or that the model lacks
-        direction = resolve_direction(direction)
-        metric_names = list(METRICS) + list(self._user_metrics)
-        check_choice(
-            "metric",
-            metric.name if isinstance(metric, Metric) else metric,
-            metric_names,
-            hint="Give your own as Metric(name, fn).",
-        )
-        self.clean_box = widgets.Textarea(
-            value="\n".join([clean] if isinstance(clean, str) else clean),
-            description="Clean",
-            placeholder="one prompt per line",
-            layout=widgets.Layout(width=FULL_WIDTH),
-        )
-        self.corrupt_box = widgets.Textarea(
-            value="\n".join([corrupt] if isinstance(corrupt, str) else corrupt),
-            description="Corrupt",
-            placeholder="same number of tokens as the clean prompt",
-            layout=widgets.Layout(width=FULL_WIDTH),
-        )
-        self.answers_box = widgets.Textarea(
-            value=_format_answers(list(answers)),
-            description="Answers",
-            placeholder="' Mary', ' John'   (correct, incorrect)",
-            layout=widgets.Layout(width=FULL_WIDTH),
-        )
-        for box, least in ((self.clean_box, 2), (self.corrupt_box, 2), (self.answers_box, 1)):
-            _fit_rows(box, least)
-            box.observe(lambda change, least=least: _fit_rows(change["owner"], least), "value")
-        self.site_box = widgets.Dropdown(
-            options=SITE_OPTIONS, value=site, description="Site", layout=widgets.Layout(width="360px")
-        )
-        self.direction_box = widgets.ToggleButtons(
-            options=[("denoising", "denoising"), ("noising", "noising")],
-            value=direction,
-            description="Direction",
-            tooltips=[_DIRECTION_HELP["denoising"], _DIRECTION_HELP["noising"]],
-        )
-        self.metric_box = widgets.Dropdown(
-            options=[(METRICS[m].title if m in METRICS else m, m) for m in metric_names],
-            value=metric.name if isinstance(metric, Metric) else metric,
-            description="Metric",
-            layout=widgets.Layout(width="300px"),
-        )
-        self.normalize_box = widgets.Checkbox(
-            value=normalize,
-            description="normalise (0 = corrupt, 1 = clean)",
-            indent=False,
-            layout=widgets.Layout(width="auto"),  # the default width cuts the label
-        )
-        self.pair_box = widgets.Dropdown(
-            options=[("mean", -1)], value=-1, description="Pair", layout=widgets.Layout(width="160px")
-        )
-        self.direction_help = widgets.HTML(self._help_text())
-        for w, cls in [
-            (self.clean_box, "wb-patching-clean"),
-            (self.corrupt_box, "wb-patching-corrupt"),
-            (self.answers_box, "wb-patching-answers"),
-            (self.site_box, "wb-patching-site"),
-            (self.direction_box, "wb-patching-direction"),
-            (self.metric_box, "wb-patching-metric"),
-            (self.normalize_box, "wb-patching-normalize"),
-            (self.pair_box, "wb-patching-pair"),
-        ]:
-            w.add_class(cls)
+        direction = self._check(model, site, direction, metric)
+        self._build_controls(clean, corrupt, answers, site, direction, metric, normalize)
         self.heads_figure = PanelFigure()
         self.heads_figure.add_class("wb-patching-heads")
         self._quiet = False  # set while the panel itself changes controls, so observers do not redraw
         super().__init__()
         self.figure.add_class("wb-patching-figure")
         self.run_button.add_class("wb-patching-run")
-        self.run_button.on_click(lambda _: self.run())
-        self.direction_box.observe(
-            lambda _: setattr(self.direction_help, "value", self._help_text()), "value"
-        )
-        for box in (self.metric_box, self.normalize_box, self.pair_box):
-            box.observe(lambda _: self.redraw(), "value")
-        for box in (self.clean_box, self.corrupt_box, self.answers_box, self.site_box, self.direction_box):
-            box.observe(lambda _: self._note_pending(), "value")
         self.warning_line = widgets.HTML()
         self.warning_line.add_class("wb-patching-warnings")
         # click a head in the drill-down: its pattern, DLA and paths (workbench.widgets.circuits)
@@ -216,6 +117,7 @@ class PatchingExplorer(Panel):
             from workbench.widgets.remote import RemoteStatus
 
             self.remote_status = RemoteStatus()
+        self._wire()
         self.children = [
             self.clean_box,
             self.corrupt_box,
@@ -239,6 +141,95 @@ class PatchingExplorer(Panel):
             "Edit the prompts and press Run. Click a cell of the heatmap to patch each head there."
         )
 
+    def _check(self, model, site: str, direction: str, metric) -> str:
+        """The engine's checks and sentences, before the values reach the controls (whose own error is a long
+        TraitError); returns the direction's canonical name."""
+        sites = [v for _, v in SITE_OPTIONS]
+        if site not in sites:
+            resolve_sites(model, site)  # the engine's sentence for a site it does not know
+            check_choice("site", site, sites, SiteError, "A panel shows one site, or 'block' for three.")
+        resolve_sites(model, BLOCK_VIEW if site == "block" else site)  # ... or that the model lacks
+        check_choice(
+            "metric",
+            metric.name if isinstance(metric, Metric) else metric,
+            list(METRICS) + list(self._user_metrics),
+            hint="Give your own as Metric(name, fn).",
+        )
+        return resolve_direction(direction)
+
+    def _build_controls(self, clean, corrupt, answers, site, direction, metric, normalize) -> None:
+        def text_box(value, description, placeholder, least):
+            box = widgets.Textarea(
+                value=value,
+                description=description,
+                placeholder=placeholder,
+                layout=widgets.Layout(width=FULL_WIDTH),
+            )
+            _fit_rows(box, least)
+            box.observe(lambda change: _fit_rows(change["owner"], least), "value")
+            return box
+
+        self.clean_box = text_box(
+            "\n".join([clean] if isinstance(clean, str) else clean), "Clean", "one prompt per line", 2
+        )
+        self.corrupt_box = text_box(
+            "\n".join([corrupt] if isinstance(corrupt, str) else corrupt),
+            "Corrupt",
+            "same number of tokens as the clean prompt",
+            2,
+        )
+        self.answers_box = text_box(
+            format_answers(answers), "Answers", "' Mary', ' John'   (correct, incorrect)", 1
+        )
+        self.site_box = widgets.Dropdown(
+            options=SITE_OPTIONS, value=site, description="Site", layout=widgets.Layout(width="360px")
+        )
+        self.direction_box = widgets.ToggleButtons(
+            options=[("denoising", "denoising"), ("noising", "noising")],
+            value=direction,
+            description="Direction",
+            tooltips=[_DIRECTION_HELP["denoising"], _DIRECTION_HELP["noising"]],
+        )
+        metric_names = list(METRICS) + list(self._user_metrics)
+        self.metric_box = widgets.Dropdown(
+            options=[(METRICS[m].title if m in METRICS else m, m) for m in metric_names],
+            value=metric.name if isinstance(metric, Metric) else metric,
+            description="Metric",
+            layout=widgets.Layout(width="300px"),
+        )
+        self.normalize_box = widgets.Checkbox(
+            value=normalize,
+            description="normalise (0 = corrupt, 1 = clean)",
+            indent=False,
+            layout=widgets.Layout(width="auto"),  # the default width cuts the label
+        )
+        self.pair_box = widgets.Dropdown(
+            options=[("mean", -1)], value=-1, description="Pair", layout=widgets.Layout(width="160px")
+        )
+        self.direction_help = widgets.HTML(self._help_text())
+        add_classes(
+            "wb-patching",
+            clean=self.clean_box,
+            corrupt=self.corrupt_box,
+            answers=self.answers_box,
+            site=self.site_box,
+            direction=self.direction_box,
+            metric=self.metric_box,
+            normalize=self.normalize_box,
+            pair=self.pair_box,
+        )
+
+    def _wire(self) -> None:
+        """The metric, normalisation and pair redraw; prompts, site and direction wait for Run."""
+        self.run_button.on_click(lambda _: self.run())
+        self.direction_box.observe(
+            lambda _: setattr(self.direction_help, "value", self._help_text()), "value"
+        )
+        for box in (self.metric_box, self.normalize_box, self.pair_box):
+            box.observe(lambda _: self.redraw(), "value")
+        for box in (self.clean_box, self.corrupt_box, self.answers_box, self.site_box, self.direction_box):
+            box.observe(lambda _: self._note_pending(), "value")
+
     # -- state -> API call ---------------------------------------------------------------------------
     def _help_text(self) -> str:
         return f'<span class="wb-patching-help" style="color:#555">{_DIRECTION_HELP[self.direction_box.value]}</span>'
@@ -248,7 +239,7 @@ class PatchingExplorer(Panel):
         return self._user_metrics.get(name, name)
 
     def _sweep_kwargs(self) -> dict:
-        clean, corrupt = _lines(self.clean_box.value), _lines(self.corrupt_box.value)
+        clean, corrupt = lines(self.clean_box.value), lines(self.corrupt_box.value)
         if not clean:
             raise InputError("Type a clean prompt (one per line for several pairs).")
         answers = parse_answers(self.answers_box.value)

@@ -31,14 +31,19 @@ from workbench.plateau import (
 from workbench.plateau.probe import KL_THRESHOLD
 from workbench.viz import plateau as viz
 from workbench.viz.common import message_figure
-from workbench.widgets.base import FULL_WIDTH, Panel, PanelFigure, check_choice, replace_figure, source_of
+from workbench.widgets.base import (
+    FULL_WIDTH,
+    Panel,
+    PanelFigure,
+    add_classes,
+    check_choice,
+    lines,
+    replace_figure,
+    source_of,
+)
 
 VIEWS = ("Curves", "Plateau lengths", "Interpolation")
 LITERAL_LIMIT = 20_000  # numbers of a user direction tensor .code() writes out (a larger one is referred to)
-
-
-def _lines(text: str) -> list[str]:
-    return [line for line in (t.rstrip("\r") for t in text.split("\n")) if line.strip()]
 
 
 class PlateauProbe(Panel):
@@ -76,7 +81,6 @@ class PlateauProbe(Panel):
         layer: int = 1,
         site: str = "resid_pre",
     ):
-        n_layers = model.cfg.n_layers
         check_choice("site", site, WRITE_SITES, SiteError, "Plateau probes perturb one of these sites.")
         model.check_site(site, layer)
         directions = dict(directions or {})
@@ -101,6 +105,41 @@ class PlateauProbe(Panel):
         if reference is not None:
             self._references[(reference.site, reference.layer)] = reference
         self._given_reference = reference
+        self._build_controls(prompts, site, layer % model.cfg.n_layers, prompt_b)
+        self.token_figure = PanelFigure()
+        self.token_figure.add_class("wb-plateau-tokens")
+        self.token_box = widgets.VBox([self.token_figure], layout=widgets.Layout(display="none"))
+        super().__init__()
+        self.figure.add_class("wb-plateau-figure")
+        self.run_button.add_class("wb-plateau-run")
+        self._wire()
+        self.children = [
+            self.prompts_box,
+            widgets.HBox([self.site_box, self.layer_box, self.position_box]),
+            widgets.HBox(
+                [
+                    self.families_box,
+                    widgets.VBox([self.n_directions_box, self.max_size_box, self.n_sizes_box]),
+                ]
+            ),
+            self.synthetic_box,
+            widgets.HBox([self.metric_box, self.threshold_box, self.log_box]),
+            self.view_box,
+            self.prompt_b_box,
+            self.run_bar,
+            self.status,
+            self.notes,
+            self.figure,
+            self.token_box,
+            self.code_view,
+        ]
+        self._update_positions()
+        self.set_status(
+            "Press Run. Sizes are in units of the median activation norm at the site. Click a curve."
+        )
+        replace_figure(self.figure, message_figure("Press Run to probe.", height=200))
+
+    def _build_controls(self, prompts, site: str, layer: int, prompt_b: str) -> None:
         wide = widgets.Layout(width=FULL_WIDTH)
         self.prompts_box = widgets.Textarea(
             value="\n".join([prompts] if isinstance(prompts, str) else prompts),
@@ -111,7 +150,11 @@ class PlateauProbe(Panel):
         )
         self.site_box = widgets.Dropdown(options=list(WRITE_SITES), value=site, description="Site")
         self.layer_box = widgets.IntSlider(
-            value=layer % n_layers, min=0, max=n_layers - 1, description="Layer", continuous_update=False
+            value=layer,
+            min=0,
+            max=self.model.cfg.n_layers - 1,
+            description="Layer",
+            continuous_update=False,
         )
         self.position_box = widgets.Dropdown(description="Position")
         family_options = list(FAMILIES) + list(self.user_directions)
@@ -149,29 +192,27 @@ class PlateauProbe(Panel):
             value=prompt_b, description="Prompt B", placeholder="interpolation target", layout=wide
         )
         self.notes = widgets.HTML()
-        for w, cls in [
-            (self.prompts_box, "wb-plateau-prompts"),
-            (self.site_box, "wb-plateau-site"),
-            (self.layer_box, "wb-plateau-layer"),
-            (self.position_box, "wb-plateau-position"),
-            (self.families_box, "wb-plateau-families"),
-            (self.synthetic_box, "wb-plateau-synthetic"),
-            (self.n_directions_box, "wb-plateau-directions"),
-            (self.max_size_box, "wb-plateau-max-size"),
-            (self.n_sizes_box, "wb-plateau-sizes"),
-            (self.metric_box, "wb-plateau-metric"),
-            (self.threshold_box, "wb-plateau-threshold"),
-            (self.log_box, "wb-plateau-log"),
-            (self.view_box, "wb-plateau-view"),
-            (self.prompt_b_box, "wb-plateau-prompt-b"),
-            (self.notes, "wb-plateau-notes"),
-        ]:
-            w.add_class(cls)
-        self.token_figure = PanelFigure()
-        self.token_figure.add_class("wb-plateau-tokens")
-        super().__init__()
-        self.figure.add_class("wb-plateau-figure")
-        self.run_button.add_class("wb-plateau-run")
+        add_classes(
+            "wb-plateau",
+            prompts=self.prompts_box,
+            site=self.site_box,
+            layer=self.layer_box,
+            position=self.position_box,
+            families=self.families_box,
+            synthetic=self.synthetic_box,
+            directions=self.n_directions_box,
+            max_size=self.max_size_box,
+            sizes=self.n_sizes_box,
+            metric=self.metric_box,
+            threshold=self.threshold_box,
+            log=self.log_box,
+            view=self.view_box,
+            prompt_b=self.prompt_b_box,
+            notes=self.notes,
+        )
+
+    def _wire(self) -> None:
+        """Views redraw from stored results; settings Run uses say that Run is needed."""
         self.run_button.on_click(lambda _: self.run())
         self.prompts_box.observe(lambda _: self._update_positions(), "value")
         self.metric_box.observe(lambda _: self._metric_changed(), "value")
@@ -190,32 +231,6 @@ class PlateauProbe(Panel):
             self.prompt_b_box,
         ):
             box.observe(lambda _: self._note_pending(), "value")
-        self.token_box = widgets.VBox([self.token_figure], layout=widgets.Layout(display="none"))
-        self.children = [
-            self.prompts_box,
-            widgets.HBox([self.site_box, self.layer_box, self.position_box]),
-            widgets.HBox(
-                [
-                    self.families_box,
-                    widgets.VBox([self.n_directions_box, self.max_size_box, self.n_sizes_box]),
-                ]
-            ),
-            self.synthetic_box,
-            widgets.HBox([self.metric_box, self.threshold_box, self.log_box]),
-            self.view_box,
-            self.prompt_b_box,
-            self.run_bar,
-            self.status,
-            self.notes,
-            self.figure,
-            self.token_box,
-            self.code_view,
-        ]
-        self._update_positions()
-        self.set_status(
-            "Press Run. Sizes are in units of the median activation norm at the site. Click a curve."
-        )
-        replace_figure(self.figure, message_figure("Press Run to probe.", height=200))
 
     # -- controls --------------------------------------------------------------------------------------------
     def _update_positions(self) -> None:
@@ -223,7 +238,7 @@ class PlateauProbe(Panel):
             ("last token", -1),
             ("every position but the first", "all-but-first"),
         ]
-        prompts = _lines(self.prompts_box.value)
+        prompts = lines(self.prompts_box.value)
         if prompts and self.model.tokenizer is not None:
             try:
                 tokens = self.model.to_str_tokens(prompts[0])
@@ -256,7 +271,7 @@ class PlateauProbe(Panel):
         return torch.linspace(0, smax, self.n_sizes_box.value + 1)
 
     def _prompts(self) -> list[str]:
-        prompts = _lines(self.prompts_box.value)
+        prompts = lines(self.prompts_box.value)
         if not prompts:
             raise InputError("Type at least one prompt (one per line).")
         return prompts
@@ -433,14 +448,12 @@ class PlateauProbe(Panel):
     def _show_probe(self, result) -> None:
         self.plateau = result
         self._set_default_threshold()
-        self._show_notes(result.warnings)
         if self._tokens_of == "probe":  # the clicked curve belonged to the previous result
             self._hide_tokens()
         self.redraw()
 
     def _show_interpolation(self, result) -> None:
         self.interpolation = result
-        self._show_notes(())
         if self._tokens_of == "interpolation":
             self._hide_tokens()
         self.redraw()
@@ -486,7 +499,9 @@ class PlateauProbe(Panel):
             if role in ("curves", "pair"):
                 trace.on_click(self._on_click)
         kind = self._view_kind()
-        waiting = (self.interpolation if kind == "interpolation" else self.plateau) is None
+        shown = self.interpolation if kind == "interpolation" else self.plateau
+        waiting = shown is None
+        self._show_notes(getattr(shown, "warnings", ()))  # the notes of the result this view draws
         if waiting and not self.busy:
             hint = "type prompt B and " if kind == "interpolation" and not self.prompt_b_box.value else ""
             self.set_status(f"{self.view_box.value}: {hint}press Run to compute this view.", "info")
