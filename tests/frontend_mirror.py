@@ -208,3 +208,17 @@ class Frontend:
         """What the page shows, in the form of `figure_json`."""
         data = [{k: v for k, v in t.items() if k != "uid"} for t in self.data]
         return {"data": data, "layout": self.layout}
+
+
+def watched(*figures) -> list[Frontend]:
+    """A page for each figure, watching it from now on."""
+    return [Frontend(f) for f in figures]
+
+
+def assert_same_figure(panel_figure, page: Frontend, fresh_figure) -> None:
+    """`panel_figure` (redrawn in place), the page that watched it, and a page connecting now all show exactly
+    `fresh_figure` (a panel's figure built straight for the same state)."""
+    expected = figure_json(fresh_figure)
+    assert figure_json(panel_figure) == expected
+    assert page.figure() == expected, "the page holds something else than the figure"
+    assert Frontend(panel_figure).figure() == expected, "a page connecting now gets something else"

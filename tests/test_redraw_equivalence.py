@@ -17,7 +17,7 @@ import warnings
 
 import pytest
 import torch
-from frontend_mirror import Frontend, figure_json
+from frontend_mirror import assert_same_figure, watched
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from plotly.callbacks import InputDeviceState, Points
@@ -72,17 +72,6 @@ def cached_engines():
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(workbench.remote, "call", call)
         yield cache
-
-
-def watched(*figures) -> list[Frontend]:
-    return [Frontend(f) for f in figures]
-
-
-def assert_same_figure(panel_figure, page: Frontend, fresh_figure) -> None:
-    expected = figure_json(fresh_figure)
-    assert figure_json(panel_figure) == expected
-    assert page.figure() == expected, "the page holds something else than the figure"
-    assert Frontend(panel_figure).figure() == expected, "a page connecting now gets something else"
 
 
 def click_heatmap(figure, row: int, col: int) -> None:

@@ -11,6 +11,7 @@ never "Done" over an older picture. **Show code** follows the last successful ru
 from __future__ import annotations
 
 import ast
+import contextlib
 import html
 import threading
 import time
@@ -22,6 +23,7 @@ import ipywidgets as widgets
 import plotly.graph_objects as go
 
 from workbench.errors import Cancelled, InputError, WorkbenchError
+from workbench.remote import RemoteRunner
 from workbench.runner import CancelToken
 from workbench.widgets.figure import PanelFigure, replace_figure
 
@@ -34,6 +36,7 @@ __all__ = [
     "source_of",
     "add_classes",
     "lines",
+    "text_area",
     "parse_answers",
     "format_answers",
     "FULL_WIDTH",
@@ -49,6 +52,21 @@ def add_classes(prefix: str, **named: widgets.DOMWidget) -> None:
     `add_classes("wb-plateau", max_size=box)` -> "wb-plateau-max-size"."""
     for name, widget in named.items():
         widget.add_class(f"{prefix}-{name.replace('_', '-')}")
+
+
+def text_area(value: str, description: str, placeholder: str = "", least: int = 1) -> widgets.Textarea:
+    """A text box as wide as the panel that shows every line of its text (from `least` up to 8 rows) as it is
+    edited: a box of several prompts shows all of them."""
+
+    def fit(box):
+        box.rows = max(least, min(8, len(box.value.split("\n"))))
+
+    box = widgets.Textarea(
+        value=value, description=description, placeholder=placeholder, layout=widgets.Layout(width=FULL_WIDTH)
+    )
+    fit(box)
+    box.observe(lambda change: fit(change["owner"]), "value")
+    return box
 
 
 def lines(text: str) -> list[str]:
@@ -130,9 +148,13 @@ def show_app(
     """
     if not _in_voila():
         return build()
-    box = widgets.VBox([widgets.HTML(f'<span style="color:#555">{html.escape(placeholder)}</span>')])
+    # the page reports its views of the box (`_view_count` 0, not None): the first one means it is connected. Set
+    # when the box is made, so the page learns it with the box itself: set afterwards, a page that renders the box
+    # before the change arrives (Voila's progressive rendering) never counts its view, and the app never loads.
+    box = widgets.VBox(
+        [widgets.HTML(f'<span style="color:#555">{html.escape(placeholder)}</span>')], _view_count=0
+    )
     box.add_class("wb-app")
-    box._view_count = 0  # the page reports its views of the box: the first one means it is connected
 
     def shown(change) -> None:
         if change["new"] and not getattr(box, "_built", False):
@@ -273,12 +295,14 @@ class Panel(widgets.VBox):
         self.set_status(f"{label}...", "busy")
         started = time.perf_counter()
 
-        def job():
-            from workbench.remote import RemoteRunner
+        # A remote model's traces inside `compute` report here, and Stop ends their wait too; local runs never
+        # touch the remote runner.
+        remote = bool(getattr(getattr(self, "model", None), "remote", False))
+        reporting = RemoteRunner(self._on_remote_update, cancel=self._cancel) if remote else contextlib.nullcontext()
 
+        def job():
             try:
-                # Remote traces inside `compute` report here, and Stop ends their wait too.
-                with RemoteRunner(self._on_remote_update, cancel=self._cancel):
+                with reporting:
                     result = compute(self._on_progress, self._cancel)
                 self.draw_error = None
                 on_result(result)

@@ -12,7 +12,6 @@ The panels hold no science: controls become calls of `workbench.circuits` (see `
 
 from __future__ import annotations
 
-import ast
 import html
 import math
 
@@ -30,36 +29,22 @@ from workbench.circuits import (
 from workbench.codegen import Name, Script, call
 from workbench.errors import InputError, WorkbenchError
 from workbench.viz import circuits as viz
-from workbench.widgets.base import Panel, replace_figure
+from workbench.widgets.base import (
+    Panel,
+    add_classes,
+    check_choice,
+    format_answers,
+    lines,
+    parse_answers,
+    replace_figure,
+    text_area,
+)
 
 _METHODS = [
     ("EAP (one backward pass)", "eap"),
     ("EAP-IG (integrated gradients)", "eap-ig"),
     ("exact (every edge)", "exact"),
 ]
-
-
-def _lines(text: str) -> list[str]:
-    return [line for line in (t.rstrip("\r") for t in text.split("\n")) if line.strip()]
-
-
-def _answers(text: str) -> list[tuple[str, str]]:
-    """Answer lines like ``' Mary', ' John'`` (Python string literals, so leading spaces are exact)."""
-    out = []
-    for i, line in enumerate(_lines(text)):
-        try:
-            value = ast.literal_eval(line.strip())
-        except (ValueError, SyntaxError):
-            value = None
-        if not (isinstance(value, tuple) and len(value) == 2 and all(isinstance(v, str) for v in value)):
-            raise InputError(
-                f"Answers line {i + 1} ({line.strip()!r}): write the correct and the incorrect answer as two quoted "
-                "tokens, e.g. ' Mary', ' John' (one line for all pairs, or one line per pair)."
-            )
-        out.append(value)
-    if not out:
-        raise InputError("Give the answers, e.g. ' Mary', ' John' (correct, then incorrect).")
-    return out
 
 
 def _unpack(clean, corrupt, answers):
@@ -86,24 +71,19 @@ class _Prompts:
 
     def _build_prompts(self, clean, corrupt, answers) -> None:
         clean, corrupt, answers = _unpack(clean, corrupt, answers)
-        wide = widgets.Layout(width="100%")
-        self.clean_box = widgets.Textarea(value="\n".join(clean), description="Clean", rows=2, layout=wide)
-        self.corrupt_box = widgets.Textarea(
-            value="\n".join(corrupt), description="Corrupt", rows=2, layout=wide
+        self.clean_box = text_area("\n".join(clean), "Clean", "one prompt per line", 2)
+        self.corrupt_box = text_area(
+            "\n".join(corrupt), "Corrupt", "same number of tokens as the clean prompt", 2
         )
-        self.answers_box = widgets.Textarea(
-            value="\n".join(f"{a!r}, {b!r}" for a, b in answers),
-            description="Answers",
-            placeholder="' Mary', ' John'   (correct, incorrect)",
-            rows=1,
-            layout=wide,
+        self.answers_box = text_area(
+            format_answers(answers), "Answers", "' Mary', ' John'   (correct, incorrect)"
         )
 
     def _prompt_kwargs(self) -> dict:
-        clean, corrupt = _lines(self.clean_box.value), _lines(self.corrupt_box.value)
+        clean, corrupt = lines(self.clean_box.value), lines(self.corrupt_box.value)
         if not clean:
             raise InputError("Type a clean prompt (one per line for several pairs).")
-        answers = _answers(self.answers_box.value)
+        answers = parse_answers(self.answers_box.value)
         return {"clean": clean, "corrupt": corrupt, "answers": answers[0] if len(answers) == 1 else answers}
 
 
@@ -134,6 +114,14 @@ class CircuitExplorer(_Prompts, Panel):
         self.edge = None
         self._edge_label = None
         self._last = None  # the engine arguments of the last successful run
+        self._quiet = False  # set while the panel moves its own slider, so that it redraws once
+        # the engine's choices, checked before they reach the controls (whose own error is a long TraitError)
+        check_choice("method", method, [m for _, m in _METHODS])
+        check_choice("direction", direction, ["noising", "denoising"])
+        if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= 200:
+            raise InputError(f"steps={steps!r}: give a whole number of integration steps from 1 to 200.")
+        if not (isinstance(threshold, (int, float)) and 1e-4 <= threshold <= 10):
+            raise InputError(f"threshold={threshold!r}: give the smallest |score| shown, from 1e-4 to 10.")
         self._build_prompts(clean, corrupt, answers)
         self.method_box = widgets.Dropdown(options=_METHODS, value=method, description="Method")
         self.steps_box = widgets.BoundedIntText(
@@ -162,19 +150,24 @@ class CircuitExplorer(_Prompts, Panel):
         self.edge_line = widgets.HTML()
         self.summary = widgets.HTML()
         self.warning_line = widgets.HTML()
-        for w, cls in [
-            (self.method_box, "wb-circuits-method"),
-            (self.threshold, "wb-circuits-threshold"),
-            (self.direction_box, "wb-circuits-direction"),
-        ]:
-            w.add_class(cls)
+        add_classes(
+            "wb-circuits",
+            clean=self.clean_box,
+            corrupt=self.corrupt_box,
+            answers=self.answers_box,
+            method=self.method_box,
+            steps=self.steps_box,
+            threshold=self.threshold,
+            direction=self.direction_box,
+            edge=self.edge_line,
+            summary=self.summary,
+        )
         super().__init__()
         self.graph_figure = self.figure
         self.curve_figure = type(self.figure)()
-        self.graph_figure.add_class("wb-circuits-graph")
-        self.curve_figure.add_class("wb-circuits-curve")
+        add_classes("wb-circuits", graph=self.graph_figure, curve=self.curve_figure, run=self.run_button)
         self.run_button.on_click(lambda _: self.run())
-        self.threshold.observe(lambda _: self.redraw(), "value")
+        self.threshold.observe(lambda _: None if self._quiet else self.redraw(), "value")
         self.remote_status = None
         if getattr(model, "remote", False) is True:
             from workbench.widgets.remote import RemoteStatus
@@ -192,8 +185,9 @@ class CircuitExplorer(_Prompts, Panel):
             self.summary,
             self.warning_line,
             self.threshold,
-            widgets.HBox([self.graph_figure, self.curve_figure]),
+            self.graph_figure,
             self.edge_line,
+            self.curve_figure,
             self.code_view,
         ]
         self.set_status(
@@ -215,7 +209,7 @@ class CircuitExplorer(_Prompts, Panel):
         script = _script(self.model.name)
         script.call("scores", "workbench.circuits", "edge_attribution", [Name("model")], self._last)
         script.call("curve", "workbench.circuits", "faithfulness", [Name("model"), Name("scores")])
-        script.add(f"scores.plot(threshold={self.threshold.value:.4g})")
+        script.call(None, "", "scores.plot", [], {"threshold": self.threshold.value})
         script.add("curve.plot()")
         if self._edge_label is not None:
             sender, receiver = self._edge_label
@@ -260,7 +254,11 @@ class CircuitExplorer(_Prompts, Panel):
         )
         top = scores.edge_list(normalize=True)
         if top:  # a threshold that shows the strongest ~20 edges to begin with
-            self.threshold.value = max(abs(top[min(19, len(top) - 1)][2]), 1e-4)
+            self._quiet = True
+            try:
+                self.threshold.value = max(abs(top[min(19, len(top) - 1)][2]), 1e-4)
+            finally:
+                self._quiet = False
         self.redraw()
         k80 = curve.smallest(0.8)
         found = (
@@ -277,15 +275,17 @@ class CircuitExplorer(_Prompts, Panel):
         if self.scores is None:
             return
         try:
-            highlight = self._edge_label
-            fig = viz.edge_graph(self.scores, threshold=self.threshold.value, highlight=highlight)
-            replace_figure(self.graph_figure, fig)
-            for trace in self.graph_figure.data:
-                if trace.name == "edges":
-                    trace.on_click(self._on_click)
-            replace_figure(self.curve_figure, viz.faithfulness_curve(self.curve))
-        except WorkbenchError as err:
-            self.set_status(str(err), "error")
+            graph = viz.edge_graph(self.scores, threshold=self.threshold.value, highlight=self._edge_label)
+            curve = viz.faithfulness_curve(self.curve)
+        except WorkbenchError as err:  # the view says why, not "Done" over the previous picture
+            self.draw_failed(self.graph_figure, err)
+            return
+        replace_figure(self.graph_figure, graph)
+        for trace in self.graph_figure.data:
+            if trace.name == "edges":
+                trace.on_click(self._on_click)
+        replace_figure(self.curve_figure, curve)
+        self.refresh_code()  # (the code plots with the slider's threshold)
 
     def _on_click(self, trace, points, selector=None) -> None:
         if not points.point_inds:
@@ -356,20 +356,21 @@ class HeadViews(_Prompts, Panel):
         self.pattern_figure = self.figure
         self.dla_figure = type(self.figure)()
         self.paths_figure = type(self.figure)()
-        for fig, cls in (
-            (self.pattern_figure, "pattern"),
-            (self.dla_figure, "dla"),
-            (self.paths_figure, "paths"),
-        ):
-            fig.add_class(f"wb-headviews-{cls}")
+        add_classes("wb-headviews", pattern=self.pattern_figure, dla=self.dla_figure, paths=self.paths_figure)
         self.title = widgets.HTML()
         self.views = widgets.VBox(
             [self.title, widgets.HBox([self.pattern_figure, self.dla_figure]), self.paths_figure]
         )
         self.views.layout.display = "none"
         prompts = [self.clean_box, self.corrupt_box, self.answers_box] if show_prompts else []
-        self.children = [*prompts, self.status, self.views, self.code_view, widgets.HBox([self.code_button])]
-        self.set_status("Choose a head: show_head(layer, head), or click one in the patching explorer.")
+        # Show code once there is a head to show code for
+        self.code_bar = widgets.HBox([self.code_button], layout=widgets.Layout(display="none"))
+        self.children = [*prompts, self.status, self.views, self.code_view, self.code_bar]
+        self.set_status(
+            "Call show_head(layer, head) to see a head."
+            if show_prompts
+            else "Click a head in the drill-down: its attention pattern, direct logit attribution and paths appear here."
+        )
 
     def use(self, clean, corrupt, answers, *, direction: str | None = None, metric=None) -> None:
         """Set the prompts (and direction, metric) the views are computed for."""
@@ -459,7 +460,8 @@ class HeadViews(_Prompts, Panel):
         paths = viz.path_heatmap(self.paths, height=260)
         paths.update_layout(
             title={
-                "text": f"Path patching from {label} ({self.paths.direction}) into the logits and every later head's q, k, v"
+                "text": f"Path patching from {label} ({self.paths.direction})<br>"
+                "into the logits and every later head's q, k, v"
             }
         )
         replace_figure(self.paths_figure, paths)
@@ -467,4 +469,4 @@ class HeadViews(_Prompts, Panel):
             f'<div style="color:#8a6d00">&#9888; {html.escape(w)}</div>' for w in self.paths.warnings
         )
         self.title.value = f"<b>Head {label}</b>{notes}"
-        self.views.layout.display = ""
+        self.views.layout.display = self.code_bar.layout.display = ""

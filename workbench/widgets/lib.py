@@ -28,12 +28,8 @@ from workbench.lib.linalg import INTEGRATIONS
 from workbench.lib.models import LibModel
 from workbench.lib.setups import SETUPS, Setup, load_setup
 from workbench.viz import lib as viz
-from workbench.widgets.base import Panel, replace_figure
-
-try:  # a FigureWidget whose synced state follows redraws, where the base module provides one
-    from workbench.widgets.base import PanelFigure as _Figure
-except ImportError:  # pragma: no cover - older base module
-    from plotly.graph_objects import FigureWidget as _Figure
+from workbench.viz.common import message_figure
+from workbench.widgets.base import Panel, PanelFigure, add_classes, replace_figure
 
 BASIS_LABELS = {"lib": "LIB", "pca": "PCA", "neuron": "neurons"}
 _LIB_NAMES = (
@@ -136,31 +132,32 @@ class InteractionGraph(Panel):
         )
         self.resolution_box = widgets.FloatText(value=0.5, description="Resolution")
         self.counts = widgets.HTML()
-        self.profile_figure = _Figure()
-        for w, cls in [
-            (self.setup_box, "wb-lib-setup"),
-            (self.basis_box, "wb-lib-basis"),
-            (self.integration_box, "wb-lib-integration"),
-            (self.intervals_box, "wb-lib-intervals"),
-            (self.truncation_box, "wb-lib-truncation"),
-            (self.threshold_box, "wb-lib-threshold"),
-            (self.nodes_box, "wb-lib-nodes"),
-            (self.const_box, "wb-lib-const"),
-            (self.clusters_box, "wb-lib-clusters"),
-            (self.resolution_box, "wb-lib-resolution"),
-            (self.counts, "wb-lib-counts"),
-            (self.profile_figure, "wb-lib-profile"),
-        ]:
-            w.add_class(cls)
+        self.profile_figure = PanelFigure()
+        add_classes(
+            "wb-lib",
+            setup=self.setup_box,
+            basis=self.basis_box,
+            integration=self.integration_box,
+            intervals=self.intervals_box,
+            truncation=self.truncation_box,
+            threshold=self.threshold_box,
+            nodes=self.nodes_box,
+            const=self.const_box,
+            clusters=self.clusters_box,
+            resolution=self.resolution_box,
+            counts=self.counts,
+            profile=self.profile_figure,
+        )
         super().__init__()
         self.figure.add_class("wb-lib-figure")
         self.run_button.add_class("wb-lib-run")
         self.run_button.on_click(lambda _: self.run())
         self.setup_box.observe(lambda _: None if self._quiet else self._setup_changed(), "value")
         self.basis_box.observe(lambda _: None if self._quiet else self.run(), "value")
-        for box in (self.threshold_box, self.nodes_box, self.const_box):
+        for box in (self.threshold_box, self.const_box):
             box.observe(lambda _: None if self._quiet else self.redraw(), "value")
-        for box in (self.clusters_box, self.resolution_box):
+        # communities are found among the nodes shown: their number changes them
+        for box in (self.clusters_box, self.resolution_box, self.nodes_box):
             box.observe(lambda _: None if self._quiet else self._clusters_changed(), "value")
         self.children = [
             widgets.HBox([self.setup_box, self.basis_box]),
@@ -229,6 +226,10 @@ class InteractionGraph(Panel):
         self._features.clear()
         self.graph = self.features = self.attribution = self.selection = self.clusters = None
         self.counts.value = ""
+        # the previous model's graph goes: nothing on the page belongs to another model
+        replace_figure(self.figure, message_figure(f"{SETUPS[self.setup_box.value]}: press Run.", height=200))
+        replace_figure(self.profile_figure, _empty("Click a node or an edge's midpoint."))
+        self.refresh_code()
         self.set_status(f"{SETUPS[self.setup_box.value]}: press Run.")
 
     # -- running -------------------------------------------------------------------------------------
@@ -293,11 +294,19 @@ class InteractionGraph(Panel):
         if self.graph is None:
             return
         view = self._view()
-        fig = viz.graph_figure(self.graph, **view, communities=self.clusters, selected=self.selection)
+        try:
+            fig = viz.graph_figure(self.graph, **view, communities=self.clusters, selected=self.selection)
+        except WorkbenchError as err:  # the view says why, not "Done" over the previous picture
+            self.draw_failed(self.figure, err)
+            return
+        if self.draw_error is not None:
+            self.draw_error = None
+            self.set_status("Showing the stored graph (no model run).", "ok")
         replace_figure(self.figure, fig)
         for trace in self.figure.data:
             trace.on_click(self._clicked)
         self.counts.value = self._counts_html(view)
+        self.refresh_code()  # (the code plots with the current view)
 
     def edge_counts(self) -> dict[str, dict[str, int]]:
         """{basis: {section: edges holding the slider's share of the weight}} for every basis built with the
@@ -358,11 +367,11 @@ class InteractionGraph(Panel):
             self.show_error(err)
             return
         graph, exp = self.graph, self.experiment
-        self.selection = ("node", li, node)
 
         def show(features):
             self._features[id(graph)] = features
             self.features = features
+            self.selection = ("node", li, node)  # (once shown: a failed click keeps the last selection)
             fig = viz.node_profile(features, graph.node_layers[li], node)
             replace_figure(self.profile_figure, fig)
             self.redraw()
@@ -382,13 +391,13 @@ class InteractionGraph(Panel):
             self.set_status("Build a graph first (Run), then click an edge.", "info")
             return
         graph, exp = self.graph, self.experiment
-        self.selection = ("edge", section, out_node, in_node)
 
         def compute(_progress, _cancel):
             return edge_attributions(exp.model, graph, exp.profile, section, out_node, in_node)
 
         def show(attr):
             self.attribution = attr
+            self.selection = ("edge", section, out_node, in_node)
             replace_figure(self.profile_figure, viz.edge_scatter(attr))
             self.redraw()
 

@@ -23,7 +23,6 @@ from workbench.patching import METRICS, Metric, sweep
 from workbench.patching.inputs import resolve_direction, resolve_sites
 from workbench.viz.patching import effect_reach, heatmap
 from workbench.widgets.base import (
-    FULL_WIDTH,
     Panel,
     PanelFigure,
     add_classes,
@@ -32,6 +31,7 @@ from workbench.widgets.base import (
     lines,
     parse_answers,
     replace_figure,
+    text_area,
 )
 from workbench.widgets.circuits import HeadViews
 
@@ -54,11 +54,6 @@ _DIRECTION_HELP = {
     "noising": "Noising: corrupt activations go into the clean run. Cells that fall towards 0 are necessary "
     "for the clean answer.",
 }
-
-
-def _fit_rows(box: widgets.Textarea, least: int = 1, most: int = 8) -> None:
-    """Show every line of a text box (up to `most`)."""
-    box.rows = max(least, min(most, len(box.value.split("\n"))))
 
 
 class PatchingExplorer(Panel):
@@ -158,28 +153,17 @@ class PatchingExplorer(Panel):
         return resolve_direction(direction)
 
     def _build_controls(self, clean, corrupt, answers, site, direction, metric, normalize) -> None:
-        def text_box(value, description, placeholder, least):
-            box = widgets.Textarea(
-                value=value,
-                description=description,
-                placeholder=placeholder,
-                layout=widgets.Layout(width=FULL_WIDTH),
-            )
-            _fit_rows(box, least)
-            box.observe(lambda change: _fit_rows(change["owner"], least), "value")
-            return box
-
-        self.clean_box = text_box(
+        self.clean_box = text_area(
             "\n".join([clean] if isinstance(clean, str) else clean), "Clean", "one prompt per line", 2
         )
-        self.corrupt_box = text_box(
+        self.corrupt_box = text_area(
             "\n".join([corrupt] if isinstance(corrupt, str) else corrupt),
             "Corrupt",
             "same number of tokens as the clean prompt",
             2,
         )
-        self.answers_box = text_box(
-            format_answers(answers), "Answers", "' Mary', ' John'   (correct, incorrect)", 1
+        self.answers_box = text_area(
+            format_answers(answers), "Answers", "' Mary', ' John'   (correct, incorrect)"
         )
         self.site_box = widgets.Dropdown(
             options=SITE_OPTIONS, value=site, description="Site", layout=widgets.Layout(width="360px")

@@ -16,7 +16,6 @@ its controls become `synthetic_activation_test` / `stable_regions` calls, which 
 from __future__ import annotations
 
 import ipywidgets as widgets
-import plotly.graph_objects as go
 import torch
 
 from workbench.codegen import Expr, Name, Script, call, literal
@@ -24,7 +23,7 @@ from workbench.errors import InputError, WorkbenchError
 from workbench.sae.stable import reinitialised, stable_regions
 from workbench.sae.synthetic import DEFAULT_FAMILIES, DEFAULT_THRESHOLD, FAMILIES, synthetic_activation_test
 from workbench.viz import sae as viz
-from workbench.widgets.base import Panel, replace_figure, source_of
+from workbench.widgets.base import Panel, PanelFigure, replace_figure, source_of
 
 VIEWS = ("Curves", "Histogram", "CDF", "Dataset")
 
@@ -71,6 +70,7 @@ class SyntheticActivationProbe(Panel):
         self.sources = dict(sources or {})
         self.synthetic = None
         self.stable = None
+        self._sample: tuple[str, int] | None = None  # the clicked (family, sample)
         self._last: tuple[str, dict] | None = None
         self._quiet = False
 
@@ -105,7 +105,7 @@ class SyntheticActivationProbe(Panel):
                                                 description="Metric")  # fmt: skip
         self.view_box = widgets.ToggleButtons(options=list(VIEWS), value="Curves", description="View")
         self.notes = widgets.HTML()
-        self.sample_figure = go.FigureWidget()
+        self.sample_figure = PanelFigure()
         self.sample_box = widgets.VBox([self.sample_figure], layout=widgets.Layout(display="none"))
         self.pairs_box = widgets.BoundedIntText(value=min(32, max(1, n_prompts // 2)), min=1, max=max(1, n_prompts // 2),
                                                 description="Pairs")  # fmt: skip
@@ -116,7 +116,7 @@ class SyntheticActivationProbe(Panel):
             "trained": widgets.Checkbox(value=True, description="trained", indent=False),
             "re-initialised": widgets.Checkbox(value=True, description="re-initialised copy", indent=False),
         }
-        self.stable_figure = go.FigureWidget()
+        self.stable_figure = PanelFigure()
         for w, cls in [
             (self.test_box, "wb-sae-test"),
             (self.n_samples_box, "wb-sae-samples"),
@@ -259,6 +259,8 @@ class SyntheticActivationProbe(Panel):
     def _show_synthetic(self, result, kw: dict) -> None:
         self.synthetic = result
         self._last = ("synthetic", kw)
+        self._sample = None  # the clicked sample belonged to the previous result
+        self.sample_box.layout.display = "none"
         self._quiet = True
         try:
             self.threshold_box.value = round(result.threshold_fraction, 6)
@@ -272,6 +274,7 @@ class SyntheticActivationProbe(Panel):
         self._last = ("stable", kw)
         replace_figure(self.stable_figure, viz.stable_regions(result))
         self.stable_box.layout.display = ""
+        self._show_notes(())
 
     def _show_notes(self, notes) -> None:
         import html
@@ -313,14 +316,21 @@ class SyntheticActivationProbe(Panel):
                 fig = viz.histograms(res, metric, cdf=view == "CDF", threshold=tau)
             else:
                 fig = viz.dataset(res)
-        except WorkbenchError as err:
-            self.show_error(err)
+        except WorkbenchError as err:  # the view says why, not "Done" over the previous picture
+            self.draw_failed(self.figure, err)
+            self.sample_box.layout.display = "none"
             return
+        if self.draw_error is not None:
+            self.draw_error = None
+            self.set_status("Showing the stored result (no model run).", "ok")
         replace_figure(self.figure, fig)
         for trace in self.figure.data:
             meta = trace.meta if isinstance(trace.meta, dict) else {}
             if meta.get("role") in ("curve", "marker"):
                 trace.on_click(self._on_click)
+        if self._sample is not None:  # the clicked sample's statistic, in this metric and threshold
+            self._sample_status()
+        self.refresh_code()
 
     def _on_click(self, trace, points, selector=None) -> None:
         if not points.point_inds:
@@ -338,6 +348,12 @@ class SyntheticActivationProbe(Panel):
             return
         replace_figure(self.sample_figure, fig)
         self.sample_box.layout.display = ""
+        self._sample = (family, sample)
+        self._sample_status()
+        self.refresh_code()
+
+    def _sample_status(self) -> None:
+        family, sample = self._sample
         stat = int(self.synthetic.statistic(self.metric_box.value, self._threshold_abs())[
             self.synthetic.families.index(family), sample])  # fmt: skip
         self.set_status(
@@ -434,5 +450,21 @@ class SyntheticActivationProbe(Panel):
         script.call("result", "workbench.sae", "synthetic_activation_test", args,
                     {"reference": Name("reference"), **call_kw})  # fmt: skip
         script.add("result.summary()")
-        script.add("result.plot()")
+        self._plot_code(script)
         return script.render()
+
+    def _plot_code(self, script: Script) -> None:
+        """The figure calls of the current view (and of the clicked sample) for the synthetic test."""
+        metric, view, tau = self.metric_box.value, self.view_box.value, self._threshold_abs()
+        shown = {"metric": metric} if metric != "l2" else {}
+        if tau is not None:
+            shown["threshold"] = tau
+        if view == "Curves":
+            script.call(None, "", "result.plot", [], shown)
+        elif view in ("Histogram", "CDF"):
+            cdf = {"cdf": True} if view == "CDF" else {}
+            script.call(None, "workbench.viz.sae", "histograms", [Name("result")], {**shown, **cdf})
+        else:
+            script.call(None, "workbench.viz.sae", "dataset", [Name("result")])
+        if self._sample is not None:
+            script.call(None, "workbench.viz.sae", "sample_latents", [Name("result"), *self._sample])
