@@ -7,7 +7,7 @@ are, ideally, sparse sums of.
     from workbench.models import load_model
     from workbench.sae import load_demo_sae, train_sae, evaluate_sae, top_contexts, latent_attribution
     model = load_model("demo")
-    sae = load_demo_sae()                                  # 128 -> 1024 ReLU SAE on resid_pre 1 (see its card)
+    sae = load_demo_sae()                                  # 128 -> 1024 BatchTopK SAE on resid_pre 1 (its card)
     sae = train_sae(model, rows, site="resid_pre", layer=1, l1_coefficient=1.0)    # or train your own
     evaluate_sae(model, sae, held_out_rows)                # L0, explained variance, splice-in loss, dead latents
     top_contexts(model, sae, rows, [17, 42])               # where latents fire most (a small dashboard)

@@ -22,7 +22,7 @@ from workbench.toymodels.baselines import naive_model
 from workbench.toymodels.config import ToyConfig, paper_steps
 from workbench.toymodels.evaluate import LossCurves, default_ps, evaluate, naive_loss
 from workbench.toymodels.models import ToyModel
-from workbench.toymodels.train import as_config, cached, finetune, store, train_many
+from workbench.toymodels.train import as_config, finetune, train_many
 
 # -- mechanism -----------------------------------------------------------------------------------------------
 
@@ -624,13 +624,3 @@ def regimes(
     models = [dataclasses.replace(m, label=f"trained at p={m.p:g} ({m.cfg.steps:,} steps)") for m in models]
     ps = default_ps(20) if eval_ps is None else eval_ps
     return evaluate(models, ps, n_samples=n_samples, own_p=True, seed=seed, run=run)
-
-
-def cached_call(key: str, cls: type, make: Callable[[], Any]):
-    """`make()` unless a result of `cls` is cached under `key` (then that one); keeps what it makes."""
-    hit = cached(key, cls)
-    if hit is not None:
-        return hit
-    out = make()
-    store(key, out)
-    return out

@@ -6,7 +6,7 @@
 
 Profiles (`PROFILES`): "full" is the critique's settings (82 trainings in the sigma sweep, 105k steps at
 p = 0.001, 20k steps for the mechanism model); "cpu" trains every model with the paper's per-model recipe (10k
-steps, batch 2048) but fewer of them (7 sigma values, 4 densities, steps capped at 15k); "ci" is the tests' and
+steps, batch 2048) but fewer of them (7 sigma values, 4 densities, steps capped at 20k); "ci" is the tests' and
 CI's run in about a minute: the same calls with far fewer steps, so its tolerances are wider (the models are
 undertrained) and say so. `notebooks/08_computation_in_superposition.ipynb` makes the same calls step by step.
 """
@@ -73,31 +73,31 @@ PROFILES: dict[str, Profile] = {
     "cpu": Profile(
         steps=10_000,
         residual_steps=10_000,
-        sweep_sigmas=(0.0, 0.01, 0.02, 0.025, 0.03, 0.035, 0.04, 0.05, 0.06, 0.07, 0.08),
+        sweep_sigmas=(0.0, 0.01, 0.02, 0.03, 0.04, 0.06, 0.08),
         sweep_steps=10_000,
-        mech_steps=20_000,
+        mech_steps=10_000,
         transplant_steps=10_000,
         snmf_sigmas=(0.0, 0.005, 0.01, 0.015, 0.02, 0.03, 0.04),
-        regime_ps=(0.002, 0.005, 0.01, 0.05, 0.2, 1.0),
-        dense_ps=(0.001, 0.01, 0.1, 1.0),
+        regime_ps=(0.002, 0.01, 0.2, 1.0),
+        dense_ps=(0.01, 0.1, 1.0),
         max_steps=20_000,
         n_eval=1_000_000,
-        n_sweep=400_000,
-        n_curve=200_000,
-        curve_points=16,
-        next_steps=3_000,
+        n_sweep=200_000,
+        n_curve=100_000,
+        curve_points=13,
+        next_steps=2_000,
     ),
     "ci": Profile(
         steps=3_000,
         residual_steps=500,
         sweep_sigmas=(0.0, 0.03, 0.08),
-        sweep_steps=1_500,
-        mech_steps=1_500,
+        sweep_steps=1_000,
+        mech_steps=1_000,
         transplant_steps=1_000,
         snmf_sigmas=(0.01, 0.03),
         regime_ps=(0.01, 1.0),
         dense_ps=(0.01, 1.0),
-        max_steps=1_500,
+        max_steps=1_000,
         n_eval=100_000,
         n_sweep=50_000,
         n_curve=20_000,
