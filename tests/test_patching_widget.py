@@ -265,3 +265,52 @@ def test_remote_models_get_a_job_status_line(model, tmp_path):
     assert isinstance(panel.remote_status, RemoteStatus) and panel.remote_status in panel.children
     local = PatchingExplorer(model, CLEAN[0], CORRUPT[0], ANSWERS[0])
     assert local.remote_status is None
+
+
+def test_the_heatmap_fills_in_layer_by_layer_and_stop_keeps_the_finished_layers(explorer, monkeypatch):
+    drawn = []
+    show = explorer._show_grid
+
+    def spy(result):
+        drawn.append(result)
+        show(result)
+        if len(drawn) == 1:
+            explorer.cancel()  # Stop once the first layer is on the page
+
+    monkeypatch.setattr(explorer, "_show_grid", spy)
+    explorer.run()
+    assert len(drawn) == 2 and explorer.result is drawn[-1]  # the partial picture, then the kept result
+    assert explorer.status_text.startswith("Stopped: Partial: 1 of 2 (site, layer) rows"), (
+        explorer.status_text
+    )
+    values = explorer.result.values()
+    assert torch.isfinite(values[:, 0]).all() and torch.isnan(values[:, 1]).all()  # [site, layer, position]
+    z = explorer.figure.data[0].z
+    empty = [v is None or v != v for row in z for v in row]  # None or NaN: a blank cell
+    assert not any(empty[: len(z[0])]) and all(empty[len(z[0]) :])
+
+
+def test_a_finished_sweep_replaces_its_partial_picture(explorer, model, monkeypatch):
+    drawn = []
+    show = explorer._show_grid
+    monkeypatch.setattr(explorer, "_show_grid", lambda r: (drawn.append(r), show(r)))
+    explorer.run()
+    assert len(drawn) == 2 and drawn[0].warnings[0].startswith("Partial: 1 of 2")
+    assert explorer.status_text.startswith("Done"), explorer.status_text
+    assert not any(w.startswith("Partial") for w in explorer.result.warnings)
+    expected = sweep(model, CLEAN, CORRUPT, answers=ANSWERS, progress=False, warn=False)
+    torch.testing.assert_close(explorer.result.values(), expected.values(), equal_nan=True)
+
+
+def test_the_status_line_states_the_cost_before_the_run(explorer, model):
+    n_pos = model.to_tokens(CLEAN[0]).shape[-1]
+    kwargs = explorer._sweep_kwargs()
+    assert (
+        explorer._cost(kwargs) == f"(2 pair(s) x {n_pos} position(s) x 2 layers = {4 * n_pos:,} patched runs)"
+    )
+    kwargs.update(site="z", positions="together")
+    heads = model.cfg.n_heads
+    assert (
+        explorer._cost(kwargs)
+        == f"(2 pair(s) x 1 position(s) x 2 layers x {heads} heads = {4 * heads:,} patched runs)"
+    )

@@ -8,9 +8,9 @@ import importlib
 import pytest
 import torch
 
+from workbench.core import Run
 from workbench.models import load_model
 from workbench.models.toy import random_model
-from workbench.core import Run
 from workbench.patching import sweep
 
 sweep_module = importlib.import_module("workbench.patching.sweep")

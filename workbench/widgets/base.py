@@ -181,6 +181,7 @@ class Panel(widgets.VBox):
 
     def __init__(self, *, figure: go.FigureWidget | None = None, **kwargs):
         self.result = None
+        self.done_note: str | None = None  # what the status line says instead of "Done" (set by `on_result`)
         self.draw_error: str | None = None
         self.figure = figure if figure is not None else PanelFigure()
         self.status = widgets.HTML(layout=widgets.Layout(min_height="22px"))
@@ -298,17 +299,19 @@ class Panel(widgets.VBox):
         # A remote model's traces inside `compute` report here, and Stop ends their wait too; local runs never
         # touch the remote runner.
         remote = bool(getattr(getattr(self, "model", None), "remote", False))
-        reporting = RemoteRunner(self._on_remote_update, cancel=self._cancel) if remote else contextlib.nullcontext()
+        reporting = (
+            RemoteRunner(self._on_remote_update, cancel=self._cancel) if remote else contextlib.nullcontext()
+        )
 
         def job():
             try:
                 with reporting:
                     result = compute(self._on_progress, self._cancel)
-                self.draw_error = None
+                self.draw_error = self.done_note = None
                 on_result(result)
                 self.result = result
                 if self.draw_error is None:
-                    self.set_status(f"Done in {time.perf_counter() - started:.1f} s.", "ok")
+                    self.set_status(self.done_note or f"Done in {time.perf_counter() - started:.1f} s.", "ok")
                 self.refresh_code()
             except Cancelled:
                 self.set_status("Stopped; the previous result is kept.", "info")

@@ -13,12 +13,14 @@ site and direction take effect on Run.
 from __future__ import annotations
 
 import html
+import time
 
 import ipywidgets as widgets
 
 from workbench import remote
 from workbench.codegen import Expr, Name, Script, literal
-from workbench.errors import InputError, SiteError, WorkbenchError
+from workbench.core.run import Run
+from workbench.errors import Cancelled, InputError, SiteError, WorkbenchError
 from workbench.patching import METRICS, Metric, sweep
 from workbench.patching.inputs import resolve_direction, resolve_sites
 from workbench.viz.patching import effect_reach, heatmap
@@ -308,8 +310,10 @@ class PatchingExplorer(Panel):
         def show(result):
             self._grid_kwargs = kwargs
             self._show_grid(result)
+            if _is_partial(result):
+                self.done_note = f"Stopped: {result.warnings[0]}"
 
-        self.start(self._compute(kwargs), show, label="Patching")
+        self.start(self._compute(kwargs, fill=True), show, label=f"Patching {self._cost(kwargs)}")
 
     def drill(self, layer: int, position: int, head: int | None = None) -> None:
         """Patch each head at (layer, position index) of the main grid, or (for per-head views) the head `head`
@@ -325,11 +329,64 @@ class PatchingExplorer(Panel):
 
         self.start(self._compute(kwargs), show, label=f"Patching heads of layer {layer}")
 
-    def _compute(self, kwargs: dict):
+    def _cost(self, kwargs: dict) -> str:
+        """What a sweep of `kwargs` patches, said before it runs: pairs x positions x layers (x heads) x sites."""
+        sites = kwargs["site"] if isinstance(kwargs["site"], list) else [kwargs["site"]]
+        n_pairs, n_layers = len(kwargs["clean"]), self.model.cfg.n_layers
+        try:
+            n_pos = (
+                1
+                if kwargs.get("positions") == "together"
+                else self.model.to_tokens(kwargs["clean"][0]).shape[-1]
+            )
+        except WorkbenchError:  # the sweep itself says what is wrong with the prompt
+            return ""
+        heads = self.model.cfg.n_heads if kwargs["site"] in HEAD_VIEWS else 1
+        runs = n_pairs * n_pos * n_layers * heads * len(sites)
+        parts = [f"{n_pairs} pair(s)", f"{n_pos} position(s)", f"{n_layers} layers"]
+        parts += [f"{heads} heads"] if heads > 1 else []
+        parts += [f"{len(sites)} sites"] if len(sites) > 1 else []
+        jobs = f"; about {1 + n_layers * len(sites)} NDIF jobs" if self.model.remote else ""
+        return f"({' x '.join(parts)} = {runs:,} patched runs{jobs})"
+
+    def _compute(self, kwargs: dict, fill: bool = False):
+        """The panel's compute function for `sweep(**kwargs)`. With `fill` (a local model's main sweep), the heatmap
+        fills in layer by layer, the status line estimates the time left, and Stop keeps the finished layers."""
+
         def compute(progress, cancel):
             # remote models: a repeated sweep or drill-down is served from the result cache, not resubmitted
             # (warn=False: the panel shows the baseline warnings itself)
-            return remote.call(sweep, self.model, **kwargs, progress=progress, cancel=cancel, warn=False)
+            if not fill or self.model.remote:
+                return remote.call(sweep, self.model, **kwargs, progress=progress, cancel=cancel, warn=False)
+            previous, partial, started, drawn = self.grid, [None], time.perf_counter(), [0.0]
+
+            def counted(done, total):
+                progress(done, total)
+                if 0 < done < total:
+                    left = (time.perf_counter() - started) / done * (total - done)
+                    self.set_status(
+                        f"Patching: {done} of {total} heatmap rows done, about {left:.0f} s left.", "busy"
+                    )
+
+            def draw(result):
+                partial[0] = result
+                if (
+                    time.perf_counter() - drawn[0] > 0.3
+                ):  # a picture per layer, but not faster than the page draws
+                    drawn[0] = time.perf_counter()
+                    self._show_grid(result)
+
+            run = Run(progress=counted, cancel=cancel, on_partial=draw)
+            try:
+                return sweep(self.model, **kwargs, run=run, warn=False)
+            except Cancelled:
+                if partial[0] is None:
+                    raise
+                return partial[0]  # what finished, marked partial by its first warning
+            except BaseException:
+                if partial[0] is not None and previous is not None:
+                    self._show_grid(previous)  # the failed run's rows go: the last good result stays
+                raise
 
         if self.remote_status is None:
             return compute
@@ -432,3 +489,7 @@ def _plot_args(panel: PatchingExplorer) -> str:
     if view["pair"] is not None:
         args.append(f"pair={view['pair']}")
     return ", ".join(args)
+
+
+def _is_partial(result) -> bool:
+    return bool(result.warnings) and result.warnings[0].startswith("Partial:")
