@@ -4,6 +4,7 @@ keys and values. Its numbers must equal the full recomputation's, on every famil
 from __future__ import annotations
 
 import importlib
+import types
 
 import pytest
 import torch
@@ -76,3 +77,9 @@ def test_partial_results_fill_in_layer_by_layer():
         assert int(filled.sum()) == k and partial.warnings[0].startswith("Partial:")
         torch.testing.assert_close(partial.raw[..., filled, :], final.raw[..., filled, :])
     assert torch.isfinite(final.raw).all() and not any(w.startswith("Partial") for w in final.warnings)
+
+
+def test_a_gpu_model_runs_full_batches_and_says_why():
+    # (measured on an H200: the position buckets' smaller batches were slower there; see benchmarks/README.md)
+    gpu_model = types.SimpleNamespace(remote=False, device="cuda:0")
+    assert sweep_module.suffix_reuse(gpu_model, None) == "on a GPU the full batches are faster"

@@ -104,8 +104,9 @@ def atp_star(
             drop,
             want_values=drop is None and qk_fix,
         )
-        base = {k: v[base_half][pair] for k, v in cache.items() if isinstance(k, tuple)}
-        src = {k: v[source_half][pair] for k, v in cache.items() if isinstance(k, tuple)}
+        # the estimates run on the CPU, beside the gradients; the cache sits where the model ran
+        base = {k: v[base_half][pair].cpu() for k, v in cache.items() if isinstance(k, tuple)}
+        src = {k: v[source_half][pair].cpu() for k, v in cache.items() if isinstance(k, tuple)}
         plain, fixed = _estimates(model, grads, base, src, qk_fix, check=drop is None)
         if drop is None:
             atp[a:b], atp_qk[a:b] = plain, fixed

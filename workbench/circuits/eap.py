@@ -157,12 +157,11 @@ def _gradient_scores(model, graph, spec, cache, clean_lp, run, steps: int) -> to
         pos_mask = torch.zeros(spec.pairs.n_pos)
         pos_mask[list(spec.positions)] = 1.0
     # every sender's difference between the source and the base run [pair, sender, pos, d_model]
-    delta = (
-        torch.stack(
-            [(cache[u][source_half] - cache[u][base_half]).float() for u in range(len(graph.senders))], 1
-        )
-        * pos_mask[None, None, :, None]
+    delta = torch.stack(
+        [(cache[u][source_half] - cache[u][base_half]).float() for u in range(len(graph.senders))], 1
     )
+    # on the CPU, beside the gradients (the trace hands those back there); the cache sits where the model ran
+    delta = delta.cpu() * pos_mask[None, None, :, None]
     alphas = [None] if steps == 0 else [(k + 0.5) / steps for k in range(steps)]
     items = [(p, a) for p in range(n) for a in alphas]
     tokens = spec.pairs.corrupt if spec.direction == "denoising" else spec.pairs.clean
@@ -182,7 +181,7 @@ def _gradient_scores(model, graph, spec, cache, clean_lp, run, steps: int) -> to
         if steps:
             alpha = torch.tensor([a for _, a in part]).view(-1, 1, 1)
             base_e, src_e = embed[base_half][pair], embed[source_half][pair]
-            embed_in = (base_e + alpha * (src_e - base_e)).to(model.device)
+            embed_in = (base_e + alpha.to(base_e.device) * (src_e - base_e)).to(model.device)
         grads = _receiver_grads(
             model,
             tokens[pair].to(model.device),

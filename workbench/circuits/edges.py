@@ -178,7 +178,8 @@ def patched_logits(
     diffs = torch.stack(
         [cache[u][src_idx] - (cache[u][base_idx] if _below(graph, u, start) else 0) for u in senders],
         1,
-    ).float() * pos_mask.unsqueeze(1)
+    ).float()
+    diffs = diffs * pos_mask.unsqueeze(1).to(diffs.device)  # (the cache sits where the model ran)
     plan = []
     for layer in range(start, graph.n_layers):
         qkv = []
