@@ -149,28 +149,53 @@ def edge_graph(
     clean - corrupt gap when `normalize`) or else the `top_k` strongest. Blue edges raise the metric when patched,
     red ones lower it; width grows with |score|; a query input is a solid line, a key dashed, a value dotted.
     Hovering or clicking an edge's midpoint marker shows its score (customdata: receiver, sender index)."""
+    n_layers, n_heads = _model_shape(scores)
+    pos = node_positions(n_layers, n_heads)
+    shown = _drawn_edges(scores, threshold, top_k, normalize)
+    fig = go.Figure()
+    for trace in _edge_lines(scores, shown, pos):
+        fig.add_trace(trace)
+    fig.add_trace(_edge_midpoints(scores, shown, pos))
+    fig.add_trace(_graph_nodes(scores, shown, pos))
+    if highlight is not None:
+        fig.add_trace(_highlighted_edge(highlight, pos))
+    _layer_axes(fig, n_layers)
+    return _layout(fig, _edge_graph_title(scores, shown, threshold, normalize), height)
+
+
+def _model_shape(scores: EdgeScores) -> tuple[int, int]:
+    """(layers, heads per layer) of the model whose edges `scores` holds, read from its sender labels."""
     n_layers = 1 + max((int(s[1 : s.index("H")]) for s in scores.senders if s.startswith("L")), default=-1)
     n_heads = 1 + max((int(s[s.index("H") + 1 :]) for s in scores.senders if s.startswith("L")), default=0)
-    pos = node_positions(n_layers, n_heads)
+    return n_layers, n_heads
+
+
+def _drawn_edges(
+    scores: EdgeScores, threshold: float | None, top_k: int | None, normalize: bool
+) -> list[tuple[int, int, float]]:
+    """(receiver, sender, score) of the edges to draw: |score| >= `threshold`, else the `top_k` strongest."""
     edges = scores.edge_list(normalize)
     if threshold is not None:
-        shown = [e for e in edges if abs(e[2]) >= threshold]
-    else:
-        shown = edges[: top_k if top_k is not None else len(edges)]
+        return [e for e in edges if abs(e[2]) >= threshold]
+    return edges[: top_k if top_k is not None else len(edges)]
+
+
+def _edge_lines(scores: EdgeScores, shown: list, pos: dict) -> list[go.Scatter]:
+    """One line trace per (sign, input kind, width) group of the shown edges, in sorted group order."""
     biggest = max((abs(v) for _, _, v in shown), default=1.0) or 1.0
-    fig = go.Figure()
     groups: dict[tuple, list] = {}
     for r, s, v in shown:
         node, kind = _drawn_receiver(scores.receivers[r])
         width = 1 + 2 * min(2, int(3 * abs(v) / biggest))
         groups.setdefault((v >= 0, kind, width), []).append((r, s, node))
+    traces = []
     for (positive, kind, width), items in sorted(groups.items()):
         xs, ys = [], []
         for _, s, node in items:
             cx, cy = _curve(pos[scores.senders[s]], pos[node])
             xs += [*cx, None]
             ys += [*cy, None]
-        fig.add_trace(
+        traces.append(
             go.Scatter(
                 x=xs,
                 y=ys,
@@ -181,6 +206,11 @@ def edge_graph(
                 showlegend=False,
             )
         )
+    return traces
+
+
+def _edge_midpoints(scores: EdgeScores, shown: list, pos: dict) -> go.Scatter:
+    """The "edges" trace: a faint marker at each shown edge's midpoint carrying its score and (receiver, sender)."""
     mids_x, mids_y, text, custom = [], [], [], []
     for r, s, v in shown:
         node, _ = _drawn_receiver(scores.receivers[r])
@@ -189,56 +219,61 @@ def edge_graph(
         mids_y.append(cy[1])
         text.append(f"{scores.senders[s]} -> {scores.receivers[r]}<br>score {v:+.4g}")
         custom.append([r, s])
-    fig.add_trace(
-        go.Scatter(
-            x=mids_x,
-            y=mids_y,
-            mode="markers",
-            marker={"size": 9, "color": "rgba(0,0,0,0.15)"},
-            text=text,
-            customdata=custom,
-            hovertemplate="%{text}<extra></extra>",
-            name="edges",
-            showlegend=False,
-        )
+    return go.Scatter(
+        x=mids_x,
+        y=mids_y,
+        mode="markers",
+        marker={"size": 9, "color": "rgba(0,0,0,0.15)"},
+        text=text,
+        customdata=custom,
+        hovertemplate="%{text}<extra></extra>",
+        name="edges",
+        showlegend=False,
     )
+
+
+def _graph_nodes(scores: EdgeScores, shown: list, pos: dict) -> go.Scatter:
+    """The "nodes" trace: every component, large and dark where a shown edge touches it; MLPs square."""
     used = {scores.senders[s] for _, s, _ in shown} | {
         _drawn_receiver(scores.receivers[r])[0] for r, _, _ in shown
     }
     names = list(pos)
-    fig.add_trace(
-        go.Scatter(
-            x=[pos[n][0] for n in names],
-            y=[pos[n][1] for n in names],
-            mode="markers+text",
-            text=names,
-            textposition="top center",
-            textfont={"size": 10},
-            marker={
-                "size": [14 if n in used else 8 for n in names],
-                "color": ["#333" if n in used else "#ccc" for n in names],
-                "symbol": ["square" if n.startswith("MLP") else "circle" for n in names],
-            },
-            hovertemplate="%{text}<extra></extra>",
-            name="nodes",
-            showlegend=False,
-        )
+    return go.Scatter(
+        x=[pos[n][0] for n in names],
+        y=[pos[n][1] for n in names],
+        mode="markers+text",
+        text=names,
+        textposition="top center",
+        textfont={"size": 10},
+        marker={
+            "size": [14 if n in used else 8 for n in names],
+            "color": ["#333" if n in used else "#ccc" for n in names],
+            "symbol": ["square" if n.startswith("MLP") else "circle" for n in names],
+        },
+        hovertemplate="%{text}<extra></extra>",
+        name="nodes",
+        showlegend=False,
     )
-    if highlight is not None:
-        s_label, r_label = highlight
-        node, _ = _drawn_receiver(r_label)
-        cx, cy = _curve(pos[s_label], pos[node])
-        fig.add_trace(
-            go.Scatter(
-                x=cx,
-                y=cy,
-                mode="lines",
-                line={"color": "#f4a300", "width": 6},
-                opacity=0.5,
-                hoverinfo="skip",
-                showlegend=False,
-            )
-        )
+
+
+def _highlighted_edge(highlight: tuple[str, str], pos: dict) -> go.Scatter:
+    """A broad orange line under the (sender, receiver) edge `highlight`."""
+    s_label, r_label = highlight
+    node, _ = _drawn_receiver(r_label)
+    cx, cy = _curve(pos[s_label], pos[node])
+    return go.Scatter(
+        x=cx,
+        y=cy,
+        mode="lines",
+        line={"color": "#f4a300", "width": 6},
+        opacity=0.5,
+        hoverinfo="skip",
+        showlegend=False,
+    )
+
+
+def _layer_axes(fig: go.Figure, n_layers: int) -> None:
+    """Name the node columns on the x axis (embed, L0 heads, ..., MLP0, ..., logits) and hide the y axis."""
     fig.update_xaxes(
         tickvals=[0]
         + [2 * layer + 1 for layer in range(n_layers)]
@@ -252,14 +287,16 @@ def edge_graph(
         zeroline=False,
     )
     fig.update_yaxes(visible=False)
+
+
+def _edge_graph_title(scores: EdgeScores, shown: list, threshold: float | None, normalize: bool) -> str:
+    """The edge graph's title: method, direction, which edges are shown, and the colour/dash key."""
     unit = "normalised " if normalize else ""
     which = f"|{unit}score| >= {threshold:.3g}" if threshold is not None else f"top {len(shown)}"
     steps = f", {scores.steps} steps" if scores.method == "eap-ig" else ""
-    return _layout(
-        fig,
+    return (
         f"{scores.method.upper()}{steps} edge scores ({scores.direction}): {which} of {scores.n_edges} edges<br>"
-        "blue raises the metric when patched, red lowers it; q solid, k dashed, v dotted",
-        height,
+        "blue raises the metric when patched, red lowers it; q solid, k dashed, v dotted"
     )
 
 

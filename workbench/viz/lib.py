@@ -151,133 +151,162 @@ def graph_figure(
     graph._require_edges()
     if not 0 < threshold <= 1:
         raise InputError(f"threshold must be in (0, 1], got {threshold}")
-    L = len(graph.node_layers)
+    n_drawn = _shown_nodes(graph, nodes_per_layer)
     fig = go.Figure()
+    for trace in _graph_edges(graph, threshold, show_const, nodes_per_layer):
+        fig.add_trace(trace)
+    for i, k in enumerate(n_drawn):
+        fig.add_trace(_layer_nodes(graph, i, k, communities))
+    if selected is not None:
+        fig.add_trace(_selection_mark(selected))
+    sections = range(len(graph.node_layers) - 1)
+    edge_counts = [len(shown_edges(graph, s, threshold, show_const, nodes_per_layer)) for s in sections]
+    _graph_layout(fig, graph, threshold, edge_counts, max(n_drawn), height)
+    return fig
+
+
+def _shown_nodes(graph, nodes_per_layer: int | None) -> list[int]:
+    """How many nodes of each layer are drawn: the first `nodes_per_layer`, plus the constant one where it exists."""
     ys = []
-    for i in range(L):
+    for i in range(len(graph.node_layers)):
         n = graph.n_nodes(i)
         ys.append(min(n, (nodes_per_layer or n) + int(graph.has_const(i))))
-    y_max = max(ys)
-    # edges, bucketed by width so that a few traces draw them all
+    return ys
+
+
+def _graph_edges(graph, threshold: float, show_const: bool, nodes_per_layer: int | None) -> list[go.Scatter]:
+    """The shown edges, bucketed by width so that a few line traces draw them all, then the "edges" midpoints."""
     edge_x, edge_y, edge_w, mids = [], [], [], []
-    for s in range(L - 1):
+    for s in range(len(graph.node_layers) - 1):
         for o, n, w in shown_edges(graph, s, threshold, show_const, nodes_per_layer):
             edge_x.append((s, s + 1))
             edge_y.append((-n, -o))
             edge_w.append(w)
             mids.append((s, o, n, w))
-    if edge_w:
-        w_max = max(edge_w)
-        buckets: dict[int, tuple[list, list]] = {}
-        for (x0, x1), (y0, y1), w in zip(edge_x, edge_y, edge_w):
-            b = min(5, int(math.ceil(6 * math.sqrt(w / w_max))))
-            xs, yy = buckets.setdefault(b, ([], []))
-            xs += [x0, x1, None]
-            yy += [y0, y1, None]
-        for b, (xs, yy) in sorted(buckets.items()):
-            fig.add_trace(
-                go.Scatter(
-                    x=xs,
-                    y=yy,
-                    mode="lines",
-                    line={"width": 0.6 + 1.2 * b, "color": f"rgba(60,60,60,{0.25 + 0.12 * b:.2f})"},
-                    hoverinfo="skip",
-                    showlegend=False,
-                )
-            )
-        fig.add_trace(
-            go.Scatter(
-                x=[s + 0.5 for s, _, _, _ in mids],
-                y=[-(n + o) / 2 for s, o, n, _ in mids],
-                mode="markers",
-                marker={"size": 7, "color": "rgba(0,0,0,0.05)"},
-                customdata=[["edge", s, o, n] for s, o, n, _ in mids],
-                hovertemplate="%{text}<extra></extra>",
-                text=[
-                    f"{graph.node_layers[s]}[{n}] -> {graph.node_layers[s + 1]}[{o}]<br>E = {w:.4g} "
-                    f"({w / float(graph.edges[s].sum()):.2%} of the section)"
-                    for s, o, n, w in mids
-                ],
-                name="edges",
-                showlegend=False,
-            )
+    if not edge_w:
+        return []
+    w_max = max(edge_w)
+    buckets: dict[int, tuple[list, list]] = {}
+    for (x0, x1), (y0, y1), w in zip(edge_x, edge_y, edge_w):
+        b = min(5, int(math.ceil(6 * math.sqrt(w / w_max))))
+        xs, yy = buckets.setdefault(b, ([], []))
+        xs += [x0, x1, None]
+        yy += [y0, y1, None]
+    traces = [
+        go.Scatter(
+            x=xs,
+            y=yy,
+            mode="lines",
+            line={"width": 0.6 + 1.2 * b, "color": f"rgba(60,60,60,{0.25 + 0.12 * b:.2f})"},
+            hoverinfo="skip",
+            showlegend=False,
         )
-    # nodes
-    for i, name in enumerate(graph.node_layers):
-        k = ys[i]
-        nodes = list(range(k))
-        values = graph.eigenvalues[i][:k] if len(graph.eigenvalues[i]) else torch.zeros(k)
-        if communities is not None and name in communities.node_layers:
-            colour = [
-                PALETTE[(communities.of(name, n) or 0) % len(PALETTE)]
-                if communities.of(name, n) is not None
-                else "#ccc"
-                for n in nodes
-            ]
-            comm = [communities.of(name, n) for n in nodes]
-        else:
-            logs = torch.log10(values.clamp(min=1e-30)).numpy() if len(values) else np.zeros(k)
-            colour = logs
-            comm = [None] * k
-        labels = []
-        for n in nodes:
-            text = f"{name}[{n}]" + (" (constant)" if n == 0 and graph.has_const(i) else "")
-            if len(values):
-                text += f"<br>{'Lambda' if graph.basis == 'lib' else 'variance'} {float(values[n]):.4g}"
-            if comm[n] is not None:
-                text += f"<br>community {comm[n]}"
-            labels.append(text)
-        marker = {"size": 9, "line": {"width": 0.5, "color": "#333"}}
-        if communities is not None and name in communities.node_layers:
-            marker["color"] = colour
-        else:
-            marker.update(
-                color=colour,
-                colorscale="Viridis",
-                cmin=-2,
-                cmax=6,
-                showscale=i == 0,
-                colorbar={"title": "log10 eigenvalue", "len": 0.6},
-            )
-        fig.add_trace(
-            go.Scatter(
-                x=[i] * k,
-                y=[-n for n in nodes],
-                mode="markers",
-                marker=marker,
-                customdata=[["node", i, n] for n in nodes],
-                text=labels,
-                hovertemplate="%{text}<extra></extra>",
-                name=name,
-                showlegend=False,
-            )
+        for b, (xs, yy) in sorted(buckets.items())
+    ]
+    traces.append(
+        go.Scatter(
+            x=[s + 0.5 for s, _, _, _ in mids],
+            y=[-(n + o) / 2 for s, o, n, _ in mids],
+            mode="markers",
+            marker={"size": 7, "color": "rgba(0,0,0,0.05)"},
+            customdata=[["edge", s, o, n] for s, o, n, _ in mids],
+            hovertemplate="%{text}<extra></extra>",
+            text=[
+                f"{graph.node_layers[s]}[{n}] -> {graph.node_layers[s + 1]}[{o}]<br>E = {w:.4g} "
+                f"({w / float(graph.edges[s].sum()):.2%} of the section)"
+                for s, o, n, w in mids
+            ],
+            name="edges",
+            showlegend=False,
         )
-    if selected is not None:
-        if selected[0] == "node":
-            _, li, n = selected
-            fig.add_trace(
-                go.Scatter(
-                    x=[li],
-                    y=[-n],
-                    mode="markers",
-                    marker={"size": 18, "color": "rgba(0,0,0,0)", "line": {"width": 3, "color": "#e6550d"}},
-                    hoverinfo="skip",
-                    showlegend=False,
-                )
-            )
-        else:
-            _, s, o, n = selected
-            fig.add_trace(
-                go.Scatter(
-                    x=[s, s + 1],
-                    y=[-n, -o],
-                    mode="lines",
-                    line={"width": 4, "color": "#e6550d"},
-                    hoverinfo="skip",
-                    showlegend=False,
-                )
-            )
-    counts = [len(shown_edges(graph, s, threshold, show_const, nodes_per_layer)) for s in range(L - 1)]
+    )
+    return traces
+
+
+def _layer_nodes(graph, i: int, k: int, communities) -> go.Scatter:
+    """The first `k` nodes of layer `i` as one marker trace, coloured by community or by log eigenvalue."""
+    name = graph.node_layers[i]
+    nodes = list(range(k))
+    values = graph.eigenvalues[i][:k] if len(graph.eigenvalues[i]) else torch.zeros(k)
+    by_community = communities is not None and name in communities.node_layers
+    if by_community:
+        colour = [
+            PALETTE[(communities.of(name, n) or 0) % len(PALETTE)]
+            if communities.of(name, n) is not None
+            else "#ccc"
+            for n in nodes
+        ]
+        comm = [communities.of(name, n) for n in nodes]
+    else:
+        colour = torch.log10(values.clamp(min=1e-30)).numpy() if len(values) else np.zeros(k)
+        comm = [None] * k
+    marker = {"size": 9, "line": {"width": 0.5, "color": "#333"}}
+    if by_community:
+        marker["color"] = colour
+    else:
+        marker.update(
+            color=colour,
+            colorscale="Viridis",
+            cmin=-2,
+            cmax=6,
+            showscale=i == 0,
+            colorbar={"title": "log10 eigenvalue", "len": 0.6},
+        )
+    return go.Scatter(
+        x=[i] * k,
+        y=[-n for n in nodes],
+        mode="markers",
+        marker=marker,
+        customdata=[["node", i, n] for n in nodes],
+        text=_node_labels(graph, i, values, comm),
+        hovertemplate="%{text}<extra></extra>",
+        name=name,
+        showlegend=False,
+    )
+
+
+def _node_labels(graph, i: int, values, comm: list) -> list[str]:
+    """Hover text of layer `i`'s drawn nodes: name, constant flag, Lambda or variance, community."""
+    name = graph.node_layers[i]
+    labels = []
+    for n in range(len(comm)):
+        text = f"{name}[{n}]" + (" (constant)" if n == 0 and graph.has_const(i) else "")
+        if len(values):
+            text += f"<br>{'Lambda' if graph.basis == 'lib' else 'variance'} {float(values[n]):.4g}"
+        if comm[n] is not None:
+            text += f"<br>community {comm[n]}"
+        labels.append(text)
+    return labels
+
+
+def _selection_mark(selected: tuple) -> go.Scatter:
+    """An orange ring around the selected ("node", layer, node) or an orange line over the selected edge."""
+    if selected[0] == "node":
+        _, li, n = selected
+        return go.Scatter(
+            x=[li],
+            y=[-n],
+            mode="markers",
+            marker={"size": 18, "color": "rgba(0,0,0,0)", "line": {"width": 3, "color": "#e6550d"}},
+            hoverinfo="skip",
+            showlegend=False,
+        )
+    _, s, o, n = selected
+    return go.Scatter(
+        x=[s, s + 1],
+        y=[-n, -o],
+        mode="lines",
+        line={"width": 4, "color": "#e6550d"},
+        hoverinfo="skip",
+        showlegend=False,
+    )
+
+
+def _graph_layout(
+    fig: go.Figure, graph, threshold: float, counts: list[int], y_max: int, height: int
+) -> None:
+    """Title with each section's edge `counts`, layer names on the x axis, node numbers every 5 on the y axis."""
+    L = len(graph.node_layers)
     title = f"{BASIS_NAMES.get(graph.basis, graph.basis)} interaction graph: edges holding {threshold:.0%} of each section's weight ({', '.join(map(str, counts))})"
     fig.update_layout(
         title={"text": title, "font": {"size": 13}},
@@ -300,7 +329,6 @@ def graph_figure(
         plot_bgcolor="white",
         clickmode="event",
     )
-    return fig
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -3,6 +3,8 @@
 from workbench.widgets import PatchingExplorer, LNRemovalPreview, PlateauProbe
 """
 
+import importlib
+
 _PANELS = {
     "PatchingExplorer": "workbench.widgets.patching",
     "LNRemovalPreview": "workbench.widgets.lnfree",
@@ -18,7 +20,5 @@ __all__ = list(_PANELS)
 
 def __getattr__(name):  # import a panel's module only when it is asked for
     if name in _PANELS:
-        import importlib
-
         return getattr(importlib.import_module(_PANELS[name]), name)
     raise AttributeError(f"module 'workbench.widgets' has no attribute {name!r}")

@@ -13,6 +13,8 @@ from __future__ import annotations
 import ast
 import contextlib
 import html
+import os
+import re
 import threading
 import time
 import traceback
@@ -22,9 +24,12 @@ from typing import Any
 import ipywidgets as widgets
 import plotly.graph_objects as go
 
+from workbench.codegen import call, literal
 from workbench.errors import Cancelled, InputError, WorkbenchError
 from workbench.remote import RemoteRunner
 from workbench.runner import CancelToken
+from workbench.tasks.corpus import SPLIT_SEEDS, demo_corpus
+from workbench.viz.common import message_figure
 from workbench.widgets.figure import PanelFigure, replace_figure
 
 __all__ = [
@@ -117,11 +122,7 @@ def check_choice(name: str, value, allowed, error: type[WorkbenchError] = InputE
 def source_of(data):
     """Code (a `workbench.codegen.Expr`) for data a panel was given: the `demo_corpus(split, n)` call that
     makes it when it is the demo corpus, else its literal (texts, or a token tensor)."""
-    from workbench.codegen import call, literal
-
     if isinstance(data, (list, tuple)) and data and all(isinstance(d, str) for d in data):
-        from workbench.tasks.corpus import SPLIT_SEEDS, demo_corpus
-
         for split in SPLIT_SEEDS:
             if demo_corpus(split, 1)[0] == data[0] and demo_corpus(split, len(data)) == list(data):
                 return call("workbench.tasks", "demo_corpus", [split, len(data)])
@@ -129,8 +130,6 @@ def source_of(data):
 
 
 def _in_voila() -> bool:
-    import os
-
     return os.environ.get("SERVER_SOFTWARE", "").startswith("voila/")
 
 
@@ -218,8 +217,6 @@ class Panel(widgets.VBox):
     @property
     def status_text(self) -> str:
         """The status line as plain text (for tests)."""
-        import re
-
         return html.unescape(re.sub(r"<[^>]+>", "", self.status.value))
 
     # -- show code -----------------------------------------------------------------------------------
@@ -251,8 +248,6 @@ class Panel(widgets.VBox):
     def draw_failed(self, figure: go.FigureWidget, err: Exception) -> None:
         """`figure` cannot show the current view (e.g. normalising a metric whose baselines are equal): the
         figure and the status line say why, and the run that produced the result does not report "Done"."""
-        from workbench.viz.common import message_figure
-
         self.draw_error = str(err)
         replace_figure(figure, message_figure(str(err)))
         self.set_status(str(err), "error")

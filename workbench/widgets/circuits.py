@@ -39,6 +39,7 @@ from workbench.widgets.base import (
     replace_figure,
     text_area,
 )
+from workbench.widgets.remote import RemoteStatus, tracked
 
 _METHODS = [
     ("EAP (one backward pass)", "eap"),
@@ -170,8 +171,6 @@ class CircuitExplorer(_Prompts, Panel):
         self.threshold.observe(lambda _: None if self._quiet else self.redraw(), "value")
         self.remote_status = None
         if getattr(model, "remote", False) is True:
-            from workbench.widgets.remote import RemoteStatus
-
             self.remote_status = RemoteStatus()
         self.children = [
             self.clean_box,
@@ -223,8 +222,6 @@ class CircuitExplorer(_Prompts, Panel):
     def _tracked(self, compute):
         if self.remote_status is None:
             return compute
-        from workbench.widgets.remote import tracked
-
         return tracked(compute, lambda token: self.remote_status.runner(token))
 
     def run(self) -> None:

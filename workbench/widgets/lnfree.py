@@ -19,8 +19,9 @@ from workbench.codegen import Expr, Name, Script, call
 from workbench.errors import InputError
 from workbench.lnfree.evaluation import evaluate_loss
 from workbench.lnfree.preview import preview
-from workbench.lnfree.sites import KIND_LABELS, paper_order, site_label, split_site
+from workbench.lnfree.sites import KIND_LABELS, paper_order, parse_sites, site_label, split_site
 from workbench.viz.common import message_figure
+from workbench.viz.lnfree import preview_figure
 from workbench.widgets.base import Panel, replace_figure, source_of
 
 ESTIMATORS = {
@@ -162,8 +163,6 @@ class LNRemovalPreview(Panel):
 
     def select(self, sites) -> None:
         """Choose the norms to freeze (site names, see `workbench.lnfree.sites.parse_sites`)."""
-        from workbench.lnfree.sites import parse_sites
-
         try:
             chosen = parse_sites(list(sites), self.model.cfg.n_layers) if sites else []
         except InputError as err:
@@ -290,8 +289,6 @@ class LNRemovalPreview(Panel):
 
     # -- drawing -------------------------------------------------------------------------------------------
     def build_figure(self) -> go.Figure:
-        from workbench.viz.lnfree import preview_figure
-
         k = self.preset.value or None
         loss = self.selection_loss if self.frozen == self.selected else None
         return preview_figure(self.preview, selected=self.selected, k=k, frozen_loss=loss)

@@ -36,6 +36,7 @@ from workbench.widgets.base import (
     text_area,
 )
 from workbench.widgets.circuits import HeadViews
+from workbench.widgets.remote import RemoteStatus, tracked
 
 HEAD_VIEWS = ("z", "pattern")
 # the site name first, so that a narrow dropdown still shows which site it is
@@ -111,8 +112,6 @@ class PatchingExplorer(Panel):
         )
         self.remote_status = None
         if getattr(model, "remote", False) is True:  # NDIF: show each job's id and state, with Cancel
-            from workbench.widgets.remote import RemoteStatus
-
             self.remote_status = RemoteStatus()
         self._wire()
         self.children = [
@@ -390,8 +389,6 @@ class PatchingExplorer(Panel):
 
         if self.remote_status is None:
             return compute
-        from workbench.widgets.remote import tracked
-
         return tracked(compute, lambda token: self.remote_status.runner(token))
 
     # -- drawing -------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ is not computed yet says so and waits for Run. Click a curve to see the tokens t
 from __future__ import annotations
 
 import html
+import warnings
 
 import ipywidgets as widgets
 import torch
@@ -429,8 +430,6 @@ class PlateauProbe(Panel):
         )
 
         def compute(progress, cancel):
-            import warnings
-
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # the result's warnings are shown in the notes line instead
                 ref = self._reference(kwargs["site"], kwargs["layer"], False, cancel)

@@ -20,7 +20,8 @@ from typing import Any
 
 import ipywidgets as widgets
 
-from workbench.errors import RemoteError
+from workbench.errors import InputError, RemoteError
+from workbench.models import load_model
 from workbench.remote import JobUpdate, RemoteRunner, served_models, settings
 from workbench.runner import CancelToken
 
@@ -212,9 +213,6 @@ class ModelPicker(widgets.VBox):
     def load(self, **kwargs):
         """``load_model(value, remote=remote, **kwargs)``; for NDIF nothing is downloaded but the config and
         tokenizer."""
-        from workbench.errors import InputError
-        from workbench.models import load_model
-
         if not self.value:
             raise InputError("Type or pick a model name first.")
         return load_model(self.value, remote=self.remote, **kwargs)

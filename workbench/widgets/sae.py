@@ -15,11 +15,17 @@ its controls become `synthetic_activation_test` / `stable_regions` calls, which 
 
 from __future__ import annotations
 
+import html
+import warnings
+
 import ipywidgets as widgets
 import torch
 
 from workbench.codegen import Expr, Name, Script, call, literal
 from workbench.errors import InputError, WorkbenchError
+from workbench.models import load_model
+from workbench.plateau import RefStats
+from workbench.sae.demo import demo_prompts, demo_reference, load_demo_sae
 from workbench.sae.stable import reinitialised, stable_regions
 from workbench.sae.synthetic import DEFAULT_FAMILIES, DEFAULT_THRESHOLD, FAMILIES, synthetic_activation_test
 from workbench.viz import sae as viz
@@ -169,9 +175,6 @@ class SyntheticActivationProbe(Panel):
     @classmethod
     def demo(cls, n_prompts: int = 64, reference_rows: int = 2_000, **kwargs) -> SyntheticActivationProbe:
         """The panel on the demo model with the demo SAE, `n_prompts` demo prompts and demo reference stats."""
-        from workbench.models import load_model
-        from workbench.sae.demo import demo_prompts, demo_reference, load_demo_sae
-
         model = load_model("demo")
         return cls(model, load_demo_sae(), demo_prompts(model, n_prompts),
                    reference=demo_reference(model, reference_rows), **kwargs)  # fmt: skip
@@ -243,8 +246,6 @@ class SyntheticActivationProbe(Panel):
         prompts = self._prompts(n)
 
         def compute(progress, cancel):
-            import warnings
-
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
                 result = synthetic_activation_test(self.model, self.sae, prompts, reference=self.reference,
@@ -277,8 +278,6 @@ class SyntheticActivationProbe(Panel):
         self._show_notes(())
 
     def _show_notes(self, notes) -> None:
-        import html
-
         self.notes.value = "".join(
             f'<div class="wb-sae-note" style="color:#8a6d00">⚠ {html.escape(n)}</div>' for n in notes
         )
@@ -387,8 +386,6 @@ class SyntheticActivationProbe(Panel):
             demo = self._demo_prompts_call()
             return demo if demo is not None else literal(self.prompts)
         if key == "reference":
-            from workbench.plateau import RefStats
-
             ref = self.reference
             if isinstance(ref, RefStats):
                 options = ref.provenance.options
@@ -410,8 +407,6 @@ class SyntheticActivationProbe(Panel):
         p = self.prompts
         if self.model.name != "demo" or not isinstance(p, torch.Tensor) or p.dim() != 2:
             return None
-        from workbench.sae.demo import demo_prompts
-
         try:
             same = torch.equal(demo_prompts(self.model, len(p), p.shape[1] - 1), p)
         except WorkbenchError:
