@@ -65,6 +65,7 @@ _BUILTIN: dict[str, str] = {
     "AttentionPatterns": "workbench.circuits.results",
     "LatentAttribution": "workbench.sae.attribution",
     "LatentContexts": "workbench.sae.dashboard",
+    "LatentSweep": "workbench.sae.sweep",
     "SAEEvaluation": "workbench.sae.evaluate",
     "StableRegionsResult": "workbench.sae.stable",
     "SyntheticTestResult": "workbench.sae.synthetic",

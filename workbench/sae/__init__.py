@@ -12,6 +12,7 @@ are, ideally, sparse sums of.
     evaluate_sae(model, sae, held_out_rows)                # L0, explained variance, splice-in loss, dead latents
     top_contexts(model, sae, rows, [17, 42])               # where latents fire most (a small dashboard)
     latent_attribution(model, sae, prompts, (" Mary", " John"))   # which latents move the logit difference
+    latent_sweep(model, sae, prompts, [17, 42], (" Mary", " John"), mode="ablate")  # latent x position, exact
     save_sae(sae, "dir/"); load_sae("dir/")                # the SAELens layout (cfg.json + safetensors)
     load_sae("gpt2-small-res-jb", "blocks.1.hook_resid_pre")      # from the hub, when online
 
@@ -34,6 +35,7 @@ from workbench.sae.evaluate import SAEEvaluation, evaluate_sae
 from workbench.sae.io import PRETRAINED, load_sae, save_sae
 from workbench.sae.model import SAE, LatentDirection, SAEConfig, latent_directions
 from workbench.sae.stable import StableRegionsResult, reinitialised, stable_regions
+from workbench.sae.sweep import LatentSweep, latent_sweep
 from workbench.sae.synthetic import FAMILIES, PAPER_GPT2, SyntheticTestResult, synthetic_activation_test
 from workbench.sae.train import TrainSettings, train_sae
 
@@ -43,6 +45,8 @@ __all__ = [
     "PRETRAINED",
     "SAE",
     "LatentAttribution",
+    "LatentSweep",
+    "latent_sweep",
     "LatentContexts",
     "LatentDirection",
     "SAEConfig",

@@ -41,6 +41,7 @@ def plot(result, **kwargs) -> go.Figure:
     from workbench.sae.dashboard import LatentContexts
     from workbench.sae.evaluate import SAEEvaluation
     from workbench.sae.stable import StableRegionsResult
+    from workbench.sae.sweep import LatentSweep
     from workbench.sae.synthetic import SyntheticTestResult
 
     if isinstance(result, SyntheticTestResult):
@@ -53,6 +54,8 @@ def plot(result, **kwargs) -> go.Figure:
         return contexts(result, **kwargs)
     if isinstance(result, LatentAttribution):
         return attribution(result, **kwargs)
+    if isinstance(result, LatentSweep):
+        return latent_sweep(result, **kwargs)
     raise InputError(f"No SAE figure for {type(result).__name__}.")
 
 
@@ -441,5 +444,43 @@ def attribution(result, top: int = 12, prompt: int | None = None) -> go.Figure:
         f"{float(result.error_attribution.sum() if prompt is None else result.error_attribution[prompt].sum()):.3g}",
         template="plotly_white",
         height=max(300, 26 * len(latents) + 160),
+    )
+    return fig
+
+
+def latent_sweep(result, prompt: int | None = None) -> go.Figure:
+    """Latent x position heatmap of the metric's change when each latent is edited at each position."""
+    grid = result.grid(prompt)
+    row = 0 if prompt is None else prompt
+    labels = [
+        f"{q}: {result.token_strings.get(int(t), str(int(t)))!r}"
+        for q, t in enumerate(result.tokens[row].tolist())
+    ]
+    finite = grid[torch.isfinite(grid)]
+    bound = float(finite.abs().max()) if finite.numel() and float(finite.abs().max()) > 0 else 1.0
+    fig = go.Figure(
+        go.Heatmap(
+            z=grid.numpy(),
+            x=labels,
+            y=[f"latent {int(i)}" for i in result.latents],
+            colorscale="RdBu",
+            zmid=0,
+            zmin=-bound,
+            zmax=bound,
+            colorbar={"title": {"text": f"change of {result.metric}"}},
+            hovertemplate="%{y} at %{x}: %{z:.4g}<extra></extra>",
+            meta={"role": "latent-sweep"},
+        )
+    )
+    fig.update_yaxes(autorange="reversed")
+    what = {"ablate": "ablated", "steer": f"steered by {result.scale:g}", "patch": "patched from the source"}[
+        result.mode
+    ]
+    scope = f"mean of {result.values.shape[0]} prompts" if prompt is None else f"prompt {prompt}"
+    fig.update_layout(
+        title=f"Each latent {what} at one position: change of {result.metric} ({scope})",
+        xaxis_title="position",
+        template="plotly_white",
+        height=max(300, 26 * len(result.latents) + 160),
     )
     return fig
