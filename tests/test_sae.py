@@ -114,9 +114,10 @@ def test_encode_decode_by_architecture():
 
 def test_centred_input_and_reconstruct():
     sae = _random_sae(centre_input=True)
-    x = torch.randn(4, 8) + 3.0
+    x = torch.randn(4, 8, generator=torch.Generator().manual_seed(1)) + 3.0
     centred = x - x.mean(-1, keepdim=True)
-    assert torch.allclose(sae.encode(x), sae.encode(centred), atol=1e-6)
+    # (float32: centring inside the SAE and here round differently, by about 1e-7 per unit of activation)
+    assert torch.allclose(sae.encode(x), sae.encode(centred), atol=1e-5)
     # the mean component comes back, so x - reconstruct(x) is the SAE's own error in its space
     assert torch.allclose(x - sae.reconstruct(x), centred - sae.decode(sae.encode(x)), atol=1e-5)
 
