@@ -120,6 +120,16 @@ def effect_reach(
     return float(np.abs(values - base).max()) if values.size else 0.0
 
 
+def _blank_nan(a: np.ndarray) -> np.ndarray:
+    """`a` with NaN (cells not computed yet, in a partial sweep) as None: blank cells, and JSON the page accepts."""
+    nan = np.isnan(a)
+    if not nan.any():
+        return a
+    out = a.astype(object)
+    out[nan] = None
+    return out
+
+
 def heatmap(
     result: PatchingResult,
     metric: str | None = None,
@@ -179,10 +189,10 @@ def heatmap(
         )
         fig.add_trace(
             go.Heatmap(
-                z=grids[i],
+                z=_blank_nan(grids[i]),
                 x=xs,
                 y=ys,
-                customdata=custom,
+                customdata=_blank_nan(custom),
                 hovertemplate=hover,
                 colorscale=COLORSCALE,
                 zmid=base,

@@ -11,7 +11,6 @@ never "Done" over an older picture. **Show code** follows the last successful ru
 from __future__ import annotations
 
 import ast
-import contextlib
 import html
 import os
 import re
@@ -291,12 +290,8 @@ class Panel(widgets.VBox):
         self.set_status(f"{label}...", "busy")
         started = time.perf_counter()
 
-        # A remote model's traces inside `compute` report here, and Stop ends their wait too; local runs never
-        # touch the remote runner.
-        remote = bool(getattr(getattr(self, "model", None), "remote", False))
-        reporting = (
-            RemoteRunner(self._on_remote_update, cancel=self._cancel) if remote else contextlib.nullcontext()
-        )
+        # Remote traces inside `compute` report here (whatever model they use), and Stop ends their wait too.
+        reporting = RemoteRunner(self._on_remote_update, cancel=self._cancel)
 
         def job():
             try:
