@@ -369,9 +369,8 @@ class PatchingExplorer(Panel):
 
             def draw(result):
                 partial[0] = result
-                if (
-                    time.perf_counter() - drawn[0] > 0.3
-                ):  # a picture per layer, but not faster than the page draws
+                # a picture per layer, but not faster than the page draws
+                if time.perf_counter() - drawn[0] > 0.3:
                     drawn[0] = time.perf_counter()
                     self._show_grid(result)
 
