@@ -18,7 +18,9 @@ pip=(.venv/bin/python -m pip --quiet --disable-pip-version-check)
 
 stamp=".venv/.installed${extras:+-$extras}"
 fingerprint="$(cat pyproject.toml constraints.txt scripts/setup_env.sh | sha256sum | cut -c1-16)"
-if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$fingerprint" ]; then
+current() { [ -f "$1" ] && [ "$(cat "$1")" = "$fingerprint" ]; }
+# (an environment with the test tools holds everything the plain one needs)
+if current "$stamp" || { [ -z "$extras" ] && current .venv/.installed-test; }; then
     exit 0
 fi
 
