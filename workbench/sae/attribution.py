@@ -116,6 +116,15 @@ class LatentAttribution(Result):
         )
 
 
+def last_metric(last: torch.Tensor, answers: torch.Tensor, metric: str) -> torch.Tensor:
+    """[batch] a built-in metric (`METRICS`) from the last position's logits [batch, vocab] and answer ids
+    [batch, 2] (correct, incorrect)."""
+    last = last.float()
+    if metric == "logit_diff":
+        return last.gather(-1, answers[:, :1])[:, 0] - last.gather(-1, answers[:, 1:2])[:, 0]
+    return torch.log_softmax(last, -1).gather(-1, answers[:, :1])[:, 0]
+
+
 def _answers(model, answers, n: int, metric: str) -> torch.Tensor:
     if answers is None:
         raise InputError(f"metric {metric!r} needs answers, e.g. answers=(' Mary', ' John').")
@@ -184,12 +193,7 @@ def latent_attribution(
             embed.requires_grad_(True)
             x = model.site(sae.cfg.site, layer).value
             last = model.site("logits").value[:, -1].float()
-            if fn is not None:
-                value = fn(last)
-            elif name == "logit_diff":
-                value = last.gather(-1, a[:, :1])[:, 0] - last.gather(-1, a[:, 1:2])[:, 0]
-            else:
-                value = torch.log_softmax(last, -1).gather(-1, a[:, :1])[:, 0]
+            value = fn(last) if fn is not None else last_metric(last, a, name)
             with value.sum().backward(inputs=[embed]):
                 grad = x.grad.clone()
             nnsight.save(grad)

@@ -24,7 +24,7 @@ from workbench.core import CancelToken, ProgressCallback, Run
 from workbench.errors import InputError, UnsupportedModelError
 from workbench.results import Provenance, Result
 from workbench.sae import activations as acts
-from workbench.sae.attribution import METRICS, _answers
+from workbench.sae.attribution import METRICS, _answers, last_metric
 from workbench.sae.model import SAE
 
 MODES = ("ablate", "steer", "patch")
@@ -215,19 +215,11 @@ def _latent_ids(latents, d_sae: int) -> list[int]:
     return ids
 
 
-def _metric(last: torch.Tensor, ans: torch.Tensor, metric: str) -> torch.Tensor:
-    """[batch] the metric from the last position's logits [batch, vocab] and answers [batch, 2]."""
-    last = last.float()
-    if metric == "logit_diff":
-        return last.gather(-1, ans[:, :1])[:, 0] - last.gather(-1, ans[:, 1:2])[:, 0]
-    return torch.log_softmax(last, -1).gather(-1, ans[:, :1])[:, 0]
-
-
 def _read(model, sae: SAE, layer, tokens, ans, metric) -> tuple[torch.Tensor, torch.Tensor]:
     """(activations [prompt, pos, d_model] at the SAE's site, the metric [prompt]) of an unedited run, on the CPU."""
     with torch.no_grad(), model.trace(tokens.to(model.device)):
         x = model.site(sae.cfg.site, layer).value.save()
-        value = _metric(model.site("logits").value[:, -1], ans.to(model.device), metric).save()
+        value = last_metric(model.site("logits").value[:, -1], ans.to(model.device), metric).save()
     return x.detach().float().cpu(), value.detach().cpu()
 
 
@@ -237,5 +229,5 @@ def _edited_metric(model, sae: SAE, layer, tokens, delta, ans, metric) -> torch.
         handle = model.site(sae.cfg.site, layer)
         old = handle.value
         handle.value = old + delta.to(device=old.device, dtype=old.dtype)
-        value = _metric(model.site("logits").value[:, -1], ans.to(model.device), metric).save()
+        value = last_metric(model.site("logits").value[:, -1], ans.to(model.device), metric).save()
     return value.detach().cpu()
