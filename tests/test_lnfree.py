@@ -635,7 +635,7 @@ def test_evaluate_loss_summary(gpt2, tokens):
 
 
 def test_figures(gpt2, tokens, smoke_runs):
-    from workbench.viz.lnfree import history_figure, plot, preview_figure
+    from workbench.viz.lnfree import history_figure, preview_figure
 
     result = preview(gpt2, tokens, progress=False)
     fig = preview_figure(result, selected=["mlp.0", "final"], k=3, frozen_loss=result.base_loss + 0.1)
@@ -649,7 +649,7 @@ def test_figures(gpt2, tokens, smoke_runs):
     hist = history_figure(run.history, control=control.history)
     assert len(hist.layout.shapes) == 4  # one band per removal group
     for obj in (result.statistics, result.scales, run.history, dla_exactness(gpt2, tokens, progress=False)):
-        assert len(plot(obj).data) > 0
+        assert len(obj.plot().data) > 0
     loss = evaluate_loss(gpt2, tokens, progress=False)
     assert (
         len(

@@ -199,6 +199,36 @@ def test_every_builtin_class_is_a_result_with_the_fields_its_shapes_name():
     assert set(_BUILTIN) <= set(result_classes())
 
 
+
+def test_every_result_with_axes_has_a_default_figure_found_by_its_type():
+    from workbench import viz
+
+    for name, module in _BUILTIN.items():
+        cls = getattr(importlib.import_module(module), name)
+        if cls in (Provenance,) or name == "RefStats":  # records, not something one looks at
+            continue
+        assert viz.builder_for(cls) is not None, f"register {name}'s figure with @draws({name}) in workbench.viz"
+    assert viz.builder_for(PatchingResult) is viz.patching.heatmap
+
+
+def test_a_subclass_gets_its_bases_figure_and_a_class_without_one_says_so():
+    from workbench import viz
+
+    @dataclasses.dataclass(frozen=True)
+    class Finer(PatchingResult):
+        pass
+
+    @dataclasses.dataclass(frozen=True)
+    class Bare(Result):
+        x: int = 0
+
+    assert viz.builder_for(Finer) is viz.patching.heatmap
+    with pytest.raises(InputError, match="Bare has no default figure"):
+        Bare().plot()
+    with pytest.raises(RuntimeError, match="already has a default figure"):
+        viz.draws(PatchingResult)(lambda result: None)
+
+
 # -- the exploit stays dead ---------------------------------------------------------------------------------------
 def exploit_trees(tmp_path):
     """Old-format and new-format descriptions that name os.system and os.remove through a workbench module."""

@@ -2,8 +2,8 @@
 
 Engines return frozen dataclasses that inherit from `Result`. Each carries its tensors, named axes with labels,
 and a `Provenance` (model, inputs, options, package versions). `Result` gives them `.save()` / `load()` and
-`.plot()`, which imports the matching figure builder from `workbench.viz` lazily so that engines never depend on
-plotly.
+`.plot()`, which finds the figure builder registered for the result's type in `workbench.viz` (imported on the
+first figure, so that engines never depend on plotly).
 
 A result file is data only: one safetensors file whose tensors are the result's tensors and whose metadata holds
 the rest as JSON (the class by its registered name, the fields, a format version). Loading parses that and builds
@@ -190,7 +190,7 @@ def _plain(value: Any) -> Any:
 
 
 class Result:
-    """Mixin for engine results. Subclasses are frozen dataclasses and set `viz_module`.
+    """Mixin for engine results. Subclasses are frozen dataclasses; `workbench.viz` registers their figures.
 
     `shapes` names the axes of tensor fields, checked when a file is loaded: ``{"raw": "metrics pair layers"}``
     says `raw` has three dimensions. An axis named after a field has that field's length (or value, for an int
@@ -198,7 +198,6 @@ class Result:
     the same size wherever it appears in this result.
     """
 
-    viz_module: ClassVar[str | None] = None
     shapes: ClassVar[dict[str, str]] = {}
 
     def __init_subclass__(cls, **kwargs):
@@ -209,10 +208,12 @@ class Result:
         raise NotImplementedError
 
     def plot(self, **kwargs):
-        """The default figure for this result (plotly), built by `workbench.viz`."""
-        if self.viz_module is None:
-            raise NotImplementedError(f"{type(self).__name__} has no default figure")
-        return importlib.import_module(self.viz_module).plot(self, **kwargs)
+        """The default figure for this result (plotly): the builder `workbench.viz` registered for its type."""
+        from workbench import (
+            viz,  # plotly and every figure builder load on the first figure, not with the engines
+        )
+
+        return viz.default_figure(self, **kwargs)
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write the result to `path` (a safetensors file: tensors, plus JSON for the rest).

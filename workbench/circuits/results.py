@@ -86,7 +86,6 @@ class PathPatchingResult(_Baselines, Result):
     provenance: Provenance
     warnings: tuple[str, ...] = ()
 
-    viz_module: ClassVar[str] = "workbench.viz.circuits"
     shapes: ClassVar[dict[str, str]] = {
         "raw": "metrics pair senders receivers",
         "clean": "metrics pair",
@@ -202,7 +201,6 @@ class EdgeScores(_Baselines, Result):
     provenance: Provenance
     warnings: tuple[str, ...] = ()
 
-    viz_module: ClassVar[str] = "workbench.viz.circuits"
     shapes: ClassVar[dict[str, str]] = {
         "adjacency": "receivers senders",
         "scores": "pair receivers senders",
@@ -291,7 +289,6 @@ class Faithfulness(_Baselines, Result):
     provenance: Provenance
     warnings: tuple[str, ...] = ()
 
-    viz_module: ClassVar[str] = "workbench.viz.circuits"
     shapes: ClassVar[dict[str, str]] = {
         "ks": "k",
         "circuit_values": "metrics pair k",
@@ -378,7 +375,6 @@ class AtPResult(_Baselines, Result):
     provenance: Provenance
     warnings: tuple[str, ...] = ()
 
-    viz_module: ClassVar[str] = "workbench.viz.circuits"
     shapes: ClassVar[dict[str, str]] = {
         "atp": "pair 4 layer position_labels head",
         "atp_qk": "pair 4 layer position_labels head",
@@ -513,7 +509,6 @@ class LogitLensResult(Result):
     correct_logprob: torch.Tensor | None
     provenance: Provenance
 
-    viz_module: ClassVar[str] = "workbench.viz.circuits"
     shapes: ClassVar[dict[str, str]] = {
         "top_ids": "tokens layers pos k",
         "top_probs": "tokens layers pos k",
@@ -591,7 +586,6 @@ class DLAResult(Result):
     answers: tuple[tuple[str, str], ...]
     provenance: Provenance
 
-    viz_module: ClassVar[str] = "workbench.viz.circuits"
     shapes: ClassVar[dict[str, str]] = {
         "contributions": "tokens parts",
         "constant": "tokens",
@@ -651,7 +645,6 @@ class AttentionPatterns(Result):
     pattern: torch.Tensor
     provenance: Provenance
 
-    viz_module: ClassVar[str] = "workbench.viz.circuits"
     shapes: ClassVar[dict[str, str]] = {"pattern": "heads tokens tokens"}
 
     def of(self, head: str) -> torch.Tensor:

@@ -10,7 +10,6 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import ClassVar
 
 import torch
 
@@ -89,8 +88,6 @@ class NodeAblation(Result):
     metric: str
     data_code: str
     provenance: Provenance
-
-    viz_module: ClassVar[str] = "workbench.viz.lib"
 
     def score_at(self, layer: str, k: int) -> float:
         """The score with `k` directions kept at `layer` (k must be a point of the schedule)."""
@@ -244,8 +241,6 @@ class EdgeAblation(Result):
     metric: str
     data_code: str
     provenance: Provenance
-
-    viz_module: ClassVar[str] = "workbench.viz.lib"
 
     def to_frame(self):
         import pandas as pd

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 
@@ -74,8 +74,6 @@ class LibGraph(Result):
     model_code: str
     data_code: str
     provenance: Provenance
-
-    viz_module: ClassVar[str] = "workbench.viz.lib"
 
     # -- shape ---------------------------------------------------------------------------------------
     @property

@@ -8,7 +8,6 @@ algorithm Leiden refines; on graphs of a few hundred nodes both optimise the sam
 from __future__ import annotations
 
 import dataclasses
-from typing import ClassVar
 
 import torch
 
@@ -48,8 +47,6 @@ class GraphCommunities(Result):
     nodes_per_layer: int
     seed: int
     provenance: Provenance
-
-    viz_module: ClassVar[str] = "workbench.viz.lib"
 
     def of(self, layer: str, node: int) -> int | None:
         """The community of `node` at `layer`, or None if it was not clustered."""

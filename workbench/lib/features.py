@@ -47,8 +47,6 @@ class FeatureActivations(Result):
     data_code: str
     provenance: Provenance
 
-    viz_module: ClassVar[str] = "workbench.viz.lib"
-
     def of(self, layer: str) -> torch.Tensor:
         if layer not in self.layers:
             raise InputError(f"{layer!r} has no activations here; layers: {list(self.layers)}")
@@ -168,7 +166,6 @@ class EdgeAttributions(Result):
     basis: str
     provenance: Provenance
 
-    viz_module: ClassVar[str] = "workbench.viz.lib"
     shapes: ClassVar[dict[str, str]] = {"x_in": "point", "y_out": "point", "attribution": "point"}
 
     def to_frame(self):

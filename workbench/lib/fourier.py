@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import ClassVar
 
 import torch
 
@@ -115,8 +114,6 @@ class FourierLabels(Result):
     top_share: tuple[torch.Tensor, ...]
     frequency: tuple[torch.Tensor, ...]
     provenance: Provenance
-
-    viz_module: ClassVar[str] = "workbench.viz.lib"
 
     def label(self, layer: str, direction: int) -> str:
         """ "51% cos(15x) + cos(15y) | 30% ..." for one direction."""

@@ -15,7 +15,6 @@ loss. `NormStatistics.frozen_scales` turns those into one frozen scale per site 
 from __future__ import annotations
 
 import dataclasses
-from typing import ClassVar
 
 import torch
 
@@ -57,8 +56,6 @@ class FrozenScales(Result):
     exclude_eot: bool
     momentum: float | None
     provenance: Provenance
-
-    viz_module: ClassVar[str] = "workbench.viz.lnfree"
 
     def __getitem__(self, site: str) -> float:
         try:
@@ -107,8 +104,6 @@ class NormStatistics(Result):
     kind: str
     n_layers: int
     provenance: Provenance
-
-    viz_module: ClassVar[str] = "workbench.viz.lnfree"
 
     @property
     def mean_loss(self) -> float:

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import ClassVar
 
 import nnsight
 import torch
@@ -52,8 +51,6 @@ class LossStats(Result):
     token_loss: torch.Tensor
     frozen: list[str]
     provenance: Provenance
-
-    viz_module: ClassVar[str] = "workbench.viz.lnfree"
 
     @property
     def finite(self) -> torch.Tensor:
@@ -173,8 +170,6 @@ class DLAExactness(Result):
     final_norm: str
     n_tokens: int
     provenance: Provenance
-
-    viz_module: ClassVar[str] = "workbench.viz.lnfree"
 
     @property
     def mean_nmae(self) -> float:

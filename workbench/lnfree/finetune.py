@@ -28,7 +28,6 @@ import math
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -87,8 +86,6 @@ class TrainingHistory(Result):
     config: dict
     wall_time_s: float
     provenance: Provenance
-
-    viz_module: ClassVar[str] = "workbench.viz.lnfree"
 
     @property
     def final_val_loss(self) -> float | None:

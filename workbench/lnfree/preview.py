@@ -19,7 +19,6 @@ model every pass runs in full on the server and only losses come back.
 from __future__ import annotations
 
 import dataclasses
-from typing import ClassVar
 
 import torch
 
@@ -58,8 +57,6 @@ class RemovalPreview(Result):
     scales: FrozenScales
     statistics: NormStatistics
     provenance: Provenance
-
-    viz_module: ClassVar[str] = "workbench.viz.lnfree"
 
     @property
     def single_delta(self) -> torch.Tensor:

@@ -8,7 +8,6 @@ switch metric or normalisation without running the model again.
 from __future__ import annotations
 
 import dataclasses
-from typing import ClassVar
 
 import torch
 
@@ -54,8 +53,6 @@ class PatchingResult(Result):
     answers: tuple[tuple[str, str], ...]
     provenance: Provenance
     warnings: tuple[str, ...] = ()
-
-    viz_module: ClassVar[str] = "workbench.viz.patching"
 
     # -- axes ----------------------------------------------------------------------------------------
     @property
@@ -255,8 +252,6 @@ class AttributionComparison(Result):
     top_exact: tuple[str, ...]
     top_attribution: tuple[str, ...]
     provenance: Provenance
-
-    viz_module: ClassVar[str] = "workbench.viz.patching"
 
     def to_frame(self):
         import pandas as pd

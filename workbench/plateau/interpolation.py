@@ -8,7 +8,7 @@ The model runs on A's tokens; at the site and position, A's activation x_A is re
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 
@@ -93,8 +93,6 @@ class InterpolationResult(SiteLabels, Result):
     read_site: str
     read_layer: int | None
     provenance: Provenance
-
-    viz_module: ClassVar[str] = "workbench.viz.plateau"
 
     def token(self, token_id: int) -> str:
         return self.token_strings.get(int(token_id), str(int(token_id)))
@@ -286,8 +284,6 @@ class SliceResult(SiteLabels, Result):
     read_site: str
     read_layer: int | None
     provenance: Provenance
-
-    viz_module: ClassVar[str] = "workbench.viz.plateau"
 
     def nearest(self) -> torch.Tensor:
         """[v, u] index (0 = A, 1 = B, 2 = C) of the endpoint whose output each point's output is closest to."""

@@ -6,7 +6,7 @@ import dataclasses
 import math
 import warnings
 from collections.abc import Sequence
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 
@@ -101,8 +101,6 @@ class PlateauResult(SiteLabels, Result):
     read_layer: int | None
     warnings: tuple[str, ...]
     provenance: Provenance
-
-    viz_module: ClassVar[str] = "workbench.viz.plateau"
 
     # -- labels ------------------------------------------------------------------------------------------
     @property

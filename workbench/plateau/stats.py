@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 
@@ -86,8 +86,6 @@ class RefStats(Result):
     layer: int | None
     warnings: tuple[str, ...]
     provenance: Provenance
-
-    viz_module: ClassVar[str | None] = None
 
     @property
     def d_model(self) -> int:

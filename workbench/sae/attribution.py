@@ -58,7 +58,6 @@ class LatentAttribution(Result):
     sae: str
     provenance: Provenance
 
-    viz_module: ClassVar[str] = "workbench.viz.sae"
     shapes: ClassVar[dict[str, str]] = {
         "prompt": "entry",
         "position": "entry",

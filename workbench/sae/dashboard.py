@@ -63,7 +63,6 @@ class LatentContexts(Result):
     sae: str
     provenance: Provenance
 
-    viz_module: ClassVar[str] = "workbench.viz.sae"
     shapes: ClassVar[dict[str, str]] = {
         "latents": "latents",
         "values": "latents k",

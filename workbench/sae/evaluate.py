@@ -74,7 +74,6 @@ class SAEEvaluation(Result):
     sae: str
     provenance: Provenance
 
-    viz_module: ClassVar[str] = "workbench.viz.sae"
     shapes: ClassVar[dict[str, str]] = {
         "l0_by_position": "seq_len",
         "l0_per_token": "n_tokens",

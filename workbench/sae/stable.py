@@ -77,7 +77,6 @@ class StableRegionsResult(Result):
     read_layer: int | None
     provenance: Provenance
 
-    viz_module: ClassVar[str] = "workbench.viz.sae"
     shapes: ClassVar[dict[str, str]] = {
         "alphas": "step",
         "distance": "models prompts_a step",

@@ -57,7 +57,6 @@ class LatentSweep(Result):
     sae: str
     provenance: Provenance
 
-    viz_module: ClassVar[str] = "workbench.viz.sae"
     shapes: ClassVar[dict[str, str]] = {
         "values": "tokens latents pos",
         "coefficient": "tokens latents pos",

@@ -341,7 +341,6 @@ class SyntheticTestResult(SiteLabels, Result):
     warnings: tuple[str, ...]
     provenance: Provenance
 
-    viz_module: ClassVar[str] = "workbench.viz.sae"
     shapes: ClassVar[dict[str, str]] = {
         "l2": "families sample_prompt step",
         "kl": "families sample_prompt step",

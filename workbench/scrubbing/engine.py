@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections.abc import Callable, Sequence
-from typing import Any, ClassVar
+from typing import Any
 
 import nnsight
 import torch
@@ -217,8 +217,6 @@ class ScrubResult(Result):
     clean_score: float
     donors: tuple[tuple[torch.Tensor, ...], ...]
     provenance: Provenance
-
-    viz_module: ClassVar[str] = "workbench.viz.scrubbing"
 
     def __getitem__(self, name: str) -> float:
         try:

@@ -78,7 +78,6 @@ class Mechanism(Result):
     label: str
     provenance: Provenance
 
-    viz_module: ClassVar[str] = "workbench.viz.toymodels"
     shapes: ClassVar[dict[str, str]] = {
         "eigenvalues": "direction",
         "eig_cos": "direction",
@@ -212,7 +211,6 @@ class FeatureResponse(Result):
     model_label: str
     provenance: Provenance
 
-    viz_module: ClassVar[str] = "workbench.viz.toymodels"
     shapes: ClassVar[dict[str, str]] = {
         "x": "x",
         "out": "feature x",
@@ -304,7 +302,6 @@ class SigmaSweep(Result):
     n_samples: int
     provenance: Provenance
 
-    viz_module: ClassVar[str] = "workbench.viz.toymodels"
     shapes: ClassVar[dict[str, str]] = {
         "sigma": "sigma",
         "loss": "kinds sigma",
@@ -512,7 +509,6 @@ class Transplant(Result):
     p: float
     provenance: Provenance
 
-    viz_module: ClassVar[str] = "workbench.viz.toymodels"
     shapes: ClassVar[dict[str, str]] = {
         "phase1": "step1",
         "phase2": "step2",

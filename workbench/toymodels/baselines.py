@@ -111,7 +111,6 @@ class OffsetSweep(Result):
     n_samples: int
     provenance: Provenance
 
-    viz_module: ClassVar[str] = "workbench.viz.toymodels"
     shapes: ClassVar[dict[str, str]] = {
         "p": "p",
         "b": "b",
@@ -308,7 +307,6 @@ class SNMFSweep(Result):
     p: float
     provenance: Provenance
 
-    viz_module: ClassVar[str] = "workbench.viz.toymodels"
     shapes: ClassVar[dict[str, str]] = {
         "sigma": "sigma",
         "loss": "variants sigma",

@@ -80,7 +80,6 @@ class LossCurves(Result):
     seed: int
     provenance: Provenance
 
-    viz_module: ClassVar[str] = "workbench.viz.toymodels"
     shapes: ClassVar[dict[str, str]] = {
         "p": "p",
         "loss": "labels p",

@@ -111,7 +111,6 @@ class ToyModel(Result):
     W_2: torch.Tensor | None
     provenance: Provenance
 
-    viz_module: ClassVar[str] = "workbench.viz.toymodels"
     shapes: ClassVar[dict[str, str]] = {
         "W_in": "feature neuron",
         "W_out": "neuron feature",

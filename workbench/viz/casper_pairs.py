@@ -13,6 +13,7 @@ from plotly.subplots import make_subplots
 
 from workbench.casper.pairs.replica import ReplicaReport
 from workbench.viz.casper import class_traces, pc_titles
+from workbench.viz.registry import draws
 
 CLASS_COLOURS = ("#5b3a8e", "#f2c230")  # class 0 purple, class 1 gold (as in the solution's plots)
 _BINARY = [[0.0, CLASS_COLOURS[0]], [1.0, CLASS_COLOURS[1]]]
@@ -119,6 +120,7 @@ def row_transitions(transitions: torch.Tensor, title: str | None = None) -> go.F
     return fig
 
 
+@draws(ReplicaReport)
 def training_curves(report, title: str | None = None) -> go.Figure:
     """Accuracy (train, test), agreement with the original's labels and train loss over the epochs."""
     frame = report.to_frame()
@@ -282,10 +284,3 @@ def scrub_bars(
     fig.update_yaxes(title_text="agreement with the full model's labels", range=[max(0.0, low - 0.05), 1.01])
     fig.update_layout(title=title, height=420)
     return fig
-
-
-def plot(result, **kwargs) -> go.Figure:
-    """Default figure of a challenge-2 result (used by ``Result.plot``)."""
-    if isinstance(result, ReplicaReport):
-        return training_curves(result, **kwargs)
-    raise TypeError(f"no default figure for {type(result).__name__}")

@@ -23,27 +23,11 @@ from workbench.circuits.results import (
     LogitLensResult,
     PathPatchingResult,
 )
+from workbench.viz.registry import draws
 
 COLORSCALE = "RdBu"
 POSITIVE, NEGATIVE = "#2166ac", "#b2182b"
 _DASH = {"q": "solid", "k": "dash", "v": "dot", "mlp": "solid", "logits": "solid"}
-
-
-def plot(result, **kwargs) -> go.Figure:
-    """The default figure of any circuit result."""
-    table = {
-        PathPatchingResult: path_heatmap,
-        EdgeScores: edge_graph,
-        Faithfulness: faithfulness_curve,
-        AtPResult: atp_figure,
-        LogitLensResult: logit_lens_figure,
-        DLAResult: dla_figure,
-        AttentionPatterns: attention_figure,
-    }
-    for cls, fn in table.items():
-        if isinstance(result, cls):
-            return fn(result, **kwargs)
-    raise TypeError(f"no circuit figure for a {type(result).__name__}")
 
 
 def _layout(fig: go.Figure, title: str, height: int, **kwargs) -> go.Figure:
@@ -60,6 +44,7 @@ def _layout(fig: go.Figure, title: str, height: int, **kwargs) -> go.Figure:
 # -- path patching ------------------------------------------------------------------------------------------------
 
 
+@draws(PathPatchingResult)
 def path_heatmap(
     result: PathPatchingResult,
     metric: str | None = None,
@@ -137,6 +122,7 @@ def _drawn_receiver(label: str) -> tuple[str, str]:
     return label, "mlp" if label.startswith("MLP") else "logits"
 
 
+@draws(EdgeScores)
 def edge_graph(
     scores: EdgeScores,
     threshold: float | None = None,
@@ -300,6 +286,7 @@ def _edge_graph_title(scores: EdgeScores, shown: list, threshold: float | None, 
     )
 
 
+@draws(Faithfulness)
 def faithfulness_curve(f: Faithfulness, metric: str | None = None, height: int = 420) -> go.Figure:
     """The circuit's metric (1 = clean, 0 = corrupt) against the number of edges kept."""
     ks = f.ks.numpy()
@@ -352,6 +339,7 @@ def verified_scatter(f: Faithfulness, height: int = 380) -> go.Figure:
 # -- AtP* -----------------------------------------------------------------------------------------------------------
 
 
+@draws(AtPResult)
 def atp_figure(result: AtPResult, method: str = "atp*", k: int = 20, height: int = 460) -> go.Figure:
     """With exact values: AtP and AtP+QK fix against exact (one point per measured node). Without: the top k
     nodes by `method`."""
@@ -409,6 +397,7 @@ def atp_scatter(result: AtPResult, height: int = 460) -> go.Figure:
 # -- logit lens, DLA, attention -------------------------------------------------------------------------------
 
 
+@draws(LogitLensResult)
 def logit_lens_figure(
     result: LogitLensResult, what: str | None = None, prompt: int = 0, height: int | None = None
 ) -> go.Figure:
@@ -448,6 +437,7 @@ def logit_lens_figure(
     )
 
 
+@draws(DLAResult)
 def dla_figure(result: DLAResult, prompt: int | None = None, height: int = 460) -> go.Figure:
     """Per-head contributions as a layer x head grid, and the other parts as bars."""
     values = result.values(prompt).numpy()
@@ -511,6 +501,7 @@ def dla_figure(result: DLAResult, prompt: int | None = None, height: int = 460) 
     )
 
 
+@draws(AttentionPatterns)
 def attention_figure(result: AttentionPatterns, height: int | None = None) -> go.Figure:
     """One heatmap per head: queries (rows) x keys (columns), the prompt's tokens on both axes."""
     n = len(result.heads)

@@ -17,37 +17,20 @@ from plotly.colors import qualitative
 from plotly.subplots import make_subplots
 
 from workbench.errors import InputError
+from workbench.lib import (
+    EdgeAblation,
+    EdgeAttributions,
+    FeatureActivations,
+    FourierLabels,
+    GraphCommunities,
+    LibGraph,
+    NodeAblation,
+)
+from workbench.viz.registry import draws
 
 BASIS_COLOURS = {"lib": "#d62728", "pca": "#1f77b4", "neuron": "#7f7f7f"}
 BASIS_NAMES = {"lib": "LIB", "pca": "PCA", "neuron": "neurons"}
 PALETTE = qualitative.D3 + qualitative.Set2 + qualitative.Pastel1
-
-
-def plot(result, **kwargs) -> go.Figure:
-    """The default figure of any `workbench.lib` result."""
-    from workbench.lib import (
-        EdgeAblation,
-        EdgeAttributions,
-        FeatureActivations,
-        FourierLabels,
-        GraphCommunities,
-        LibGraph,
-        NodeAblation,
-    )
-
-    builders = {
-        LibGraph: graph_figure,
-        NodeAblation: ablation_curves,
-        EdgeAblation: edge_ablation_figure,
-        FourierLabels: fourier_figure,
-        GraphCommunities: communities_figure,
-        FeatureActivations: node_profile,
-        EdgeAttributions: edge_scatter,
-    }
-    for cls, build in builders.items():
-        if isinstance(result, cls):
-            return build(result, **kwargs)
-    raise InputError(f"No LIB figure for {type(result).__name__}.")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -134,6 +117,7 @@ def shown_edges(graph, section: int, threshold: float, show_const: bool, nodes_p
     return [(int(i) // k_in, int(i) % k_in, float(flat[i])) for i in order[:n] if flat[i] > 0]
 
 
+@draws(LibGraph)
 def graph_figure(
     graph,
     *,
@@ -335,6 +319,7 @@ def _graph_layout(
 # ablations
 
 
+@draws(NodeAblation)
 def ablation_curves(
     results, *, reference: dict | None = None, x_max: int | None = 40, height: int = 340
 ) -> go.Figure:
@@ -394,6 +379,7 @@ def ablation_curves(
     return fig
 
 
+@draws(EdgeAblation)
 def edge_ablation_figure(results, *, height: int = 320) -> go.Figure:
     """Score against edges kept (the bisection's points), one panel per section, the minimum marked."""
     results = [results] if not isinstance(results, (list, tuple)) else list(results)
@@ -436,6 +422,7 @@ def edge_ablation_figure(results, *, height: int = 320) -> go.Figure:
 # Fourier labels and communities
 
 
+@draws(FourierLabels)
 def fourier_figure(labels, *, layer: str | None = None, height: int = 420) -> go.Figure:
     """A table of each direction's top Fourier terms (one layer, or all side by side)."""
     layers = [layer] if layer else list(labels.layers)
@@ -455,6 +442,7 @@ def fourier_figure(labels, *, layer: str | None = None, height: int = 420) -> go
     return fig
 
 
+@draws(GraphCommunities)
 def communities_figure(comm, *, height: int = 300) -> go.Figure:
     """Nodes per community and layer (stacked bars)."""
     fig = go.Figure()
@@ -484,6 +472,7 @@ def communities_figure(comm, *, height: int = 300) -> go.Figure:
 # node profiles and edges
 
 
+@draws(FeatureActivations)
 def node_profile(features, layer: str | None = None, node: int = 1, *, height: int = 360) -> go.Figure:
     """What one node responds to. mod-add: its activation over all (x, y) and its Fourier terms; MNIST: the
     images it responds to most and its input-space direction; language models: its top tokens in context."""
@@ -614,6 +603,7 @@ def _lm_profile(features, layer, node, height, n_top: int = 12, context: int = 6
     return fig
 
 
+@draws(EdgeAttributions)
 def edge_scatter(attr, *, max_points: int = 4000, height: int = 340) -> go.Figure:
     """The edge's input feature against its output feature over the data, coloured by the attribution, and the
     attribution's distribution."""

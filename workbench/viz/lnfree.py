@@ -8,32 +8,16 @@ from __future__ import annotations
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
+from workbench.lnfree.calibration import FrozenScales, NormStatistics
+from workbench.lnfree.evaluation import DLAExactness, LossStats
+from workbench.lnfree.finetune import TrainingHistory
+from workbench.lnfree.preview import RemovalPreview
 from workbench.lnfree.sites import KIND_LABELS, norm_module, site_label, split_site
 from workbench.viz.common import log_ticks
+from workbench.viz.registry import draws
 
 KIND_COLOURS = {"mlp": "#1f77b4", "qk": "#ff7f0e", "v": "#2ca02c", "final": "#7f3fbf"}
 FIRST_COLOUR, EOT_COLOUR = "#d62728", "#111111"
-
-
-def plot(result, **kwargs) -> go.Figure:
-    """The default figure of any LN-removal result."""
-    from workbench.lnfree.calibration import FrozenScales, NormStatistics
-    from workbench.lnfree.evaluation import DLAExactness, LossStats
-    from workbench.lnfree.finetune import TrainingHistory
-    from workbench.lnfree.preview import RemovalPreview
-
-    builders = {
-        RemovalPreview: preview_figure,
-        NormStatistics: statistics_figure,
-        FrozenScales: scales_figure,
-        TrainingHistory: history_figure,
-        DLAExactness: dla_figure,
-        LossStats: loss_figure,
-    }
-    for cls, build in builders.items():
-        if isinstance(result, cls):
-            return build(result, **kwargs)
-    raise TypeError(f"no LN-removal figure for {type(result).__name__}")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -224,6 +208,7 @@ def _errors(fig, result, row: int, col: int) -> None:
     fig.update_xaxes(type="category", row=row, col=col)
 
 
+@draws(RemovalPreview)
 def preview_figure(
     result,
     *,
@@ -275,6 +260,7 @@ def preview_figure(
 # statistics, scales, history, DLA, loss
 
 
+@draws(NormStatistics)
 def statistics_figure(
     stats, *, norms: list[str] | None = None, scales=None, title: str | None = None
 ) -> go.Figure:
@@ -287,6 +273,7 @@ def statistics_figure(
     return fig
 
 
+@draws(FrozenScales)
 def scales_figure(scales, *, title: str | None = None) -> go.Figure:
     """The frozen scale of every site, per layer and kind."""
     fig = go.Figure()
@@ -310,6 +297,7 @@ def scales_figure(scales, *, title: str | None = None) -> go.Figure:
     return fig
 
 
+@draws(TrainingHistory)
 def history_figure(history, *, control=None, title: str | None = None) -> go.Figure:
     """Training loss (and validation loss) per optimizer step with the removal events marked; `control` (a
     second `TrainingHistory`) is overlaid in grey."""
@@ -376,6 +364,7 @@ def history_figure(history, *, control=None, title: str | None = None) -> go.Fig
     return fig
 
 
+@draws(DLAExactness)
 def dla_figure(result, *, title: str | None = None, zmax: float | None = None) -> go.Figure:
     """Per-head NMAE of DLA against the true direct effect (percent; 0 = exact)."""
     nmae = (100 * result.nmae_heads).tolist()
@@ -402,6 +391,7 @@ def dla_figure(result, *, title: str | None = None, zmax: float | None = None) -
     return fig
 
 
+@draws(LossStats)
 def loss_figure(stats, *, others=None, title: str | None = None) -> go.Figure:
     """Per-token loss distributions (box) of one or more `LossStats` ({label: LossStats} in `others`)."""
     fig = go.Figure()

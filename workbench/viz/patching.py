@@ -15,6 +15,7 @@ from plotly.subplots import make_subplots
 from workbench.patching.inputs import SITE_LABELS
 from workbench.patching.result import AttributionComparison, PatchingResult
 from workbench.viz.common import white
+from workbench.viz.registry import draws
 
 COLORSCALE = "RdBu"
 # subplot titles of multi-site grids: short enough for a third of a notebook-wide figure
@@ -27,13 +28,6 @@ SITE_SHORT = {
     "z": "z (head output)",
     "pattern": "pattern (attention pattern)",
 }
-
-
-def plot(result, **kwargs) -> go.Figure:
-    """The default figure: `heatmap` for a `PatchingResult`, `comparison` for an `AttributionComparison`."""
-    if isinstance(result, AttributionComparison):
-        return comparison(result, **kwargs)
-    return heatmap(result, **kwargs)
 
 
 def value_title(result: PatchingResult, metric: str | None, normalize: bool) -> str:
@@ -130,6 +124,7 @@ def _blank_nan(a: np.ndarray) -> np.ndarray:
     return out
 
 
+@draws(PatchingResult)
 def heatmap(
     result: PatchingResult,
     metric: str | None = None,
@@ -237,6 +232,7 @@ def heatmap(
     return fig
 
 
+@draws(AttributionComparison)
 def comparison(comp: AttributionComparison, height: int = 420) -> go.Figure:
     """Scatter of attribution estimates (y) against exact patching (x), one point per cell, with y = x."""
     fig = go.Figure()

@@ -16,7 +16,9 @@ from plotly.colors import qualitative
 from plotly.subplots import make_subplots
 
 from workbench.errors import InputError
+from workbench.plateau import InterpolationResult, PlateauResult, SliceResult
 from workbench.viz.common import white
+from workbench.viz.registry import draws
 
 PALETTE = qualitative.Plotly + qualitative.D3
 METRIC_TITLES = {"kl": "KL(unperturbed ‖ perturbed), nats", "l2": "L2 distance at {read}"}
@@ -40,19 +42,7 @@ def group_colours(groups: list[str]) -> dict[str, str]:
     return {g: PALETTE[i % len(PALETTE)] for i, g in enumerate(groups)}
 
 
-def plot(result, **kwargs) -> go.Figure:
-    """The default figure of any plateau result."""
-    from workbench.plateau import InterpolationResult, PlateauResult, SliceResult
-
-    if isinstance(result, PlateauResult):
-        return curves(result, **kwargs)
-    if isinstance(result, InterpolationResult):
-        return interpolation(result, **kwargs)
-    if isinstance(result, SliceResult):
-        return slice_map(result, **kwargs)
-    raise InputError(f"No plateau figure for {type(result).__name__}.")
-
-
+@draws(PlateauResult)
 def curves(
     result,
     metric: str = "kl",
@@ -322,6 +312,7 @@ def tokens_along(result, base: int = 0, direction: int = 0, k: int = 3) -> go.Fi
     return token_ribbon(sizes, ids, probs, result.token_strings, _size_title(result), title)
 
 
+@draws(InterpolationResult)
 def interpolation(result, pair: int = 0, max_pairs: int = 40, k: int = 3) -> go.Figure:
     """Normalised read-site distance d(alpha)/d(1) for every pair (median in black), above the top-k
     tokens along the path of `pair`."""
@@ -397,6 +388,7 @@ def interpolation(result, pair: int = 0, max_pairs: int = 40, k: int = 3) -> go.
     return fig
 
 
+@draws(SliceResult)
 def slice_map(result) -> go.Figure:
     """The plane through A, B and C coloured red/green/blue by closeness of each point's output to the output at
     A, B or C (distance normalised by the mean distance between the endpoints' outputs); hover: top token."""

@@ -12,6 +12,13 @@ from plotly.colors import qualitative
 from plotly.subplots import make_subplots
 
 from workbench.errors import InputError
+from workbench.sae.attribution import LatentAttribution
+from workbench.sae.dashboard import LatentContexts
+from workbench.sae.evaluate import SAEEvaluation
+from workbench.sae.stable import StableRegionsResult
+from workbench.sae.sweep import LatentSweep
+from workbench.sae.synthetic import SyntheticTestResult
+from workbench.viz.registry import draws
 
 PALETTE = qualitative.Plotly + qualitative.D3
 FAMILY_COLOURS = {
@@ -35,30 +42,6 @@ def _rgba(hex_colour: str, alpha: float) -> str:
     return f"rgba({r},{g},{b},{alpha})"
 
 
-def plot(result, **kwargs) -> go.Figure:
-    """The default figure of any SAE result."""
-    from workbench.sae.attribution import LatentAttribution
-    from workbench.sae.dashboard import LatentContexts
-    from workbench.sae.evaluate import SAEEvaluation
-    from workbench.sae.stable import StableRegionsResult
-    from workbench.sae.sweep import LatentSweep
-    from workbench.sae.synthetic import SyntheticTestResult
-
-    if isinstance(result, SyntheticTestResult):
-        return curves(result, **kwargs)
-    if isinstance(result, StableRegionsResult):
-        return stable_regions(result, **kwargs)
-    if isinstance(result, SAEEvaluation):
-        return evaluation(result, **kwargs)
-    if isinstance(result, LatentContexts):
-        return contexts(result, **kwargs)
-    if isinstance(result, LatentAttribution):
-        return attribution(result, **kwargs)
-    if isinstance(result, LatentSweep):
-        return latent_sweep(result, **kwargs)
-    raise InputError(f"No SAE figure for {type(result).__name__}.")
-
-
 # -- the two tests --------------------------------------------------------------------------------------------
 
 
@@ -74,6 +57,7 @@ def _step_title(result) -> str:
     return f"step k (x = X + k h u, h = {result.step_size:.3g} L2 units)"
 
 
+@draws(SyntheticTestResult)
 def curves(
     result,
     metric: str = "l2",
@@ -307,6 +291,7 @@ def dataset(result) -> go.Figure:
 # -- stable regions -------------------------------------------------------------------------------------------
 
 
+@draws(StableRegionsResult)
 def stable_regions(result, max_pairs: int = 30) -> go.Figure:
     """Normalised distance d(a)/d(1) along the paths of each model (thin lines, median bold) and the sharpness
     distribution per model."""
@@ -352,6 +337,7 @@ def stable_regions(result, max_pairs: int = 30) -> go.Figure:
 # -- SAEs -----------------------------------------------------------------------------------------------------
 
 
+@draws(SAEEvaluation)
 def evaluation(result) -> go.Figure:
     """Firing frequencies of the latents (log10; dead latents counted apart) and L0 per token and by position."""
     f = result.firing_frequency
@@ -380,6 +366,7 @@ def evaluation(result) -> go.Figure:
     return fig
 
 
+@draws(LatentContexts)
 def contexts(result, latent: int | None = None) -> go.Figure:
     """The top contexts of one latent as a token grid coloured by the latent's activation."""
     latent = int(result.latents[0]) if latent is None else latent
@@ -411,6 +398,7 @@ def contexts(result, latent: int | None = None) -> go.Figure:
     return fig
 
 
+@draws(LatentAttribution)
 def attribution(result, top: int = 12, prompt: int | None = None) -> go.Figure:
     """Latent x position attribution of the `top` latents by total |attribution| (summed over prompts, or one)."""
     table = result.by_latent()
@@ -448,6 +436,7 @@ def attribution(result, top: int = 12, prompt: int | None = None) -> go.Figure:
     return fig
 
 
+@draws(LatentSweep)
 def latent_sweep(result, prompt: int | None = None) -> go.Figure:
     """Latent x position heatmap of the metric's change when each latent is edited at each position."""
     grid = result.grid(prompt)

@@ -7,7 +7,11 @@ from __future__ import annotations
 
 import plotly.graph_objects as go
 
+from workbench.scrubbing import ScrubResult
+from workbench.viz.registry import draws
 
+
+@draws(ScrubResult)
 def scrub_bars(result, *, published: dict[str, float] | None = None, title: str | None = None) -> go.Figure:
     """Behaviour kept per hypothesis of a `ScrubResult`, with the clean run first (and published values, if any:
     {hypothesis name: fraction kept})."""
@@ -29,12 +33,3 @@ def scrub_bars(result, *, published: dict[str, float] | None = None, title: str 
     fig.update_yaxes(range=[0, 1.12], tickformat=".0%", title_text="behaviour kept")
     fig.update_layout(title=title, barmode="group", height=420, width=800)
     return fig
-
-
-def plot(result, **kwargs) -> go.Figure:
-    """Default figure for results that name this module as their `viz_module` (`ScrubResult.plot()`)."""
-    from workbench.scrubbing import ScrubResult
-
-    if isinstance(result, ScrubResult):
-        return scrub_bars(result, **kwargs)
-    raise TypeError(f"no default figure for {type(result).__name__}")

@@ -27,6 +27,7 @@ from workbench.toymodels import (
     Transplant,
 )
 from workbench.toymodels import paper as ref
+from workbench.viz.registry import draws
 
 PALETTE = qualitative.Plotly + qualitative.D3
 NAIVE_STYLE = dict(color="#555", dash="dash", width=1.5)
@@ -65,27 +66,10 @@ def _naive_line(fig: go.Figure, value: float, **where) -> None:
     )
 
 
-def plot(result, **kwargs) -> go.Figure:
-    """The default figure of any toy-model result."""
-    table = {
-        ToyModel: training_curve,
-        LossCurves: loss_vs_p,
-        SigmaSweep: sigma_sweep,
-        Transplant: transplant,
-        Mechanism: spectrum,
-        FeatureResponse: responses,
-        OffsetSweep: offset_sweep,
-        SNMFSweep: snmf_sweep,
-    }
-    for cls, fn in table.items():
-        if isinstance(result, cls):
-            return fn(result, **kwargs)
-    raise InputError(f"No toy-model figure for {type(result).__name__}.")
-
-
 # -- training ------------------------------------------------------------------------------------------------
 
 
+@draws(ToyModel)
 def training_curve(models, *, window: int = 100, log_y: bool = True, title: str | None = None) -> go.Figure:
     """Running mean (over `window` steps) of the training L/p of one model or several."""
     models = [models] if not isinstance(models, (list, tuple)) else list(models)
@@ -156,6 +140,7 @@ def _paper_points(fig: go.Figure, points: list[tuple[float, float]], name: str =
     )
 
 
+@draws(LossCurves)
 def loss_vs_p(
     curves,
     *,
@@ -223,6 +208,7 @@ def loss_vs_p(
 # -- sigma sweep ---------------------------------------------------------------------------------------------
 
 
+@draws(SigmaSweep)
 def sigma_sweep(
     sweep,
     *,
@@ -295,6 +281,7 @@ def sigma_sweep(
 # -- transplant ----------------------------------------------------------------------------------------------
 
 
+@draws(Transplant)
 def transplant(tr, *, window: int = 100, paper: bool = True, title: str | None = None) -> go.Figure:
     """Running mean of training L/p: phase 1 on the noisy task, then the same weights fine-tuned on M = 0."""
     n1 = len(tr.phase1)
@@ -351,6 +338,7 @@ def transplant(tr, *, window: int = 100, paper: bool = True, title: str | None =
 # -- mechanism -----------------------------------------------------------------------------------------------
 
 
+@draws(Mechanism)
 def spectrum(mech, *, basis: str = "eig", title: str | None = None) -> go.Figure:
     """M's spectrum (bars, descending) with the top-d band shaded, and cos(E_i, W W E_i) (or the singular-vector
     version, basis="sv") on the right axis."""
@@ -567,6 +555,7 @@ def weight_images(mech, title: str | None = None) -> go.Figure:
 # -- per-feature responses -----------------------------------------------------------------------------------
 
 
+@draws(FeatureResponse)
 def responses(resp, *, highlight: int | None = None, title: str | None = None) -> go.Figure:
     """Output i for input x e_i, one thin line per feature (coloured by index), the ReLU label dashed.
     customdata: the feature index (click to highlight)."""
@@ -668,6 +657,7 @@ def contributions(resp, title: str | None = None) -> go.Figure:
 # -- baselines -----------------------------------------------------------------------------------------------
 
 
+@draws(OffsetSweep)
 def offset_sweep(sweep, *, paper: bool = True, title: str | None = None) -> go.Figure:
     """Naive + offset: L/p against the offset b at each density (analytic lines, Monte Carlo check at the best
     b as dots), naive dashed; the critique's optima as open markers."""
@@ -709,6 +699,7 @@ def offset_sweep(sweep, *, paper: bool = True, title: str | None = None) -> go.F
     return fig
 
 
+@draws(SNMFSweep)
 def snmf_sweep(sweep, *, trained=None, paper: bool = True, title: str | None = None) -> go.Figure:
     """Semi-NMF L/p against sigma per variant (orientation x evaluation), the naive lines, optionally a trained
     `SigmaSweep` of the same kind for comparison, and the critique's plotted values."""

@@ -12,7 +12,7 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar, Literal
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -81,8 +81,6 @@ class ReplicaRecipe:
 class ReplicaReport(Result):
     """How a replica trained. Curves are [checkpoint] over `epochs`; accuracies are against the ground-truth
     labels, `agreement` against the original model's published labels (all 12769 pairs)."""
-
-    viz_module: ClassVar[str] = "workbench.viz.casper_pairs"
 
     recipe: dict
     epochs: torch.Tensor
