@@ -199,7 +199,6 @@ def test_every_builtin_class_is_a_result_with_the_fields_its_shapes_name():
     assert set(_BUILTIN) <= set(result_classes())
 
 
-
 def test_every_result_with_axes_has_a_default_figure_found_by_its_type():
     from workbench import viz
 
@@ -207,7 +206,9 @@ def test_every_result_with_axes_has_a_default_figure_found_by_its_type():
         cls = getattr(importlib.import_module(module), name)
         if cls in (Provenance,) or name == "RefStats":  # records, not something one looks at
             continue
-        assert viz.builder_for(cls) is not None, f"register {name}'s figure with @draws({name}) in workbench.viz"
+        assert viz.builder_for(cls) is not None, (
+            f"register {name}'s figure with @draws({name}) in workbench.viz"
+        )
     assert viz.builder_for(PatchingResult) is viz.patching.heatmap
 
 
