@@ -23,10 +23,10 @@ from typing import Any
 import ipywidgets as widgets
 import plotly.graph_objects as go
 
+from workbench import remote
 from workbench.codegen import call, literal
+from workbench.core import CancelToken
 from workbench.errors import Cancelled, InputError, WorkbenchError
-from workbench.remote import RemoteRunner
-from workbench.runner import CancelToken
 from workbench.tasks.corpus import SPLIT_SEEDS, demo_corpus
 from workbench.viz.common import message_figure
 from workbench.widgets.figure import PanelFigure, replace_figure
@@ -34,6 +34,7 @@ from workbench.widgets.figure import PanelFigure, replace_figure
 __all__ = [
     "Panel",
     "PanelFigure",
+    "engine_call",
     "replace_figure",
     "check_choice",
     "show_app",
@@ -166,6 +167,19 @@ def show_app(
 _COLOURS = {"info": "#444", "ok": "#1a7f37", "error": "#c62828", "busy": "#8a6d00"}
 
 
+def engine_call(
+    fn: Callable, model, *args, **kwargs
+) -> Callable[[Callable[[int, int], None], CancelToken], Any]:
+    """A compute function for `Panel.start` that calls one engine: ``fn(model, *args, **kwargs)`` with the run's
+    progress and Stop. For a remote model the call goes through the run's `RemoteRunner`, whose result cache
+    serves a repeated call (a redraw, a second panel) without a new NDIF job; for a local one it is a plain call."""
+
+    def compute(progress, cancel):
+        return remote.call(fn, model, *args, progress=progress, cancel=cancel, **kwargs)
+
+    return compute
+
+
 class Panel(widgets.VBox):
     """Base class for the workbench's panels.
 
@@ -291,7 +305,7 @@ class Panel(widgets.VBox):
         started = time.perf_counter()
 
         # Remote traces inside `compute` report here (whatever model they use), and Stop ends their wait too.
-        reporting = RemoteRunner(self._on_remote_update, cancel=self._cancel)
+        reporting = remote.RemoteRunner(self._on_remote_update, cancel=self._cancel)
 
         def job():
             try:

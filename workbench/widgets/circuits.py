@@ -17,7 +17,6 @@ import math
 
 import ipywidgets as widgets
 
-from workbench import remote
 from workbench.circuits import (
     Graph,
     attention_patterns,
@@ -33,6 +32,7 @@ from workbench.widgets.base import (
     Panel,
     add_classes,
     check_choice,
+    engine_call,
     format_answers,
     lines,
     parse_answers,
@@ -233,10 +233,8 @@ class CircuitExplorer(_Prompts, Panel):
             return
 
         def compute(progress, cancel):
-            scores = remote.call(
-                edge_attribution, self.model, **kwargs, progress=progress, cancel=cancel, warn=False
-            )
-            curve = remote.call(faithfulness, self.model, scores, progress=progress, cancel=cancel)
+            scores = engine_call(edge_attribution, self.model, **kwargs, warn=False)(progress, cancel)
+            curve = engine_call(faithfulness, self.model, scores)(progress, cancel)
             return kwargs, scores, curve
 
         self.start(self._tracked(compute), self._show, label="Scoring edges")
@@ -297,17 +295,9 @@ class CircuitExplorer(_Prompts, Panel):
             return
         kwargs = {k: self._last[k] for k in ("clean", "corrupt", "answers", "direction")}
 
-        def compute(progress, cancel):
-            return remote.call(
-                path_patch,
-                self.model,
-                **kwargs,
-                senders=sender,
-                receivers=receiver,
-                progress=progress,
-                cancel=cancel,
-                warn=False,
-            )
+        compute = engine_call(
+            path_patch, self.model, **kwargs, senders=sender, receivers=receiver, warn=False
+        )
 
         def show(result):
             self.edge, self._edge_label = result, (sender, receiver)
@@ -429,12 +419,8 @@ class HeadViews(_Prompts, Panel):
 
         def compute(progress, cancel):
             pattern = attention_patterns(self.model, **calls["pattern"])
-            dla = remote.call(
-                direct_logit_attribution, self.model, **calls["dla"], progress=False, cancel=cancel
-            )
-            paths = remote.call(
-                path_patch, self.model, **calls["paths"], progress=progress, cancel=cancel, warn=False
-            )
+            dla = engine_call(direct_logit_attribution, self.model, **calls["dla"])(False, cancel)
+            paths = engine_call(path_patch, self.model, **calls["paths"], warn=False)(progress, cancel)
             return calls, (layer, head), pattern, dla, paths
 
         self.start(compute, self._show, label=f"Head L{layer}H{head}")

@@ -14,7 +14,6 @@ import threading
 import ipywidgets as widgets
 import plotly.graph_objects as go
 
-from workbench import remote
 from workbench.codegen import Expr, Name, Script, call
 from workbench.errors import InputError
 from workbench.lnfree.evaluation import evaluate_loss
@@ -22,7 +21,7 @@ from workbench.lnfree.preview import preview
 from workbench.lnfree.sites import KIND_LABELS, paper_order, parse_sites, site_label, split_site
 from workbench.viz.common import message_figure
 from workbench.viz.lnfree import preview_figure
-from workbench.widgets.base import Panel, replace_figure, source_of
+from workbench.widgets.base import Panel, engine_call, replace_figure, source_of
 
 ESTIMATORS = {
     "mean over tokens (paper)": ("mean", False, False),
@@ -219,10 +218,6 @@ class LNRemovalPreview(Panel):
         """Compute the preview (one forward pass per site and per cumulative step)."""
         options = {**self._estimator_options(), **self._data_options()}
 
-        def compute(progress, cancel):
-            # remote models: a repeated preview is served from the result cache, not resubmitted
-            return remote.call(preview, self.model, self.data, progress=progress, cancel=cancel, **options)
-
         def on_result(result):
             self.preview, self._preview_options = result, options
             self.selection_loss, self.frozen = None, []
@@ -231,6 +226,8 @@ class LNRemovalPreview(Panel):
                 self._pending = True
                 self._after_run()
 
+        # remote models: a repeated preview is served from the result cache, not resubmitted
+        compute = engine_call(preview, self.model, self.data, **options)
         self.start(compute, on_result, label="Computing the preview")
 
     def evaluate_selection(self) -> None:
@@ -249,17 +246,9 @@ class LNRemovalPreview(Panel):
             return
         scales = self.preview.scales
 
-        def compute(progress, cancel):
-            return remote.call(
-                evaluate_loss,
-                self.model,
-                self.data,
-                freeze=selected,
-                scales=scales,
-                progress=progress,
-                cancel=cancel,
-                **self._data_options(),
-            )
+        compute = engine_call(
+            evaluate_loss, self.model, self.data, freeze=selected, scales=scales, **self._data_options()
+        )
 
         def on_result(result):
             if selected == self.selected:

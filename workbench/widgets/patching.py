@@ -17,7 +17,6 @@ import time
 
 import ipywidgets as widgets
 
-from workbench import remote
 from workbench.codegen import Expr, Name, Script, literal
 from workbench.core.run import Run
 from workbench.errors import Cancelled, InputError, SiteError, WorkbenchError
@@ -29,6 +28,7 @@ from workbench.widgets.base import (
     PanelFigure,
     add_classes,
     check_choice,
+    engine_call,
     format_answers,
     lines,
     parse_answers,
@@ -356,7 +356,7 @@ class PatchingExplorer(Panel):
             # remote models: a repeated sweep or drill-down is served from the result cache, not resubmitted
             # (warn=False: the panel shows the baseline warnings itself)
             if not fill or self.model.remote:
-                return remote.call(sweep, self.model, **kwargs, progress=progress, cancel=cancel, warn=False)
+                return engine_call(sweep, self.model, **kwargs, warn=False)(progress, cancel)
             previous, partial, started, drawn = self.grid, [None], time.perf_counter(), [0.0]
 
             def counted(done, total):

@@ -17,7 +17,6 @@ import warnings
 import ipywidgets as widgets
 import torch
 
-from workbench import remote
 from workbench.codegen import Expr, Name, Script, call, literal
 from workbench.errors import InputError, SiteError, WorkbenchError
 from workbench.plateau import (
@@ -38,6 +37,7 @@ from workbench.widgets.base import (
     PanelFigure,
     add_classes,
     check_choice,
+    engine_call,
     lines,
     replace_figure,
     source_of,
@@ -317,15 +317,8 @@ class PlateauProbe(Panel):
     def _reference(self, site: str, layer: int, progress, cancel) -> RefStats | None:
         key = (site, layer)
         if key not in self._references and self.reference_data is not None:
-            self._references[key] = remote.call(
-                reference_stats,
-                self.model,
-                self.reference_data,
-                layer=layer,
-                site=site,
-                progress=progress,
-                cancel=cancel,
-            )
+            compute = engine_call(reference_stats, self.model, self.reference_data, layer=layer, site=site)
+            self._references[key] = compute(progress, cancel)
         return self._references.get(key)
 
     # -- show code ---------------------------------------------------------------------------------------
@@ -409,14 +402,11 @@ class PlateauProbe(Panel):
             if self.view_box.value == "Interpolation":
                 kwargs = self._interp_kwargs()
 
-                def compute(progress, cancel):
-                    return remote.call(interpolate, self.model, **kwargs, progress=progress, cancel=cancel)
-
                 def show(result):
                     self._interp_run = kwargs
                     self._show_interpolation(result)
 
-                self.start(compute, show, label="Interpolating")
+                self.start(engine_call(interpolate, self.model, **kwargs), show, label="Interpolating")
                 return
             kwargs = self._probe_kwargs()
         except WorkbenchError as err:
@@ -434,9 +424,7 @@ class PlateauProbe(Panel):
                 warnings.simplefilter("ignore")  # the result's warnings are shown in the notes line instead
                 ref = self._reference(kwargs["site"], kwargs["layer"], False, cancel)
                 # remote models: a repeated run is served from the result cache, not resubmitted
-                return remote.call(
-                    probe, self.model, prompts, **call_kwargs, reference=ref, progress=progress, cancel=cancel
-                )
+                return engine_call(probe, self.model, prompts, **call_kwargs, reference=ref)(progress, cancel)
 
         def show(result):
             self._probe_run = {**kwargs, **({"_reference": reference} if reference else {})}

@@ -20,10 +20,10 @@ from typing import Any
 
 import ipywidgets as widgets
 
+from workbench.core import CancelToken
 from workbench.errors import InputError, RemoteError
 from workbench.models import load_model
 from workbench.remote import JobUpdate, RemoteRunner, served_models, settings
-from workbench.runner import CancelToken
 
 _STATE_COLOURS = {
     "RECEIVED": "#00838f",
