@@ -13,6 +13,7 @@ import torch
 
 from workbench.core import Run
 from workbench.errors import InputError, SiteError
+from workbench.results import Provenance
 
 SAE_SITES = (
     "resid_pre",
@@ -27,6 +28,17 @@ SAE_SITES = (
     "ln_final",
     "embed",
 )
+
+
+def result_fields(model, sae, layer: int | None, **options) -> dict:
+    """The fields an SAE result ends with: the SAE's site, `layer`, the SAE, and the provenance of the run (the
+    model, the SAE, then `options`)."""
+    return dict(
+        site=sae.cfg.site,
+        layer=layer,
+        sae=repr(sae),
+        provenance=Provenance.capture(model.name, sae=repr(sae), **options),
+    )
 
 
 def site_width(model, site: str) -> int:

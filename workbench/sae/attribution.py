@@ -231,10 +231,5 @@ def latent_attribution(
         tokens=tokens,
         token_strings=strings,
         prompts=texts,
-        site=sae.cfg.site,
-        layer=layer,
-        sae=repr(sae),
-        provenance=Provenance.capture(
-            model.name, sae=repr(sae), prompts=list(texts), metric=name, answers=ans.tolist()
-        ),
+        **acts.result_fields(model, sae, layer, prompts=list(texts), metric=name, answers=ans.tolist()),
     )

@@ -253,12 +253,10 @@ class _Best:
             bin_edges=edges,
             token_strings=strings,
             n_tokens=n_tok,
-            site=sae.cfg.site,
-            layer=self.layer,
-            sae=repr(sae),
-            provenance=Provenance.capture(
-                model.name,
-                sae=repr(sae),
+            **acts.result_fields(
+                model,
+                sae,
+                self.layer,
                 latents=self.latents,
                 k=self.k,
                 before=self.before,

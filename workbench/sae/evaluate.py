@@ -302,12 +302,10 @@ class _Tally:
             n_rows=len(self.rows),
             seq_len=int(self.n_pos),
             n_tokens=n_tok,
-            site=sae.cfg.site,
-            layer=layer,
-            sae=repr(sae),
-            provenance=Provenance.capture(
-                model.name,
-                sae=repr(sae),
+            **acts.result_fields(
+                model,
+                sae,
+                layer,
                 n_rows=len(self.rows),
                 seq_len=int(self.n_pos),
                 skip_positions=self.skip,

@@ -188,12 +188,10 @@ def latent_sweep(
         mode=mode,
         metric=metric,
         scale=float(scale),
-        site=sae.cfg.site,
-        layer=layer,
-        sae=repr(sae),
-        provenance=Provenance.capture(
-            model.name,
-            sae=repr(sae),
+        **acts.result_fields(
+            model,
+            sae,
+            layer,
             latents=ids,
             mode=mode,
             scale=float(scale),
