@@ -238,10 +238,7 @@ def interpolate(
         position_a=tuple(p[0] for p in pos_a),
         position_b=tuple(p[0] for p in pos_b),
         token_strings=_decode(model, torch.cat([top_ids.flatten(), answer_a, answer_b])),
-        site=where.site,
-        layer=where.layer,
-        read_site=where.read_site,
-        read_layer=where.read_layer,
+        **dataclasses.asdict(where),
         provenance=Provenance.capture(
             model.name,
             prompts_a=list(texts_a),
@@ -365,10 +362,7 @@ def slice_2d(
         top1_prob=top.values.exp().reshape(n, n),
         prompts=texts,
         token_strings=_decode(model, top.indices),
-        site=where.site,
-        layer=where.layer,
-        read_site=where.read_site,
-        read_layer=where.read_layer,
+        **dataclasses.asdict(where),
         provenance=Provenance.capture(
             model.name,
             prompts=list(texts),

@@ -17,6 +17,13 @@ from workbench.errors import InputError
 # statistics do not need them.
 
 
+def choose(metric: str, curves: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """The curves named `metric`, one of the keys of `curves` (the error lists them in their order)."""
+    if metric in curves:
+        return curves[metric]
+    raise InputError(f"metric must be {' or '.join(map(repr, curves))}, got {metric!r}.")
+
+
 def _check(curves: torch.Tensor, sizes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     curves = torch.as_tensor(curves, dtype=torch.float64)
     sizes = torch.as_tensor(sizes, dtype=torch.float64)

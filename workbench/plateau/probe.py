@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from workbench.core import CancelToken, ProgressCallback, Run, positive_size
+from workbench.core.tables import grid_index
 from workbench.errors import InputError
 from workbench.plateau import directions as dirs
 from workbench.plateau import metrics
@@ -133,11 +134,7 @@ class PlateauResult(SiteLabels, Result):
     # -- curves and their summaries ---------------------------------------------------------------------
     def curves(self, metric: str = "kl") -> torch.Tensor:
         """[base, direction, size] curves of `metric` ("kl" or "l2")."""
-        if metric == "kl":
-            return self.kl
-        if metric == "l2":
-            return self.l2
-        raise InputError(f"metric must be 'kl' or 'l2', got {metric!r}.")
+        return metrics.choose(metric, {"kl": self.kl, "l2": self.l2})
 
     def default_threshold(self, metric: str = "kl") -> float:
         """`KL_THRESHOLD` nats for KL; `L2_THRESHOLD` x `read_scale` for L2."""
@@ -200,9 +197,7 @@ class PlateauResult(SiteLabels, Result):
         """Tidy table: one row per (base, direction, size) with kl, l2, the top token and all labels."""
         import pandas as pd
 
-        n_b, n_d, n_s = self.kl.shape
-        b, d, s = torch.meshgrid(torch.arange(n_b), torch.arange(n_d), torch.arange(n_s), indexing="ij")
-        b, d, s = b.flatten(), d.flatten(), s.flatten()
+        b, d, s = grid_index(self.kl.shape)
         sizes = self.sizes[s]
         top1 = self.top_ids[b, d, s, 0]
         return pd.DataFrame(
@@ -472,10 +467,7 @@ def probe(
         noise_floor=floor,
         prompts=spec.texts,
         token_strings={i: model.tokenizer.decode([i]) for i in ids} if model.tokenizer is not None else {},
-        site=spec.where.site,
-        layer=spec.where.layer,
-        read_site=spec.where.read_site,
-        read_layer=spec.where.read_layer,
+        **dataclasses.asdict(spec.where),
         warnings=tuple(dict.fromkeys(notes)),
         provenance=spec.provenance(model, scale),
     )

@@ -21,9 +21,11 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from workbench.core import CancelToken, ProgressCallback, Run
+from workbench.core.tables import grid_index
 from workbench.errors import InputError, UnsupportedModelError
 from workbench.models import load_model
 from workbench.plateau import interpolate
+from workbench.plateau.core import SiteLabels
 from workbench.plateau.stats import as_token_rows
 from workbench.results import Provenance, Result
 
@@ -47,7 +49,7 @@ def reinitialised(model, seed: int = 0):
 
 
 @dataclasses.dataclass(frozen=True)
-class StableRegionsResult(Result):
+class StableRegionsResult(SiteLabels, Result):
     """Normalised distance along the paths between prompt pairs, for one or more models.
 
     Attributes:
@@ -85,10 +87,6 @@ class StableRegionsResult(Result):
         "sharpness": "models prompts_a",
     }
 
-    @property
-    def read_label(self) -> str:
-        return self.read_site if self.read_layer is None else f"{self.read_site} {self.read_layer}"
-
     def summary(self):
         """Per model: median and interquartile range of the sharpness over pairs (a DataFrame), and the
         one-sided Mann-Whitney p-value that the first model's sharpness is larger than each other's."""
@@ -113,9 +111,7 @@ class StableRegionsResult(Result):
         """Tidy table: one row per (model, pair, alpha)."""
         import pandas as pd
 
-        n_m, n_p, n_s = self.distance.shape
-        m, p, s = torch.meshgrid(torch.arange(n_m), torch.arange(n_p), torch.arange(n_s), indexing="ij")
-        m, p, s = m.flatten(), p.flatten(), s.flatten()
+        m, p, s = grid_index(self.distance.shape)
         return pd.DataFrame(
             {
                 "model": [self.models[i] for i in m.tolist()],

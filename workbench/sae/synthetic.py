@@ -49,8 +49,9 @@ import numpy as np
 import torch
 
 from workbench.core import CancelToken, ProgressCallback, Run
+from workbench.core.tables import grid_index
 from workbench.errors import InputError
-from workbench.plateau import kl_divergence
+from workbench.plateau import kl_divergence, metrics
 from workbench.plateau.core import (
     WRITE_SITES,
     SiteLabels,
@@ -370,11 +371,7 @@ class SyntheticTestResult(SiteLabels, Result):
         return FAMILIES.get(family, family)
 
     def curves(self, metric: str = "l2") -> torch.Tensor:
-        if metric == "l2":
-            return self.l2
-        if metric == "kl":
-            return self.kl
-        raise InputError(f"metric must be 'l2' or 'kl', got {metric!r}.")
+        return metrics.choose(metric, {"l2": self.l2, "kl": self.kl})
 
     def statistic(self, metric: str = "l2", threshold: float | None = None) -> torch.Tensor:
         """[family, sample] the test's statistic: max-slope step (test 1) or plateau length in steps (test 2).
@@ -447,9 +444,7 @@ class SyntheticTestResult(SiteLabels, Result):
         """Tidy table: one row per (family, sample, step)."""
         import pandas as pd
 
-        n_f, n_s, n_k = self.l2.shape
-        f, s, k = torch.meshgrid(torch.arange(n_f), torch.arange(n_s), torch.arange(n_k), indexing="ij")
-        f, s, k = f.flatten(), s.flatten(), k.flatten()
+        f, s, k = grid_index(self.l2.shape)
         return pd.DataFrame(
             {
                 "family": [self.families[i] for i in f.tolist()],
@@ -945,11 +940,8 @@ def _result(
         prompts=spec.texts,
         sample_prompt=tuple(range(len(spec.rows))),
         other_prompt=tuple(int(o) for o in other),
-        site=spec.where.site,
-        layer=spec.where.layer,
+        **dataclasses.asdict(spec.where),
         position=spec.position,
-        read_site=spec.where.read_site,
-        read_layer=spec.where.read_layer,
         sae=repr(sae),
         warnings=tuple(dict.fromkeys(notes)),
         provenance=spec.provenance(model, sae),
