@@ -14,52 +14,14 @@ import torch
 
 from workbench.core.measures import pearson, spearman
 from workbench.errors import InputError
+from workbench.patching.result import Baselines
 from workbench.results import Provenance, Result
 
 # pandas is imported where a table is built: it is slow to import and the engines do not need it.
 
 
-def _equal(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    scale = torch.maximum(a.abs(), b.abs()).clamp_min(1.0)
-    return (a - b).abs() <= 1e-6 * scale
-
-
-class _Baselines:
-    """Metric lookup and normalisation shared by results that carry clean/corrupt baselines [metric, pair]."""
-
-    metrics: tuple[str, ...]
-    metric: str
-    clean: torch.Tensor
-    corrupt: torch.Tensor
-
-    @property
-    def n_pairs(self) -> int:
-        return self.clean.shape[1]
-
-    def metric_index(self, metric: str | None = None) -> int:
-        metric = self.metric if metric is None else metric
-        if metric not in self.metrics:
-            raise InputError(f"Metric {metric!r} is not in this result; it has {', '.join(self.metrics)}.")
-        return self.metrics.index(metric)
-
-    def baseline(self, which: str, metric: str | None = None, per_pair: bool = False) -> torch.Tensor:
-        """Raw baseline of the "clean" or "corrupt" run: [pair] if per_pair, else the mean over pairs."""
-        values = {"clean": self.clean, "corrupt": self.corrupt}[which][self.metric_index(metric)]
-        return values if per_pair else values.mean()
-
-    def gap(self, metric: str | None = None, per_pair: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-        """(corrupt level, clean - corrupt) for normalising; `InputError` where they are equal."""
-        clean, corrupt = self.baseline("clean", metric, per_pair), self.baseline("corrupt", metric, per_pair)
-        if _equal(clean, corrupt).any():
-            raise InputError(
-                f"Cannot normalise {metric or self.metric}: its clean and corrupt baselines are equal, so "
-                "(patched - corrupt) / (clean - corrupt) is undefined. Use normalize=False or another metric."
-            )
-        return corrupt, clean - corrupt
-
-
 @dataclasses.dataclass(frozen=True)
-class PathPatchingResult(_Baselines, Result):
+class PathPatchingResult(Baselines, Result):
     """Path patching over sender groups x receiver groups.
 
     `raw` [metric, pair, sender, receiver]: the metric of the base run with the senders' source values patched
@@ -99,20 +61,7 @@ class PathPatchingResult(_Baselines, Result):
         """[sender, receiver] (or [pair, sender, receiver]); normalised: 0 = corrupt level, 1 = clean level."""
         raw = self.raw[self.metric_index(metric)]
         values = raw if per_pair else raw.nanmean(0) if raw.isnan().any() else raw.mean(0)
-        if not normalize:
-            return values
-        corrupt, gap = self.gap(metric, per_pair)
-        if per_pair:
-            return (values - corrupt.view(-1, 1, 1)) / gap.view(-1, 1, 1)
-        return (values - corrupt) / gap
-
-    def base_level(self, metric: str | None = None, normalize: bool = True) -> float:
-        """The unpatched run's value: 0 (denoising) or 1 (noising) when normalised."""
-        which = "corrupt" if self.direction == "denoising" else "clean"
-        if normalize:
-            self.gap(metric)
-            return 0.0 if which == "corrupt" else 1.0
-        return float(self.baseline(which, metric))
+        return self._normalise(values, metric, per_pair) if normalize else values
 
     def effect(self, metric: str | None = None, normalize: bool = True) -> torch.Tensor:
         """[sender, receiver] change from the unpatched run (towards clean is positive when denoising)."""
@@ -155,12 +104,7 @@ class PathPatchingResult(_Baselines, Result):
                     cols["receiver"].append(r)
                     if per_pair:
                         cols["pair"].append(p)
-        for m in self.metrics:
-            cols[m] = self.values(m, False, per_pair).reshape(-1).tolist()
-            try:
-                cols[f"{m}_norm"] = self.values(m, True, per_pair).reshape(-1).tolist()
-            except InputError:
-                cols[f"{m}_norm"] = [float("nan")] * len(cols[m])
+        cols.update(self._metric_columns(per_pair))
         return pd.DataFrame(cols)
 
     def __repr__(self) -> str:
@@ -171,7 +115,7 @@ class PathPatchingResult(_Baselines, Result):
 
 
 @dataclasses.dataclass(frozen=True)
-class EdgeScores(_Baselines, Result):
+class EdgeScores(Baselines, Result):
     """A score for every edge of the component graph: the (estimated or exact) change of the metric when that
     edge alone is patched, per prompt pair.
 
@@ -264,7 +208,7 @@ class EdgeScores(_Baselines, Result):
 
 
 @dataclasses.dataclass(frozen=True)
-class Faithfulness(_Baselines, Result):
+class Faithfulness(Baselines, Result):
     """How much of the behaviour the top-k edges of a scoring carry, measured by exact edge patching.
 
     `ks` [k]: circuit sizes; `circuit` [metric, pair, k]: the clean run with every edge *outside* the top k
@@ -301,10 +245,7 @@ class Faithfulness(_Baselines, Result):
     def curve(self, metric: str | None = None, normalize: bool = True) -> torch.Tensor:
         """[k] the circuit's metric (mean over pairs), normalised (1 = clean, 0 = corrupt) by default."""
         values = self.circuit_values[self.metric_index(metric)].mean(0)
-        if not normalize:
-            return values
-        corrupt, gap = self.gap(metric)
-        return (values - corrupt) / gap
+        return self._normalise(values, metric, False) if normalize else values
 
     def smallest(self, fraction: float = 0.8, metric: str | None = None) -> int | None:
         """The smallest k whose circuit recovers at least `fraction` of the clean - corrupt gap (None if none)."""
@@ -346,7 +287,7 @@ ATP_METHODS = ("atp", "atp+qk", "atp*", "exact")
 
 
 @dataclasses.dataclass(frozen=True)
-class AtPResult(_Baselines, Result):
+class AtPResult(Baselines, Result):
     """Attribution patching of every node (query, key, value per head and position; MLP output per position).
 
     Grids [pair, kind, layer, pos, head] with kinds ("q", "k", "v", "mlp"); keys and values use the first

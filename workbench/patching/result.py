@@ -22,8 +22,80 @@ def _equal(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a - b).abs() <= 1e-6 * scale
 
 
+class Baselines:
+    """What results with clean and corrupt baselines [metric, pair] share: the metric lookup, the baselines, the
+    normalisation (M - M_corrupt) / (M_clean - M_corrupt), the unpatched run's level and the metric columns of
+    tidy tables. Results of activation patching and of the circuit engines mix it in."""
+
+    metrics: tuple[str, ...]
+    metric: str
+    direction: str
+    clean: torch.Tensor
+    corrupt: torch.Tensor
+
+    @property
+    def n_pairs(self) -> int:
+        return self.clean.shape[1]
+
+    def metric_index(self, metric: str | None = None) -> int:
+        metric = self.metric if metric is None else metric
+        if metric not in self.metrics:
+            raise InputError(f"Metric {metric!r} is not in this result; it has {', '.join(self.metrics)}.")
+        return self.metrics.index(metric)
+
+    def baseline(self, which: str, metric: str | None = None, per_pair: bool = False) -> torch.Tensor:
+        """Raw baseline of the "clean" or "corrupt" run: [pair] if per_pair, else the mean over pairs."""
+        values = {"clean": self.clean, "corrupt": self.corrupt}[which][self.metric_index(metric)]
+        return values if per_pair else values.mean()
+
+    def gap(self, metric: str | None = None, per_pair: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """(corrupt level, clean - corrupt) for normalising; `InputError` where they are equal."""
+        clean, corrupt = self.baseline("clean", metric, per_pair), self.baseline("corrupt", metric, per_pair)
+        equal = _equal(clean, corrupt)
+        if equal.any():
+            raise self._no_gap(metric, per_pair, clean, equal)
+        return corrupt, clean - corrupt
+
+    def _no_gap(
+        self, metric: str | None, per_pair: bool, clean: torch.Tensor, equal: torch.Tensor
+    ) -> InputError:
+        return InputError(
+            f"Cannot normalise {metric or self.metric}: its clean and corrupt baselines are equal, so "
+            "(patched - corrupt) / (clean - corrupt) is undefined. Use normalize=False or another metric."
+        )
+
+    def _normalise(self, values: torch.Tensor, metric: str | None, per_pair: bool) -> torch.Tensor:
+        """(values - corrupt) / (clean - corrupt); per pair, `values` [pair, ...] use each pair's baselines."""
+        corrupt, gap = self.gap(metric, per_pair)
+        if per_pair:
+            shape = (-1,) + (1,) * (values.dim() - 1)
+            return (values - corrupt.view(shape)) / gap.view(shape)
+        return (values - corrupt) / gap
+
+    def base_level(self, metric: str | None = None, normalize: bool = True) -> float:
+        """The value of the unpatched run (the corrupt run when denoising, the clean run when noising):
+        a patch with no effect scores this (normalised: 0 or 1)."""
+        which = "corrupt" if self.direction == "denoising" else "clean"
+        if normalize:
+            self.gap(metric)
+            return 0.0 if which == "corrupt" else 1.0
+        return float(self.baseline(which, metric))
+
+    def _metric_columns(self, per_pair: bool) -> dict[str, list]:
+        """Per metric its raw `values()` flattened, and normalised (`<metric>_norm`, NaN where the baselines are
+        equal): the value columns of a tidy table."""
+        columns: dict[str, list] = {}
+        for m in self.metrics:
+            columns[m] = self.values(m, False, per_pair).reshape(-1).tolist()
+            try:
+                columns[f"{m}_norm"] = self.values(m, True, per_pair).reshape(-1).tolist()
+            except InputError:
+                columns[f"{m}_norm"] = [float("nan")] * len(columns[m])
+        return columns
+
+
 @dataclasses.dataclass(frozen=True)
-class PatchingResult(Result):
+class PatchingResult(Baselines, Result):
     """A patching (or attribution-patching) grid.
 
     Axes of `raw`: [metric, pair, site, layer, position] plus [head] for per-head sites (z, pattern).
@@ -56,10 +128,6 @@ class PatchingResult(Result):
 
     # -- axes ----------------------------------------------------------------------------------------
     @property
-    def n_pairs(self) -> int:
-        return self.raw.shape[1]
-
-    @property
     def per_head(self) -> bool:
         return self.heads is not None
 
@@ -68,36 +136,10 @@ class PatchingResult(Result):
         """Axis names of `values()` (without the leading pair axis of per-pair views)."""
         return ("site", "layer", "position", "head") if self.per_head else ("site", "layer", "position")
 
-    def metric_index(self, metric: str | None = None) -> int:
-        metric = self.metric if metric is None else metric
-        if metric not in self.metrics:
-            raise InputError(f"Metric {metric!r} is not in this result; it has {', '.join(self.metrics)}.")
-        return self.metrics.index(metric)
-
     def metric_label(self, metric: str | None = None) -> str:
         return self.metric_labels[self.metric_index(metric)]
 
     # -- values --------------------------------------------------------------------------------------
-    def baseline(self, which: str, metric: str | None = None, per_pair: bool = False) -> torch.Tensor:
-        """Raw baseline of the "clean" or "corrupt" run: [pair] if per_pair, else the mean over pairs."""
-        i = self.metric_index(metric)
-        values = {"clean": self.clean, "corrupt": self.corrupt}[which][i]
-        return values if per_pair else values.mean()
-
-    def _denominator(self, metric: str | None, per_pair: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        clean, corrupt = self.baseline("clean", metric, per_pair), self.baseline("corrupt", metric, per_pair)
-        equal = _equal(clean, corrupt)
-        if equal.any():
-            name = self.metric if metric is None else metric
-            where = f"pair {int(equal.nonzero()[0])}" if per_pair else "the mean over pairs"
-            value = float(clean.flatten()[int(equal.flatten().nonzero()[0])])
-            raise InputError(
-                f"Cannot normalise {name}: its clean and corrupt baselines are equal for {where} "
-                f"(both {value:.6g}), so (patched - corrupt) / (clean - corrupt) is undefined. Use "
-                "normalize=False, another metric, or a corrupt prompt that changes the answer."
-            )
-        return corrupt, clean - corrupt
-
     def values(
         self, metric: str | None = None, normalize: bool = True, per_pair: bool = False
     ) -> torch.Tensor:
@@ -111,26 +153,25 @@ class PatchingResult(Result):
         values = raw if per_pair else raw.mean(0)
         if not normalize:
             return values
-        corrupt, gap = self._denominator(metric, per_pair)
-        if per_pair:
-            shape = (-1,) + (1,) * (raw.dim() - 1)
-            return (values - corrupt.view(shape)) / gap.view(shape)
-        return (values - corrupt) / gap
+        return self._normalise(values, metric, per_pair)
+
+    def _no_gap(
+        self, metric: str | None, per_pair: bool, clean: torch.Tensor, equal: torch.Tensor
+    ) -> InputError:
+        name = self.metric if metric is None else metric
+        where = f"pair {int(equal.nonzero()[0])}" if per_pair else "the mean over pairs"
+        value = float(clean.flatten()[int(equal.flatten().nonzero()[0])])
+        return InputError(
+            f"Cannot normalise {name}: its clean and corrupt baselines are equal for {where} "
+            f"(both {value:.6g}), so (patched - corrupt) / (clean - corrupt) is undefined. Use "
+            "normalize=False, another metric, or a corrupt prompt that changes the answer."
+        )
 
     def spread(self, metric: str | None = None, normalize: bool = True) -> torch.Tensor:
         """Standard deviation over pairs of the per-pair values (zeros for a single pair)."""
         if self.n_pairs < 2:
             return torch.zeros(self.values(metric, normalize).shape)
         return self.values(metric, normalize, per_pair=True).std(0)
-
-    def base_level(self, metric: str | None = None, normalize: bool = True) -> float:
-        """The value of the unpatched run (the corrupt run when denoising, the clean run when noising):
-        a patch with no effect scores this."""
-        which = "corrupt" if self.direction == "denoising" else "clean"
-        if normalize:
-            self._denominator(metric, False)
-            return 0.0 if which == "corrupt" else 1.0
-        return float(self.baseline(which, metric))
 
     # -- tables --------------------------------------------------------------------------------------
     def _cells(self):
@@ -153,7 +194,6 @@ class PatchingResult(Result):
         import pandas as pd
 
         cells = list(self._cells())
-        n_cells = len(cells)
         columns: dict[str, list] = {}
         pairs = range(self.n_pairs) if per_pair else [None]
         rows = [(c, pair) for pair in pairs for c in cells]
@@ -167,16 +207,7 @@ class PatchingResult(Result):
             columns["head"] = [c[3] for c, _ in rows]
         if per_pair:
             columns["pair"] = [pair for _, pair in rows]
-        for m in self.metrics:
-            raw = self.values(m, normalize=False, per_pair=per_pair).reshape(
-                -1 if not per_pair else self.n_pairs * n_cells
-            )
-            columns[m] = raw.tolist()
-            try:
-                norm = self.values(m, normalize=True, per_pair=per_pair).reshape(-1).tolist()
-            except InputError:
-                norm = [float("nan")] * len(rows)
-            columns[f"{m}_norm"] = norm
+        columns.update(self._metric_columns(per_pair))
         return pd.DataFrame(columns)
 
     def baselines(self):
