@@ -14,7 +14,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import re
 
 import nnsight
@@ -23,10 +22,11 @@ import torch
 from workbench.circuits.edges import head_results
 from workbench.circuits.results import AttentionPatterns, DLAResult, LogitLensResult
 from workbench.circuits.spec import check_model
-from workbench.core import CancelToken, Run
+from workbench.core import CancelToken, Run, chunks, concat
 from workbench.errors import InputError, SiteError, UnsupportedModelError
 from workbench.lnfree.norms import FrozenNorm, norm_info, token_scale
 from workbench.models.prefix import bytes_per_row
+from workbench.patching.spec import plain_versions
 from workbench.results import Provenance
 
 DLA_NOTE = (
@@ -108,7 +108,7 @@ def logit_lens(
     k = min(k, c.d_vocab)
     per_row = bytes_per_row(model, n_pos, extra=8 * n_pos * c.d_vocab * 2)
     chunk = run.rows_per_chunk(per_row, model.device, 64)
-    spans = [(a, min(a + chunk, len(tokens))) for a in range(0, len(tokens), chunk)]
+    spans = chunks(len(tokens), chunk)
 
     def one(span):
         a, b = span
@@ -116,7 +116,7 @@ def logit_lens(
         return _lens_trace(model, tokens[a:b].to(model.device), ans, k)
 
     parts = run.map(spans, one, desc="logit lens", weights=[b - a for a, b in spans])
-    out = {key: torch.cat([p[key] for p in parts]) for key in parts[0]}
+    out = concat(parts)
     decode = model.tokenizer.decode if model.tokenizer is not None else str
     top_tokens = tuple(
         tuple(tuple(tuple(decode([int(i)]) for i in cell) for cell in layer) for layer in prompt)
@@ -200,7 +200,7 @@ def direct_logit_attribution(
     per_head = model.adapter.attn_out_norm is None
     run = Run.of(run, progress=progress, cancel=cancel, memory_budget=memory_budget, batch_size=batch_size)
     chunk = run.rows_per_chunk(bytes_per_row(model, n_pos), model.device, 64)
-    spans = [(a, min(a + chunk, len(tokens))) for a in range(0, len(tokens), chunk)]
+    spans = chunks(len(tokens), chunk)
 
     def one(span):
         a, b = span
@@ -374,12 +374,13 @@ def _resolve_heads(c, heads) -> list[tuple[int, int]]:
 
 
 def _provenance(model, method, tokens, str_tokens, answer_tokens, **options):
-    prov = Provenance.capture(
-        model.name,
-        method=method,
-        prompts=["".join(t) for t in str_tokens],
-        token_ids=tokens.tolist(),
-        answers=[list(a) for a in answer_tokens],
-        **options,
+    return plain_versions(
+        Provenance.capture(
+            model.name,
+            method=method,
+            prompts=["".join(t) for t in str_tokens],
+            token_ids=tokens.tolist(),
+            answers=[list(a) for a in answer_tokens],
+            **options,
+        )
     )
-    return dataclasses.replace(prov, versions={k: str(v) for k, v in prov.versions.items()})

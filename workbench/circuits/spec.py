@@ -15,11 +15,12 @@ from workbench.errors import InputError
 from workbench.patching.inputs import Pairs, prepare_pairs, resolve_direction
 from workbench.patching.inputs import check_model as check_patchable
 from workbench.patching.metrics import Metric, resolve_metrics
+from workbench.patching.spec import PairedSpec, plain_versions
 from workbench.results import Provenance
 
 
 @dataclasses.dataclass(frozen=True)
-class CircuitSpec:
+class CircuitSpec(PairedSpec):
     """pairs: tokenised prompt pairs; direction: "denoising" (clean values into the corrupt run) or "noising"
     (corrupt values into the clean run); metrics: every metric computed (built-ins first), `metric` the primary
     one; positions: the positions a patch applies at (None: all)."""
@@ -30,6 +31,13 @@ class CircuitSpec:
     metrics: tuple[Metric, ...]
     metric: str
     positions: tuple[int, ...] | None = None
+
+    @classmethod
+    def rerun(cls, model, result, positions: tuple[int, ...] | None = None) -> CircuitSpec:
+        """The spec of a result's prompt pairs (its token ids), direction and primary metric, to run them again."""
+        metrics, _ = resolve_metrics(result.metric)
+        pairs = prepare_pairs(model, result.clean_ids, result.corrupt_ids, result.answer_ids)
+        return cls(model.name, pairs, result.direction, metrics, result.metric, positions)
 
     @classmethod
     def resolve(
@@ -43,24 +51,6 @@ class CircuitSpec:
             model.name, pairs, direction, metrics, primary, resolve_patch_positions(positions, pairs.n_pos)
         )
 
-    @property
-    def all_positions(self) -> bool:
-        """Whether a metric reads logits at every position (else only the last position's are computed)."""
-        return any(m.all_positions for m in self.metrics)
-
-    @property
-    def n_pairs(self) -> int:
-        return self.pairs.n_pairs
-
-    def halves(self) -> tuple[slice, slice]:
-        """(base, source) halves of a [clean; corrupt] batch: the run that is patched, and where patches come
-        from."""
-        return self.pairs.halves(self.direction)
-
-    def metric_index(self, name: str | None = None) -> int:
-        names = [m.name for m in self.metrics]
-        return names.index(self.metric if name is None else name)
-
     def arguments(self) -> dict[str, Any]:
         """The prompts, answers, direction and metric as plain data (for provenance and code)."""
         p = self.pairs
@@ -72,20 +62,9 @@ class CircuitSpec:
         }
 
     def provenance(self, method: str, **options: Any) -> Provenance:
-        prov = Provenance.capture(self.model, method=method, **self.arguments(), **options)
-        return dataclasses.replace(prov, versions={k: str(v) for k, v in prov.versions.items()})
+        return plain_versions(Provenance.capture(self.model, method=method, **self.arguments(), **options))
 
     # -- metrics -----------------------------------------------------------------------------------------
-    def evaluate(self, logits: torch.Tensor, pair: torch.Tensor, clean_lp: torch.Tensor) -> torch.Tensor:
-        """[metric, row] from logits [row, (pos,) d_vocab] of runs of pairs `pair` [row]."""
-        answers = self.pairs.answers.to(logits.device)[pair.to(logits.device)]
-        last = logits if logits.dim() == 2 else logits[:, -1]
-        clp = clean_lp[pair.to(clean_lp.device)].to(logits.device)
-        logp = torch.log_softmax(last.float(), -1)
-        return torch.stack(
-            [m(logits if m.all_positions else last, answers, clp, logp) for m in self.metrics]
-        ).float()
-
     def baselines(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Clean and corrupt metric values [metric, pair] from [clean; corrupt] logits, and the clean run's
         last-position log-probs [pair, d_vocab]."""

@@ -14,8 +14,6 @@ minimum, where the gradient vanishes.
 
 from __future__ import annotations
 
-import dataclasses
-
 import nnsight
 import torch
 
@@ -23,6 +21,7 @@ from workbench.core import CancelToken, Run, chunks
 from workbench.core.measures import pearson, spearman
 from workbench.errors import InputError
 from workbench.patching.result import AttributionComparison, PatchingResult
+from workbench.patching.spec import plain_versions
 from workbench.patching.sweep import (
     _rank,
     baselines,
@@ -116,7 +115,7 @@ def attribute(
     cache = read_caches(model, s, extra=("v",) if "pattern" in s.sites else (), chunk=chunk, run=run)
     clean_m, corrupt_m, clean_lp = baselines(s, cache["logits"])
     base_half, source_half = s.halves()
-    base_m = corrupt_m if s.direction == "denoising" else clean_m
+    base_m = s.base_run(clean_m, corrupt_m)
     n = s.pairs.n_pairs
     tokens = s.base_tokens.to(model.device)
     answers_t = s.pairs.answers.to(model.device)
@@ -163,10 +162,6 @@ def attribute(
     )
 
 
-def _plain_versions(p: Provenance) -> Provenance:
-    return dataclasses.replace(p, versions={k: str(v) for k, v in p.versions.items()})
-
-
 def compare_attribution(
     exact: PatchingResult,
     approx: PatchingResult,
@@ -211,7 +206,7 @@ def compare_attribution(
         top_k_agreement=len(set(top_e) & set(top_a)) / k,
         top_exact=tuple(labels[i] for i in top_e),
         top_attribution=tuple(labels[i] for i in top_a),
-        provenance=_plain_versions(
+        provenance=plain_versions(
             Provenance.capture(exact.provenance.model, metric=metric, top_k=k, normalize=normalize)
         ),
     )

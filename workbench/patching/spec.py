@@ -25,8 +25,77 @@ from workbench.patching.metrics import Metric, resolve_metrics
 from workbench.results import Provenance
 
 
+def plain_versions(provenance: Provenance) -> Provenance:
+    """`provenance` with its package versions as plain strings: torch.__version__ is a str subclass that a
+    weights-only load refuses."""
+    return dataclasses.replace(provenance, versions={k: str(v) for k, v in provenance.versions.items()})
+
+
+class PairedSpec:
+    """What specs of clean/corrupt experiments share (`PatchSpec`, `workbench.circuits.spec.CircuitSpec`): the
+    prompt `pairs`, the `direction` and every metric computed (`metric` names the primary one)."""
+
+    pairs: Pairs
+    direction: str
+    metrics: tuple[Metric, ...]
+    metric: str
+
+    @property
+    def all_positions(self) -> bool:
+        """Whether a metric reads logits at every position (else only the last position's are computed)."""
+        return any(m.all_positions for m in self.metrics)
+
+    @property
+    def n_pairs(self) -> int:
+        return self.pairs.n_pairs
+
+    def base_run(self, clean, corrupt):
+        """Of a clean and a corrupt value, the one of the run that is patched: corrupt when denoising, clean when
+        noising."""
+        return corrupt if self.direction == "denoising" else clean
+
+    @property
+    def base_tokens(self) -> torch.Tensor:
+        """[pair, pos] the run that is patched: corrupt when denoising, clean when noising."""
+        return self.base_run(self.pairs.clean, self.pairs.corrupt)
+
+    def halves(self) -> tuple[slice, slice]:
+        """(base, source) halves of a [clean; corrupt] batch: the run that is patched, and where patches come
+        from."""
+        return self.pairs.halves(self.direction)
+
+    def metric_index(self, name: str | None = None) -> int:
+        names = [m.name for m in self.metrics]
+        return names.index(self.metric if name is None else name)
+
+    def run_fields(self, clean: torch.Tensor, corrupt: torch.Tensor) -> dict[str, Any]:
+        """What a patching result records of its runs: the metrics' names and titles, the primary metric, the
+        baselines `clean` and `corrupt` [metric, pair], and the pairs' tokens and answers."""
+        p = self.pairs
+        return {
+            "metrics": tuple(m.name for m in self.metrics),
+            "metric_labels": tuple(m.title for m in self.metrics),
+            "metric": self.metric,
+            "clean": clean,
+            "corrupt": corrupt,
+            "clean_tokens": p.clean_tokens,
+            "corrupt_tokens": p.corrupt_tokens,
+            "answers": p.answer_tokens,
+        }
+
+    def evaluate(self, logits: torch.Tensor, pair: torch.Tensor, clean_lp: torch.Tensor) -> torch.Tensor:
+        """[metric, row] from logits [row, (pos,) d_vocab] of runs of pairs `pair` [row]."""
+        answers = self.pairs.answers.to(logits.device)[pair.to(logits.device)]
+        last = logits if logits.dim() == 2 else logits[:, -1]
+        clp = clean_lp[pair.to(clean_lp.device)].to(logits.device)
+        logp = torch.log_softmax(last.float(), -1)  # shared by the built-ins
+        return torch.stack(
+            [m(logits if m.all_positions else last, answers, clp, logp) for m in self.metrics]
+        ).float()
+
+
 @dataclasses.dataclass(frozen=True)
-class PatchSpec:
+class PatchSpec(PairedSpec):
     """Everything a sweep or an attribution run needs, checked.
 
     pairs: the tokenised prompt pairs; sites, layers, heads (per-head sites) and position groups as resolved
@@ -62,16 +131,6 @@ class PatchSpec:
 
     # -- what runs -----------------------------------------------------------------------------------
     @property
-    def all_positions(self) -> bool:
-        """Whether a metric reads logits at every position (else only the last position's are computed)."""
-        return any(m.all_positions for m in self.metrics)
-
-    @property
-    def base_tokens(self) -> torch.Tensor:
-        """[pair, pos] the run that is patched: corrupt when denoising, clean when noising."""
-        return self.pairs.corrupt if self.direction == "denoising" else self.pairs.clean
-
-    @property
     def n_heads(self) -> int:
         return len(self.heads) if self.heads is not None else 1
 
@@ -79,10 +138,6 @@ class PatchSpec:
     def cells(self) -> int:
         """Patched runs per pair and (site, layer): position groups x heads."""
         return len(self.groups) * self.n_heads
-
-    def halves(self) -> tuple[slice, slice]:
-        """Which half of a [clean; corrupt] cache is the base run and which the source of patches."""
-        return self.pairs.halves(self.direction)
 
     # -- what it records -----------------------------------------------------------------------------
     def arguments(self) -> dict[str, Any]:

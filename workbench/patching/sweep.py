@@ -26,7 +26,7 @@ from workbench.models.prefix import enter_at, kv_cache, reuses_cache
 from workbench.models.sites import SITES
 from workbench.patching.inputs import position_labels
 from workbench.patching.result import PatchingResult
-from workbench.patching.spec import PatchSpec
+from workbench.patching.spec import PatchSpec, plain_versions
 
 _DEFAULT_MAX_ROWS = {"cpu": 128, "cuda": 1024}
 Setup = PatchSpec  # the name benchmarks used before specs
@@ -281,19 +281,6 @@ def patched_logits(
     return out
 
 
-def metric_values(
-    s: PatchSpec, logits: torch.Tensor, pair: torch.Tensor, clean_lp: torch.Tensor
-) -> torch.Tensor:
-    """[metric, row] from logits [row, (pos,) d_vocab] of runs of pairs `pair`."""
-    answers = s.pairs.answers.to(logits.device)[pair]
-    last = logits if logits.dim() == 2 else logits[:, -1]
-    clp = clean_lp[pair.to(clean_lp.device)].to(logits.device)
-    logp = torch.log_softmax(last.float(), -1)  # shared by the built-ins
-    return torch.stack(
-        [m(logits if m.all_positions else last, answers, clp, logp) for m in s.metrics]
-    ).float()
-
-
 def bytes_per_row(model, s: PatchSpec) -> int:
     """A generous estimate of the peak memory of one patched run (inference, no gradients)."""
     t = s.pairs.n_pos
@@ -303,27 +290,17 @@ def bytes_per_row(model, s: PatchSpec) -> int:
 def make_result(
     model, s: PatchSpec, method: str, raw, clean, corrupt, options: dict, *, complete: bool = True
 ) -> PatchingResult:
-    provenance = s.provenance(method, dtype=str(model.dtype), **options)
-    # torch.__version__ is a str subclass that a weights-only load refuses: keep plain strings
-    provenance = dataclasses.replace(provenance, versions={k: str(v) for k, v in provenance.versions.items()})
-    p = s.pairs
+    provenance = plain_versions(s.provenance(method, dtype=str(model.dtype), **options))
     return PatchingResult(
         method=method,
         direction=s.direction,
         sites=s.sites,
         layers=s.layers,
         positions=s.groups,
-        position_labels=position_labels(p, s.groups),
+        position_labels=position_labels(s.pairs, s.groups),
         heads=s.heads,
-        metrics=tuple(m.name for m in s.metrics),
-        metric_labels=tuple(m.title for m in s.metrics),
-        metric=s.metric,
         raw=raw,
-        clean=clean,
-        corrupt=corrupt,
-        clean_tokens=p.clean_tokens,
-        corrupt_tokens=p.corrupt_tokens,
-        answers=p.answer_tokens,
+        **s.run_fields(clean, corrupt),
         provenance=provenance,
         warnings=baseline_warnings(s, clean, corrupt) + (non_finite_warnings(s, raw) if complete else ()),
     )
@@ -368,7 +345,7 @@ def baseline_notes(clean: torch.Tensor, corrupt: torch.Tensor, metric: str) -> l
 def baseline_warnings(s: PatchSpec, clean: torch.Tensor, corrupt: torch.Tensor) -> tuple[str, ...]:
     """Sentences about baselines [metric, pair] that make normalised values unreliable (`baseline_notes` of the
     primary metric; `warn_baselines` issues them)."""
-    i = [m.name for m in s.metrics].index(s.metric)
+    i = s.metric_index()
     return tuple(baseline_notes(clean[i], corrupt[i], s.metric))
 
 
@@ -471,7 +448,7 @@ def sweep(
             logits = patched_logits(
                 model, s, site, layer, rows, base_resid, source, start=unit.start, kv=kv, run=run
             )
-            values = metric_values(s, logits, rows.pair, clean_lp).cpu()
+            values = s.evaluate(logits, rows.pair, clean_lp).cpu()
             raw[:, rows.pair.cpu(), s.sites.index(site), s.layers.index(layer), rows.cell.cpu()] = values
         done[0] += 1
         if run.on_partial is not None and done[0] < len(by_layer):
