@@ -32,13 +32,10 @@ import torch
 from workbench.circuits import guards
 from workbench.circuits.results import AtPResult
 from workbench.circuits.spec import CircuitSpec
-from workbench.core import CancelToken, Run
+from workbench.core import CancelToken, Run, chunks, concat
 from workbench.errors import InputError, UnsupportedModelError
 from workbench.models.prefix import bytes_per_row, enter_at
 from workbench.models.sites import envoy_at
-from workbench.patching.inputs import prepare_pairs
-from workbench.patching.metrics import resolve_metrics
-from workbench.patching.sweep import baseline_notes
 
 KINDS = ("q", "k", "v", "mlp")
 _PATTERN_TOLERANCE = 1e-4
@@ -81,12 +78,12 @@ def atp_star(
     clean_m, corrupt_m, clean_lp = spec.baselines(cache["logits"])
     base_half, source_half = spec.halves()
     n = spec.n_pairs
-    tokens = (spec.pairs.corrupt if spec.direction == "denoising" else spec.pairs.clean).to(model.device)
+    tokens = spec.base_tokens.to(model.device)
     metric_fn = spec.metrics[spec.metric_index()]
     drops = [None] + (list(range(c.n_layers)) if graddrop and c.n_layers > 1 else [])
     per_row = 3 * bytes_per_row(model, spec.pairs.n_pos) * (c.n_layers + 1)
     chunk = run.rows_per_chunk(per_row, model.device, 64)
-    spans = [(a, min(a + chunk, n)) for a in range(0, n, chunk)]
+    spans = chunks(n, chunk)
     shape = (n, len(KINDS), c.n_layers, spec.pairs.n_pos, c.n_heads)
     atp, atp_qk = torch.full(shape, float("nan")), torch.full(shape, float("nan"))
     gd = torch.zeros(shape) if len(drops) > 1 else None
@@ -120,10 +117,7 @@ def atp_star(
     if exact:
         nodes = [tuple(i) for i in (~atp[0].isnan()).nonzero().tolist()]
         exact_grid = _exact_nodes(model, spec, cache, nodes, clean_m, corrupt_m, clean_lp, run, shape)
-    i = spec.metric_index()
-    messages = guards.training_mode(model)
-    messages += baseline_notes(clean_m[i], corrupt_m[i], spec.metric)
-    messages += guards.misaligned(spec.pairs.clean_tokens, spec.pairs.corrupt_tokens)
+    messages = guards.checks(model, spec, clean_m, corrupt_m)
     result = AtPResult(
         direction=spec.direction,
         qk_fix=qk_fix,
@@ -166,9 +160,7 @@ def verify(
         raise InputError("verify takes the AtPResult that atp_star returns.")
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise InputError(f"n={n!r}: the budget is a positive number of nodes to patch exactly.")
-    metrics, _ = resolve_metrics(result.metric)
-    pairs = prepare_pairs(model, result.clean_ids, result.corrupt_ids, result.answer_ids)
-    spec = CircuitSpec(model.name, pairs, result.direction, metrics, result.metric)
+    spec = CircuitSpec.rerun(model, result)
     run = Run.of(run, progress=progress, cancel=cancel, memory_budget=memory_budget, batch_size=batch_size)
     order = result.ranking(by)
     nodes = [node for node in order if result.exact[(0, *node)].isnan()][:n]
@@ -201,7 +193,7 @@ def _node_cache(model, spec: CircuitSpec, run) -> dict:
             out["logits"] = model.site("logits").value[:, -1].clone()
             nnsight.save(out)
         parts.append({k: v.detach() for k, v in out.items()})
-    return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+    return concat(parts)
 
 
 def _grads(model, tokens, metric, answers, clean_lp, drop, *, want_values: bool) -> dict:
@@ -390,7 +382,7 @@ def _exact_nodes(model, spec, cache, nodes, clean_m, corrupt_m, clean_lp, run, s
     n = spec.n_pairs
     base_half, source_half = spec.halves()
     tokens = torch.cat([spec.pairs.clean, spec.pairs.corrupt])
-    base_level = (corrupt_m if spec.direction == "denoising" else clean_m)[spec.metric_index()]
+    base_level = spec.base_run(clean_m, corrupt_m)[spec.metric_index()]
     grid = torch.full(shape, float("nan"))
     default = 512 if torch.device(model.device).type == "cuda" else 128
     chunk = run.rows_per_chunk(bytes_per_row(model, spec.pairs.n_pos), model.device, default)

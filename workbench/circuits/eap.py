@@ -27,16 +27,13 @@ import nnsight
 import torch
 
 from workbench.circuits import guards
-from workbench.circuits.edges import Row, run_rows, sender_cache
+from workbench.circuits.edges import Row, cached_runs, run_rows
 from workbench.circuits.graph import Graph
 from workbench.circuits.results import EdgeScores, Faithfulness
 from workbench.circuits.spec import CircuitSpec
-from workbench.core import CancelToken, Run
+from workbench.core import CancelToken, Run, chunks
 from workbench.errors import InputError
 from workbench.models.prefix import bytes_per_row
-from workbench.patching.inputs import prepare_pairs
-from workbench.patching.metrics import resolve_metrics
-from workbench.patching.sweep import baseline_notes
 
 METHODS = ("eap", "eap-ig", "exact")
 
@@ -83,11 +80,7 @@ def edge_attribution(
     )
     graph = Graph.of(model)
     run = Run.of(run, progress=progress, cancel=cancel, memory_budget=memory_budget, batch_size=batch_size)
-    tokens = torch.cat([spec.pairs.clean, spec.pairs.corrupt])
-    cache = sender_cache(
-        model, graph, tokens, set(range(len(graph.senders))), run, all_positions=spec.all_positions
-    )
-    clean_m, corrupt_m, clean_lp = spec.baselines(cache["logits"])
+    cache, clean_m, corrupt_m, clean_lp = cached_runs(model, graph, spec, run)
     adjacency = graph.adjacency
     if method == "exact":
         scores = _exact_scores(model, graph, spec, cache, clean_m, corrupt_m, clean_lp, run)
@@ -95,10 +88,7 @@ def edge_attribution(
         scores = _gradient_scores(
             model, graph, spec, cache, clean_lp, run, steps if method == "eap-ig" else 0
         )
-    i = spec.metric_index()
-    messages = guards.training_mode(model)
-    messages += baseline_notes(clean_m[i], corrupt_m[i], spec.metric)
-    messages += guards.misaligned(spec.pairs.clean_tokens, spec.pairs.corrupt_tokens)
+    messages = guards.checks(model, spec, clean_m, corrupt_m)
     result = EdgeScores(
         method=method,
         steps=steps if method == "eap-ig" else 1,
@@ -139,7 +129,7 @@ def _exact_scores(model, graph, spec, cache, clean_m, corrupt_m, clean_lp, run) 
         for p in range(n)
     ]
     values = run_rows(model, graph, spec, cache, rows, run, clean_lp=clean_lp, desc="exact edge patching")
-    base = (corrupt_m if spec.direction == "denoising" else clean_m)[spec.metric_index()]
+    base = spec.base_run(clean_m, corrupt_m)[spec.metric_index()]
     change = values[spec.metric_index()].view(len(edges), n) - base
     scores = torch.zeros(n, len(graph.receivers), len(graph.senders))
     for e, (r, s) in enumerate(edges):
@@ -164,13 +154,13 @@ def _gradient_scores(model, graph, spec, cache, clean_lp, run, steps: int) -> to
     delta = delta.cpu() * pos_mask[None, None, :, None]
     alphas = [None] if steps == 0 else [(k + 0.5) / steps for k in range(steps)]
     items = [(p, a) for p in range(n) for a in alphas]
-    tokens = spec.pairs.corrupt if spec.direction == "denoising" else spec.pairs.clean
+    tokens = spec.base_tokens
     embed = cache[0]
     metric = spec.metrics[spec.metric_index()]
     n_pos = spec.pairs.n_pos
     per_row = 3 * bytes_per_row(model, n_pos) + 4 * n_pos * c.d_model * (3 * c.n_heads + 2) * 4
     chunk = run.rows_per_chunk(per_row, model.device, 64)
-    spans = [(a, min(a + chunk, len(items))) for a in range(0, len(items), chunk)]
+    spans = chunks(len(items), chunk)
     scores = torch.zeros(n, len(graph.receivers), len(graph.senders))
     weight = 1.0 / len(alphas)
 
@@ -290,17 +280,11 @@ def faithfulness(
     if not ks or ks[0] < 0 or ks[-1] > n_edges:
         raise InputError(f"ks={ks!r}: circuit sizes must lie in 0..{n_edges} (the number of edges).")
     verify = max(0, min(int(verify), n_edges))
-    metrics, _ = resolve_metrics(scores.metric)
-    pairs = prepare_pairs(model, scores.clean_ids, scores.corrupt_ids, scores.answer_ids)
-    spec = CircuitSpec(model.name, pairs, scores.direction, metrics, scores.metric, scores.positions)
+    spec = CircuitSpec.rerun(model, scores, scores.positions)
     run = Run.of(run, progress=progress, cancel=cancel, memory_budget=memory_budget, batch_size=batch_size)
     ranked = scores.edge_list()
     n = spec.n_pairs
-    tokens = torch.cat([pairs.clean, pairs.corrupt])
-    cache = sender_cache(
-        model, graph, tokens, set(range(len(graph.senders))), run, all_positions=spec.all_positions
-    )
-    clean_m, corrupt_m, clean_lp = spec.baselines(cache["logits"])
+    cache, clean_m, corrupt_m, clean_lp = cached_runs(model, graph, spec, run)
     rows = []
     for k in ks:
         outside = torch.tensor([(r, s) for r, s, _ in ranked[k:]], dtype=torch.long).view(-1, 2)
@@ -321,7 +305,7 @@ def faithfulness(
         values[:, i] = clean_m[:, rows[i].pair]
     curve = values[:, : len(ks) * n].view(len(spec.metrics), len(ks), n).transpose(1, 2)
     i = spec.metric_index()
-    base = (corrupt_m if spec.direction == "denoising" else clean_m)[i]
+    base = spec.base_run(clean_m, corrupt_m)[i]
     exact = values[i, len(ks) * n : (len(ks) + verify) * n].view(verify, n) - base
     noop = values[i, (len(ks) + verify) * n :]
     estimate = torch.tensor([scores.scores[:, r, s].mean().item() for r, s, _ in ranked[:verify]])

@@ -25,6 +25,7 @@ import nnsight
 import torch
 
 from workbench.circuits.graph import Graph
+from workbench.core import chunks, concat
 from workbench.models.prefix import bytes_per_row, enter_at
 
 _DEFAULT_MAX_ROWS = {"cpu": 128, "cuda": 1024}
@@ -53,6 +54,15 @@ def head_results(model, layer: int, heads: list[int] | None = None) -> torch.Ten
     return torch.einsum("bphd,hdm->bphm", z.to(w.dtype), w)
 
 
+def cached_runs(model, graph: Graph, spec, run, senders: set[int] | None = None):
+    """`sender_cache` of the [clean; corrupt] runs of `spec` (every sender unless `senders`) and the baselines:
+    (cache, clean [metric, pair], corrupt [metric, pair], the clean run's last-position log-probs)."""
+    tokens = torch.cat([spec.pairs.clean, spec.pairs.corrupt])
+    senders = set(range(len(graph.senders))) if senders is None else senders
+    cache = sender_cache(model, graph, tokens, senders, run, all_positions=spec.all_positions)
+    return (cache, *spec.baselines(cache["logits"]))
+
+
 def sender_cache(model, graph: Graph, tokens: torch.Tensor, senders: set[int], run, *, all_positions: bool):
     """Per sender (index) its output [2n, pos, d_model] on `tokens` ([clean; corrupt]), the residual entering
     every layer ("resid", layer), the final norm's input "final", and "logits" [2n, (pos,) d_vocab]."""
@@ -65,9 +75,9 @@ def sender_cache(model, graph: Graph, tokens: torch.Tensor, senders: set[int], r
     )
     parts = [
         _cache_trace(model, tokens[a:b].to(model.device), head_layers, mlp_layers, all_positions)
-        for a, b in [(s, min(s + chunk, len(tokens))) for s in range(0, len(tokens), chunk)]
+        for a, b in chunks(len(tokens), chunk)
     ]
-    cache = {k: torch.cat([p[k] for p in parts]) for k in parts[0]} if len(parts) > 1 else parts[0]
+    cache = concat(parts) if len(parts) > 1 else parts[0]
     out = {("resid", layer): cache[("resid", layer)] for layer in range(graph.n_layers)}
     out["final"], out["logits"] = cache["final"], cache["logits"]
     for u in senders:

@@ -16,8 +16,20 @@ from __future__ import annotations
 import torch
 
 from workbench.errors import warn as warn_user
+from workbench.patching.sweep import baseline_notes
 
 NOOP_TOLERANCE = 1e-3  # of the clean - corrupt gap
+
+
+def checks(model, spec, clean: torch.Tensor, corrupt: torch.Tensor) -> list[str]:
+    """The sentences every engine's result carries: dropout in training mode, the primary metric's baselines
+    (`clean`, `corrupt` [metric, pair]) and misaligned prompt pairs (`spec`: the engine's `CircuitSpec`)."""
+    i = spec.metric_index()
+    return (
+        training_mode(model)
+        + baseline_notes(clean[i], corrupt[i], spec.metric)
+        + misaligned(spec.pairs.clean_tokens, spec.pairs.corrupt_tokens)
+    )
 
 
 def training_mode(model) -> list[str]:

@@ -20,12 +20,11 @@ from __future__ import annotations
 import torch
 
 from workbench.circuits import guards
-from workbench.circuits.edges import Row, run_rows, sender_cache
+from workbench.circuits.edges import Row, cached_runs, run_rows
 from workbench.circuits.graph import Graph
 from workbench.circuits.results import PathPatchingResult
 from workbench.circuits.spec import CircuitSpec
 from workbench.core import CancelToken, Run
-from workbench.patching.sweep import baseline_notes
 
 
 def path_patch(
@@ -88,9 +87,7 @@ def path_patch(
     # the no-op check: the clean run with every requested edge patched from the clean run itself
     noop_rows = [Row(p, p, p, every) for p in range(n)] if len(every) else []
     used = {u for row in rows for u in row.edges[:, 1].tolist()}
-    tokens = torch.cat([spec.pairs.clean, spec.pairs.corrupt])
-    cache = sender_cache(model, graph, tokens, used, run, all_positions=spec.all_positions)
-    clean_m, corrupt_m, clean_lp = spec.baselines(cache["logits"])
+    cache, clean_m, corrupt_m, clean_lp = cached_runs(model, graph, spec, run, used)
     values = run_rows(
         model, graph, spec, cache, rows + noop_rows, run, clean_lp=clean_lp, desc="path patching"
     )
@@ -99,9 +96,7 @@ def path_patch(
         raw[:, :, si, ri] = values[:, c * n : (c + 1) * n]
     noop = values[:, len(rows) :] if noop_rows else clean_m.clone()
     i = spec.metric_index()
-    messages = guards.training_mode(model)
-    messages += baseline_notes(clean_m[i], corrupt_m[i], spec.metric)
-    messages += guards.misaligned(spec.pairs.clean_tokens, spec.pairs.corrupt_tokens)
+    messages = guards.checks(model, spec, clean_m, corrupt_m)
     if noop_rows:
         messages += guards.noop(noop[i], clean_m[i], corrupt_m[i], "every requested edge")
     result = PathPatchingResult(
@@ -109,16 +104,9 @@ def path_patch(
         senders=tuple(graph.group_label(g, "sender") for g in sender_groups),
         receivers=tuple(graph.group_label(g, "receiver") for g in receiver_groups),
         positions=spec.positions,
-        metrics=tuple(m.name for m in spec.metrics),
-        metric_labels=tuple(m.title for m in spec.metrics),
-        metric=spec.metric,
         raw=raw,
-        clean=clean_m,
-        corrupt=corrupt_m,
         noop=noop,
-        clean_tokens=spec.pairs.clean_tokens,
-        corrupt_tokens=spec.pairs.corrupt_tokens,
-        answers=spec.pairs.answer_tokens,
+        **spec.run_fields(clean_m, corrupt_m),
         provenance=spec.provenance(
             "path_patch",
             senders=_plain_spec(senders),
