@@ -13,16 +13,7 @@ import numpy as np
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from workbench.circuits.results import (
-    ATP_KINDS,
-    AtPResult,
-    AttentionPatterns,
-    DLAResult,
-    EdgeScores,
-    Faithfulness,
-    LogitLensResult,
-    PathPatchingResult,
-)
+from workbench.circuits import results
 from workbench.viz.registry import draws
 
 COLORSCALE = "RdBu"
@@ -44,9 +35,9 @@ def _layout(fig: go.Figure, title: str, height: int, **kwargs) -> go.Figure:
 # -- path patching ------------------------------------------------------------------------------------------------
 
 
-@draws(PathPatchingResult)
+@draws(results.PathPatchingResult)
 def path_heatmap(
-    result: PathPatchingResult,
+    result: results.PathPatchingResult,
     metric: str | None = None,
     normalize: bool = True,
     pair: int | None = None,
@@ -122,9 +113,9 @@ def _drawn_receiver(label: str) -> tuple[str, str]:
     return label, "mlp" if label.startswith("MLP") else "logits"
 
 
-@draws(EdgeScores)
+@draws(results.EdgeScores)
 def edge_graph(
-    scores: EdgeScores,
+    scores: results.EdgeScores,
     threshold: float | None = None,
     top_k: int | None = 30,
     normalize: bool = True,
@@ -149,7 +140,7 @@ def edge_graph(
     return _layout(fig, _edge_graph_title(scores, shown, threshold, normalize), height)
 
 
-def _model_shape(scores: EdgeScores) -> tuple[int, int]:
+def _model_shape(scores: results.EdgeScores) -> tuple[int, int]:
     """(layers, heads per layer) of the model whose edges `scores` holds, read from its sender labels."""
     n_layers = 1 + max((int(s[1 : s.index("H")]) for s in scores.senders if s.startswith("L")), default=-1)
     n_heads = 1 + max((int(s[s.index("H") + 1 :]) for s in scores.senders if s.startswith("L")), default=0)
@@ -157,7 +148,7 @@ def _model_shape(scores: EdgeScores) -> tuple[int, int]:
 
 
 def _drawn_edges(
-    scores: EdgeScores, threshold: float | None, top_k: int | None, normalize: bool
+    scores: results.EdgeScores, threshold: float | None, top_k: int | None, normalize: bool
 ) -> list[tuple[int, int, float]]:
     """(receiver, sender, score) of the edges to draw: |score| >= `threshold`, else the `top_k` strongest."""
     edges = scores.edge_list(normalize)
@@ -166,7 +157,7 @@ def _drawn_edges(
     return edges[: top_k if top_k is not None else len(edges)]
 
 
-def _edge_lines(scores: EdgeScores, shown: list, pos: dict) -> list[go.Scatter]:
+def _edge_lines(scores: results.EdgeScores, shown: list, pos: dict) -> list[go.Scatter]:
     """One line trace per (sign, input kind, width) group of the shown edges, in sorted group order."""
     biggest = max((abs(v) for _, _, v in shown), default=1.0) or 1.0
     groups: dict[tuple, list] = {}
@@ -195,7 +186,7 @@ def _edge_lines(scores: EdgeScores, shown: list, pos: dict) -> list[go.Scatter]:
     return traces
 
 
-def _edge_midpoints(scores: EdgeScores, shown: list, pos: dict) -> go.Scatter:
+def _edge_midpoints(scores: results.EdgeScores, shown: list, pos: dict) -> go.Scatter:
     """The "edges" trace: a faint marker at each shown edge's midpoint carrying its score and (receiver, sender)."""
     mids_x, mids_y, text, custom = [], [], [], []
     for r, s, v in shown:
@@ -218,7 +209,7 @@ def _edge_midpoints(scores: EdgeScores, shown: list, pos: dict) -> go.Scatter:
     )
 
 
-def _graph_nodes(scores: EdgeScores, shown: list, pos: dict) -> go.Scatter:
+def _graph_nodes(scores: results.EdgeScores, shown: list, pos: dict) -> go.Scatter:
     """The "nodes" trace: every component, large and dark where a shown edge touches it; MLPs square."""
     used = {scores.senders[s] for _, s, _ in shown} | {
         _drawn_receiver(scores.receivers[r])[0] for r, _, _ in shown
@@ -275,7 +266,9 @@ def _layer_axes(fig: go.Figure, n_layers: int) -> None:
     fig.update_yaxes(visible=False)
 
 
-def _edge_graph_title(scores: EdgeScores, shown: list, threshold: float | None, normalize: bool) -> str:
+def _edge_graph_title(
+    scores: results.EdgeScores, shown: list, threshold: float | None, normalize: bool
+) -> str:
     """The edge graph's title: method, direction, which edges are shown, and the colour/dash key."""
     unit = "normalised " if normalize else ""
     which = f"|{unit}score| >= {threshold:.3g}" if threshold is not None else f"top {len(shown)}"
@@ -286,8 +279,8 @@ def _edge_graph_title(scores: EdgeScores, shown: list, threshold: float | None, 
     )
 
 
-@draws(Faithfulness)
-def faithfulness_curve(f: Faithfulness, metric: str | None = None, height: int = 420) -> go.Figure:
+@draws(results.Faithfulness)
+def faithfulness_curve(f: results.Faithfulness, metric: str | None = None, height: int = 420) -> go.Figure:
     """The circuit's metric (1 = clean, 0 = corrupt) against the number of edges kept."""
     ks = f.ks.numpy()
     curve = f.curve(metric).numpy()
@@ -311,7 +304,7 @@ def faithfulness_curve(f: Faithfulness, metric: str | None = None, height: int =
     )
 
 
-def verified_scatter(f: Faithfulness, height: int = 380) -> go.Figure:
+def verified_scatter(f: results.Faithfulness, height: int = 380) -> go.Figure:
     """The verified edges: estimate (y) against exact edge patching (x), with y = x."""
     e, a = f.verified_exact.numpy(), f.verified_estimate.numpy()
     labels = [f"{s} -> {r}" for s, r in zip(f.verified_senders, f.verified_receivers)]
@@ -339,8 +332,8 @@ def verified_scatter(f: Faithfulness, height: int = 380) -> go.Figure:
 # -- AtP* -----------------------------------------------------------------------------------------------------------
 
 
-@draws(AtPResult)
-def atp_figure(result: AtPResult, method: str = "atp*", k: int = 20, height: int = 460) -> go.Figure:
+@draws(results.AtPResult)
+def atp_figure(result: results.AtPResult, method: str = "atp*", k: int = 20, height: int = 460) -> go.Figure:
     """With exact values: AtP and AtP+QK fix against exact (one point per measured node). Without: the top k
     nodes by `method`."""
     exact = result.grid("exact")
@@ -364,7 +357,7 @@ def atp_figure(result: AtPResult, method: str = "atp*", k: int = 20, height: int
     )
 
 
-def atp_scatter(result: AtPResult, height: int = 460) -> go.Figure:
+def atp_scatter(result: results.AtPResult, height: int = 460) -> go.Figure:
     exact = result.grid("exact")
     fig = go.Figure()
     for method, colour in (("atp", "#999"), ("atp+qk", POSITIVE)):
@@ -388,7 +381,7 @@ def atp_scatter(result: AtPResult, height: int = 460) -> go.Figure:
     )
     fig.update_xaxes(title_text="exact patching (metric units)")
     fig.update_yaxes(title_text="estimate")
-    kinds = "/".join(ATP_KINDS)
+    kinds = "/".join(results.ATP_KINDS)
     return _layout(
         fig, f"AtP vs AtP with the QK fix vs exact, every {kinds} node ({result.direction})", height
     )
@@ -397,9 +390,9 @@ def atp_scatter(result: AtPResult, height: int = 460) -> go.Figure:
 # -- logit lens, DLA, attention -------------------------------------------------------------------------------
 
 
-@draws(LogitLensResult)
+@draws(results.LogitLensResult)
 def logit_lens_figure(
-    result: LogitLensResult, what: str | None = None, prompt: int = 0, height: int | None = None
+    result: results.LogitLensResult, what: str | None = None, prompt: int = 0, height: int | None = None
 ) -> go.Figure:
     """Layer (rows) x position (columns) of one prompt, each cell labelled with its top token; coloured by the
     logit difference (with answers) or the top token's probability."""
@@ -437,8 +430,8 @@ def logit_lens_figure(
     )
 
 
-@draws(DLAResult)
-def dla_figure(result: DLAResult, prompt: int | None = None, height: int = 460) -> go.Figure:
+@draws(results.DLAResult)
+def dla_figure(result: results.DLAResult, prompt: int | None = None, height: int = 460) -> go.Figure:
     """Per-head contributions as a layer x head grid, and the other parts as bars."""
     values = result.values(prompt).numpy()
     others = [
@@ -501,8 +494,8 @@ def dla_figure(result: DLAResult, prompt: int | None = None, height: int = 460) 
     )
 
 
-@draws(AttentionPatterns)
-def attention_figure(result: AttentionPatterns, height: int | None = None) -> go.Figure:
+@draws(results.AttentionPatterns)
+def attention_figure(result: results.AttentionPatterns, height: int | None = None) -> go.Figure:
     """One heatmap per head: queries (rows) x keys (columns), the prompt's tokens on both axes."""
     n = len(result.heads)
     cols = min(n, 3)
