@@ -39,6 +39,20 @@ class CircuitSpec(PairedSpec):
         pairs = prepare_pairs(model, result.clean_ids, result.corrupt_ids, result.answer_ids)
         return cls(model.name, pairs, result.direction, metrics, result.metric, positions)
 
+    def rerun_fields(self, clean: torch.Tensor, corrupt: torch.Tensor) -> dict[str, Any]:
+        """What a result records so that `rerun` can run its prompts again: the metric names, the primary
+        metric, the baselines `clean` and `corrupt` [metric, pair] and the token ids of the pairs and answers."""
+        p = self.pairs
+        return {
+            "metrics": tuple(m.name for m in self.metrics),
+            "metric": self.metric,
+            "clean": clean,
+            "corrupt": corrupt,
+            "clean_ids": p.clean,
+            "corrupt_ids": p.corrupt,
+            "answer_ids": p.answers,
+        }
+
     @classmethod
     def resolve(
         cls, model, clean, corrupt=None, answers=None, *, direction, metric, positions=None
