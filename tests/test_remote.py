@@ -19,6 +19,7 @@ import torch
 from ndif_mock import MockNDIF
 
 from workbench import remote
+from workbench.core import Run
 from workbench.errors import Cancelled, RemoteError
 from workbench.models import load_model
 from workbench.models.toy import random_model
@@ -735,6 +736,48 @@ def test_engine_on_ndif_gives_the_local_numbers(engine, ndif, remote_model, loca
         got = ENGINES[engine](remote_model)
     assert runner.submitted >= 1 and ndif.stats()["requests"] == before + runner.submitted
     assert_same(local_results(engine), got)
+
+
+@pytest.mark.filterwarnings("ignore:The clean and corrupt logit differences")
+def test_a_remote_sweep_is_one_job_unless_the_batch_size_splits_it(
+    ndif, remote_model, local_model, monkeypatch
+):
+    """The patched rows ride in one batch with the clean and corrupt runs (no cache job, no activations sent);
+    a smaller batch splits the rows into the jobs `remote_jobs` predicts, with the same numbers. The panel
+    states that count before it runs."""
+    from workbench.patching import sweep
+    from workbench.patching.spec import PatchSpec
+    from workbench.patching.sweep import remote_jobs
+
+    sites = ["resid_pre", "attn_out", "resid_mid"]
+    local = sweep(local_model, CLEAN, CORRUPT, ANSWERS, site=sites, progress=False)
+    counts, results = [], []
+    for batch_size in (None, 24):
+        before = ndif.stats()["requests"]
+        with RemoteRunner():
+            results.append(
+                sweep(
+                    remote_model, CLEAN, CORRUPT, ANSWERS, site=sites, batch_size=batch_size, progress=False
+                )
+            )
+        counts.append(ndif.stats()["requests"] - before)
+    spec = PatchSpec.resolve(
+        remote_model, CLEAN, CORRUPT, ANSWERS, site=sites, direction="denoising", layers=None, positions="each",
+        heads=None, metric="logit_diff",
+    )  # fmt: skip
+    rows = 2 + len(spec.groups) * remote_model.cfg.n_layers * len(sites)
+    assert counts[0] == 1 and results[0].provenance.options["in_batch"], counts
+    assert counts[1] == remote_jobs(remote_model, spec, Run(batch_size=24)) >= -(-rows // 24), counts
+    for got in results:
+        torch.testing.assert_close(got.raw, local.raw, atol=1e-5, rtol=1e-5)
+    # pattern patching runs per layer (with a cache job first), and says so in the count
+    pattern = PatchSpec.resolve(
+        remote_model, CLEAN, CORRUPT, ANSWERS, site="pattern", direction="denoising", layers=None,
+        positions="together", heads=None, metric="logit_diff",
+    )  # fmt: skip
+    assert remote_jobs(remote_model, pattern) == 1 + remote_model.cfg.n_layers
+    panel = _patching_panel(remote_model)
+    assert panel._cost(panel._sweep_kwargs()).endswith("; 1 NDIF job)")
 
 
 @pytest.fixture(scope="module")

@@ -409,6 +409,8 @@ def sweep(
     """
     s = setup(model, clean, corrupt, answers, site, direction, layers, positions, heads, metric)
     run = Run.of(run, progress=progress, cancel=cancel, memory_budget=memory_budget, batch_size=batch_size)
+    if not reuses_cache(model) and in_batch_off(s) is None:
+        return remote_sweep(model, s, run, warn)
     no_suffix = suffix_reuse(model, s)
     default_max = _DEFAULT_MAX_ROWS.get(torch.device(model.device).type, 128)
     per_row = bytes_per_row(model, s) + (0 if no_suffix else row_bytes(model, 0, kv_pos=s.pairs.n_pos))
@@ -484,3 +486,115 @@ def check_baselines(s: PatchSpec, clean: torch.Tensor, corrupt: torch.Tensor) ->
                 "NaN/inf (e.g. a failed load or fine-tune) and, for your own metric, that it returns finite "
                 "numbers."
             )
+
+
+# -- remote models: the patched rows ride in one batch with the runs they read -------------------------------
+# On NDIF every trace is a job that waits in the queue, and cached activations fed into a trace would cross the
+# network twice. So a remote sweep runs [clean; corrupt; patched rows...] in one trace: at each patched (site,
+# layer), in the order the forward pass reaches them, the patched rows take the source run's activation from its
+# rows of the same batch, and only the logits the metrics read come back. One job unless the memory budget
+# splits the rows (each job carries the clean and corrupt rows again).
+
+
+def in_batch_off(s: PatchSpec) -> str | None:
+    """Why `s` cannot patch within one batch (None: it can)."""
+    if "pattern" in s.sites:
+        return "a pattern patch writes z from the patched rows' values, which runs one trace per layer"
+    return None
+
+
+def jobs(s: PatchSpec, chunk: int) -> list[list[Unit]]:
+    """The sweep's patched rows packed into jobs of at most `chunk` rows, the clean and corrupt rows included."""
+    room = max(1, chunk - 2 * s.pairs.n_pairs)
+    packed: list[list[Unit]] = [[]]
+    used = 0
+    for unit in plan(s, room, suffix=False):
+        if used + len(unit.cells) > room:
+            packed.append([])
+            used = 0
+        packed[-1].append(unit)
+        used += len(unit.cells)
+    return packed
+
+
+def job_logits(model, s: PatchSpec, job: list[Unit], run: Run | None = None):
+    """Logits [2 * pair + row, pos, d_vocab] (pos 1 unless a metric reads every position) of one job: the clean
+    rows, the corrupt rows, then each unit's patched rows in order."""
+    n = s.pairs.n_pairs
+    source = s.halves()[1].start  # the source run's first row in [clean; corrupt]
+    tokens, writes, offset = [s.pairs.clean, s.pairs.corrupt], {}, 2 * n
+    for unit in job:
+        rows = _rows(s, list(unit.cells), torch.device("cpu"))
+        tokens.append(s.base_tokens[rows.pair])
+        dst, t, src, h = writes.setdefault((unit.site, unit.layer), ([], [], [], []))
+        dst.append(offset + rows.r), t.append(rows.t), src.append(source + rows.p), h.append(rows.h)
+        offset += len(rows.pair)
+    order = sorted(writes, key=lambda key: (key[1], _rank(key[0])))
+    writes = [(site, layer, *(torch.cat(x) for x in writes[(site, layer)])) for site, layer in order]
+    kwargs = {} if s.all_positions else {"logits_to_keep": 1}
+    with torch.no_grad(), model.trace(torch.cat(tokens).to(model.device), run=run, **kwargs):
+        for site, layer, dst, t, src, h in writes:
+            act = model.site(site, layer).value
+            if site == "z":
+                act[dst, t, h] = act[src, t, h]
+            else:
+                act[dst, t] = act[src, t]
+        out = model.site("logits").value.save()
+    return out
+
+
+def sweep_in_batch(model, s: PatchSpec, chunk: int, run: Run):
+    """raw [metric, pair, site, layer, cell] and the clean and corrupt metric values [metric, pair]."""
+    n = s.pairs.n_pairs
+    raw = torch.full((len(s.metrics), n, len(s.sites), len(s.layers), s.cells), float("nan"))
+    found: dict = {}
+
+    def run_job(job: list[Unit]) -> None:
+        logits = job_logits(model, s, job, run).cpu()
+        if not found:
+            found["clean"], found["corrupt"], found["clean_lp"] = baselines(s, logits[: 2 * n])
+            check_baselines(s, found["clean"], found["corrupt"])
+        offset = 2 * n
+        for unit in job:
+            rows = _rows(s, list(unit.cells), torch.device("cpu"))
+            part = logits[offset : offset + len(rows.pair)]
+            values = s.evaluate(part, rows.pair, found["clean_lp"]).cpu()
+            raw[:, rows.pair, s.sites.index(unit.site), s.layers.index(unit.layer), rows.cell] = values
+            offset += len(rows.pair)
+
+    run.map(jobs(s, chunk), run_job, desc=f"patching {'+'.join(s.sites)}")
+    return raw, found["clean"], found["corrupt"]
+
+
+def in_batch_chunk(model, s: PatchSpec, run: Run) -> int:
+    """Rows per job of a remote sweep (the clean and corrupt rows included)."""
+    default_max = _DEFAULT_MAX_ROWS.get(torch.device(model.device).type, 128)
+    return run.rows_per_chunk(bytes_per_row(model, s), model, default_max)
+
+
+def remote_jobs(model, s: PatchSpec, run: Run | None = None) -> int:
+    """How many NDIF jobs `sweep` sends for `s` on a remote `model` (with `run`'s memory budget and batch size)."""
+    run = run or Run(progress=False)
+    chunk = in_batch_chunk(model, s, run)
+    if in_batch_off(s) is None:
+        return len(jobs(s, chunk))
+    cache_jobs = -(-2 * s.pairs.n_pairs // chunk)
+    return cache_jobs + len(plan(s, chunk, suffix=False))
+
+
+def remote_sweep(model, s: PatchSpec, run: Run, warn: bool) -> PatchingResult:
+    """`sweep` for a model whose runs cannot start from a local cache (NDIF, the dry run): `sweep_in_batch`."""
+    chunk = in_batch_chunk(model, s, run)
+    raw, clean_m, corrupt_m = sweep_in_batch(model, s, chunk, run)
+    shape = (len(s.metrics), s.pairs.n_pairs, len(s.sites), len(s.layers), len(s.groups)) + (
+        (s.n_heads,) if s.heads else ()
+    )
+    options = {
+        "memory_budget": run.memory_budget,
+        "batch_size": chunk,
+        "suffix_reuse": False,
+        "suffix_reuse_off": suffix_reuse(model, s),
+        "in_batch": True,
+    }
+    result = make_result(model, s, "exact", raw.view(shape), clean_m, corrupt_m, options)
+    return warn_baselines(result) if warn else result

@@ -22,6 +22,8 @@ from workbench.core.run import Run
 from workbench.errors import Cancelled, InputError, SiteError, WorkbenchError
 from workbench.patching import METRICS, Metric, sweep
 from workbench.patching.inputs import resolve_direction, resolve_sites
+from workbench.patching.spec import PatchSpec
+from workbench.patching.sweep import remote_jobs
 from workbench.viz.patching import effect_reach, heatmap
 from workbench.widgets.base import (
     Panel,
@@ -345,8 +347,23 @@ class PatchingExplorer(Panel):
         parts = [f"{n_pairs} pair(s)", f"{n_pos} position(s)", f"{n_layers} layers"]
         parts += [f"{heads} heads"] if heads > 1 else []
         parts += [f"{len(sites)} sites"] if len(sites) > 1 else []
-        jobs = f"; about {1 + n_layers * len(sites)} NDIF jobs" if self.model.remote else ""
-        return f"({' x '.join(parts)} = {runs:,} patched runs{jobs})"
+        return f"({' x '.join(parts)} = {runs:,} patched runs{self._jobs(kwargs)})"
+
+    def _jobs(self, kwargs: dict) -> str:
+        """ "; N NDIF jobs" for a remote model ("" for a local one, or inputs the sweep will refuse)."""
+        if not self.model.remote:
+            return ""
+        options = {k: kwargs.get(k) for k in ("layers", "heads")}
+        options.update(positions=kwargs.get("positions", "each"), metric=kwargs.get("metric", "logit_diff"))
+        try:
+            spec = PatchSpec.resolve(
+                self.model, kwargs["clean"], kwargs["corrupt"], kwargs["answers"],
+                site=kwargs["site"], direction=kwargs["direction"], **options,
+            )  # fmt: skip
+        except WorkbenchError:
+            return ""
+        n = remote_jobs(self.model, spec)
+        return f"; {n} NDIF job{'s' if n != 1 else ''}"
 
     def _compute(self, kwargs: dict, fill: bool = False):
         """The panel's compute function for `sweep(**kwargs)`. With `fill` (a local model's main sweep), the heatmap
