@@ -114,10 +114,6 @@ def baselines(s: PatchSpec, logits: torch.Tensor) -> tuple[torch.Tensor, torch.T
     return evaluate(clean_logits).cpu(), evaluate(corrupt_logits).cpu(), clean_lp
 
 
-def halves(s: PatchSpec) -> tuple[slice, slice]:
-    return s.halves()
-
-
 @dataclasses.dataclass(frozen=True)
 class Rows:
     """The patched runs of one chunk: row r runs pair `pair[r]`; the flat entries (row, pos, pair, head) say
