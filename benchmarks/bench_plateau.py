@@ -143,10 +143,10 @@ def wall_and_cpu_medians(fns: dict, repeats: int) -> tuple[dict[str, float], dic
 
 
 def run(size: str = "cpu") -> list[dict]:
+    from workbench.core import chunk_size, parse_budget
     from workbench.models.toy import random_model
     from workbench.plateau import probe, reference_stats
     from workbench.plateau.core import _bytes_per_row
-    from workbench.runner import chunk_size, parse_budget
 
     device = prepare(size, SIZES)
     opts = SIZES[size]

@@ -8,11 +8,11 @@ import dataclasses
 import pytest
 import torch
 
+from workbench.core import CancelToken
 from workbench.errors import Cancelled, InputError, SiteError, UnsupportedModelError
 from workbench.models import load_model
 from workbench.models.toy import random_model
 from workbench.patching import Metric, PatchingResult, attribute, compare_attribution, sweep
-from workbench.runner import CancelToken
 
 # random weights answer nothing: their small baseline gaps are warned about (tested once, below)
 pytestmark = [

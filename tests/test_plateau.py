@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from workbench.core import CancelToken
 from workbench.errors import Cancelled, InputError, SiteError
 from workbench.models import load_model
 from workbench.models.toy import TOY_WORDS, random_model
@@ -30,7 +31,6 @@ from workbench.plateau import (
 )
 from workbench.plateau import directions as dirs
 from workbench.plateau.core import _bytes_per_row
-from workbench.runner import CancelToken
 
 PROMPTS = [
     "When Mary and John went to the store , John gave a drink to",

@@ -13,8 +13,8 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from plotly.subplots import make_subplots
 
+from workbench.core import Run
 from workbench.errors import InputError
-from workbench.runner import run_chunked
 from workbench.widgets.base import Panel, PanelFigure, replace_figure
 
 
@@ -63,7 +63,7 @@ def test_stop_cancels_between_chunks():
             gate.wait(5)
             return start
 
-        return run_chunked(10, chunk, chunk=1, progress=progress, cancel=cancel)
+        return Run(progress=progress, cancel=cancel).chunked(10, 1, chunk)
 
     panel.start(compute, lambda r: None)
     assert panel.busy
