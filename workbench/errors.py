@@ -6,6 +6,9 @@ it. Widgets catch `WorkbenchError` and show its message in their status line; an
 
 from __future__ import annotations
 
+import sys
+import warnings
+
 
 class WorkbenchError(Exception):
     """Base class for errors the workbench raises on purpose."""
@@ -37,9 +40,6 @@ class Cancelled(WorkbenchError):
 
 def warn(message: str, category: type[Warning] = UserWarning) -> None:
     """Issue a warning attributed to the first caller outside the workbench package (the user's line)."""
-    import sys
-    import warnings
-
     level, frame = 2, sys._getframe(1)
     package = __name__.rpartition(".")[0] + "."
     while frame is not None and frame.f_globals.get("__name__", "").startswith(package):

@@ -23,7 +23,7 @@ import torch
 from workbench.core import CancelToken, Run
 from workbench.errors import InputError
 from workbench.toymodels import paper
-from workbench.toymodels.analysis import mechanism, regime_steps, responses, sigma_sweep, transplant
+from workbench.toymodels.analysis import mechanism, regime_steps, regimes, responses, sigma_sweep, transplant
 from workbench.toymodels.baselines import naive_model, offset_model, offset_sweep, snmf_sweep
 from workbench.toymodels.config import ToyConfig
 from workbench.toymodels.data import bernoulli_batch, embed_mixing, embedding, generator
@@ -259,8 +259,6 @@ def dense_section(P: Profile, seed: int = 0, n_workers: int = 2, run: Run | None
 
 def regimes_section(P: Profile, seed: int = 0, n_workers: int = 2, run: Run | None = None):
     """Two regimes (asymmetric sigma = 0.02): one model per training density, each evaluated everywhere."""
-    from workbench.toymodels.analysis import regimes
-
     curves = regimes(P.regime_ps, base=ToyConfig(mixing="asymmetric", sigma=0.02, seed=seed), max_steps=P.max_steps,
                      eval_ps=default_ps(P.curve_points), n_samples=P.n_curve, n_workers=n_workers, seed=seed,
                      run=run)  # fmt: skip

@@ -11,6 +11,7 @@ import math
 
 import numpy as np
 import plotly.graph_objects as go
+import torch
 from plotly.subplots import make_subplots
 
 from workbench.circuits import results
@@ -443,8 +444,6 @@ def dla_figure(result: results.DLAResult, prompt: int | None = None, height: int
         )
         grid = result.heads() if prompt is None else None
         if grid is None:
-            import torch
-
             labels = [p for p in result.parts if p.startswith("L") and "H" in p and " " not in p]
             n_layers = 1 + max(int(p[1 : p.index("H")]) for p in labels)
             n_heads = 1 + max(int(p[p.index("H") + 1 :]) for p in labels)

@@ -26,6 +26,8 @@ from workbench.lib import (
     LibGraph,
     NodeAblation,
 )
+from workbench.lib.data import MODULUS
+from workbench.lib.fourier import term_shares, top_terms
 from workbench.viz.registry import draws
 
 BASIS_COLOURS = {"lib": "#d62728", "pca": "#1f77b4", "neuron": "#7f7f7f"}
@@ -492,9 +494,6 @@ def node_profile(features, layer: str | None = None, node: int = 1, *, height: i
 
 
 def _modadd_profile(features, layer, node, height):
-    from workbench.lib.data import MODULUS
-    from workbench.lib.fourier import term_shares, top_terms
-
     a = features.of(layer)
     if a.shape[0] != MODULUS * MODULUS:
         raise InputError(

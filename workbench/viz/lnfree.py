@@ -6,6 +6,7 @@ Pure functions from `workbench.lnfree` results to plotly figures; `plot(result, 
 from __future__ import annotations
 
 import plotly.graph_objects as go
+import torch
 from plotly.subplots import make_subplots
 
 from workbench.lnfree.calibration import FrozenScales, NormStatistics
@@ -105,8 +106,6 @@ def _cumulative(fig, result, k: int | None, row: int, col: int) -> None:
 def _distributions(
     fig, stats, scales, norms: list[str], row: int, col: int, max_points: int = 4000, highlight=frozenset()
 ) -> None:
-    import torch
-
     first = torch.zeros_like(stats.eot)
     first[:, 0] = True
     shown = []  # every value drawn, for the log axis' ticks

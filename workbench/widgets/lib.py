@@ -17,6 +17,7 @@ from __future__ import annotations
 import html
 
 import ipywidgets as widgets
+import plotly.graph_objects as go
 
 from workbench.codegen import Expr, Name, Script, call
 from workbench.errors import InputError, WorkbenchError
@@ -471,8 +472,6 @@ def _expr(text: str) -> Expr:
 
 
 def _empty(text: str):
-    import plotly.graph_objects as go
-
     fig = go.Figure()
     fig.add_annotation(
         text=text, showarrow=False, x=0.5, y=0.5, xref="paper", yref="paper", font={"color": "#777"}
