@@ -5,10 +5,10 @@ Braun et al.'s compressed-computation (CC) model (APD, arXiv 2501.14926) seems t
 neurons. Its residual stream reduces exactly to a plain MLP whose labels carry a mixing term, y = ReLU(x) + x M^T
 with M = I - W_E W_E^T; the critique shows the advantage over the naive 1/12 comes from M and vanishes at M = 0.
 
-    from workbench.toymodels import ToyConfig, train, evaluate, naive_model, sigma_sweep, transplant
+    from workbench.toymodels import ToyConfig, train, evaluate, mechanism, naive_model, sigma_sweep, transplant
     model = train(ToyConfig(mixing="embed"))              # the simplified CC model, p = 0.01, 10k steps (~15 s)
     evaluate([model, naive_model()], default_ps()).plot()  # L/p against p, the naive line at 1/12
-    model.mechanism().plot()                              # eigen-directions of M vs the learned W_in W_out
+    mechanism(model).plot()                               # eigen-directions of M vs the learned W_in W_out
     sigma_sweep([0, 0.01, 0.02, 0.03, 0.04, 0.06, 0.08]).plot()
 
 Pieces:

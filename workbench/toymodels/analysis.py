@@ -2,7 +2,7 @@
 the two regimes (sparse and dense inputs).
 
     sweep = sigma_sweep([0, 0.01, 0.02, 0.03, 0.04, 0.06, 0.08])      # L/p vs sigma, symmetric and asymmetric
-    sweep.model("symmetric", 0.03).mechanism().plot()                 # does W_in W_out live in M's top eigenspace?
+    mechanism(sweep.model("symmetric", 0.03)).plot()                 # does W_in W_out live in M's top eigenspace?
     transplant(train(mixing="symmetric", sigma=0.03)).plot()         # the same model, then trained on M = 0
 """
 

@@ -176,25 +176,6 @@ class ToyModel(Result):
             self, M=M, label=label or f"{self.label} on {'M = 0' if not M.any() else 'new M'}"
         )
 
-    # -- analyses (lazy imports: they live in sibling modules) ------------------------------------------
-    def evaluate(self, p: float | None = None, **kwargs):
-        """L/p at density `p` (default: its training p); see `workbench.toymodels.loss_per_feature`."""
-        from workbench.toymodels.evaluate import loss_per_feature
-
-        return loss_per_feature(self, self.p if p is None else p, **kwargs)
-
-    def mechanism(self):
-        """Eigen/singular-vector cosines, projections and the W_in W_out vs M scatter (`Mechanism`)."""
-        from workbench.toymodels.analysis import mechanism
-
-        return mechanism(self)
-
-    def responses(self, n_points: int = 101):
-        """Per-feature input-output curves (`FeatureResponse`)."""
-        from workbench.toymodels.analysis import responses
-
-        return responses(self, n_points=n_points)
-
     def to_frame(self):
         """One row per training step: step, loss / p (and sigma when learned)."""
         import pandas as pd

@@ -33,8 +33,10 @@ from workbench.toymodels import (
     default_ps,
     evaluate,
     finetune,
+    mechanism,
     naive_model,
     offset_model,
+    responses,
     sigma_sweep,
     snmf_model,
     train,
@@ -540,13 +542,13 @@ class ToyModelExplorer(Panel):
         view = self.mech_box.value
         try:
             if view.startswith("spectrum"):
-                fig = viz.spectrum(model.mechanism(), basis="sv" if "singular" in view else "eig")
+                fig = viz.spectrum(mechanism(model), basis="sv" if "singular" in view else "eig")
             elif view == "W_in W_out vs M":
-                fig = viz.scatter(model.mechanism(), paper=False)
+                fig = viz.scatter(mechanism(model), paper=False)
             elif view == "projections":
-                fig = viz.projections(model.mechanism())
+                fig = viz.projections(mechanism(model))
             else:
-                fig = viz.responses(model.responses(), highlight=self.highlight)
+                fig = viz.responses(responses(model), highlight=self.highlight)
         except WorkbenchError as err:
             self.show_error(err)
             return
@@ -595,10 +597,10 @@ class ToyModelExplorer(Panel):
             script.add("curves.plot()")
             shown = next((i for i, m in enumerate(self.models) if m is self.current), None)
             if shown is not None:
-                script.add(f"models[{shown}].mechanism().plot()")
+                script.add(Expr(f"mechanism(models[{shown}]).plot()", ((API, "mechanism"),)))
             elif self.current_recipe is not None:
                 recipe = self.current_recipe
-                script.add(Expr(f"{recipe.text}.mechanism().plot()", recipe.imports))
+                script.add(Expr(f"mechanism({recipe.text}).plot()", (*recipe.imports, (API, "mechanism"))))
         return script.render()
 
 
