@@ -24,6 +24,9 @@ import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
+import torch
+
 WIDTH = 100
 INDENT = "    "
 
@@ -169,8 +172,6 @@ def _source(value, prefix: str = "") -> Expr:
 
 
 def _tensor(value, prefix: str) -> Expr:
-    import torch
-
     value = value.detach().cpu()
     if value.dim() == 1 and value.is_floating_point() and len(value) >= 3:
         linspace = torch.linspace(float(value[0]), float(value[-1]), len(value), dtype=value.dtype)
@@ -191,8 +192,6 @@ def _tensor(value, prefix: str) -> Expr:
 def _short_floats(data):
     """float32 values as their shortest text that reads back to the same float32 (0.28657132, not
     0.28657132387161255)."""
-    import numpy as np
-
     if isinstance(data, list):
         return [_short_floats(d) for d in data]
     if not math.isfinite(data):

@@ -20,6 +20,8 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+import torch
+
 from workbench.toymodels import paper
 from workbench.toymodels.reproduce import quantities, reproduce
 from workbench.toymodels.train import clear_cache
@@ -75,8 +77,6 @@ def main(argv: Sequence[str] | None = None) -> None:
         return
     if args.profile is None or not args.seeds:
         parser.error("give a profile and at least one seed (or --write)")
-    import torch
-
     torch.set_num_threads(1)
     result = measure(args.profile, args.seeds, n_workers=args.workers, log=sys.stderr)
     json.dump(result, sys.stdout, indent=1)

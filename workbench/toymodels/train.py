@@ -17,11 +17,13 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import multiprocessing as mp
 import os
 import queue as queue_module
 import sys
 import threading
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -439,8 +441,6 @@ def _main_module_hidden() -> Iterator[None]:
 
 
 def _parallel(jobs, run: Run, ticker: _Ticker, n_workers: int) -> list[dict[str, Any]]:
-    import multiprocessing as mp
-    from concurrent.futures import ProcessPoolExecutor
 
     ctx = mp.get_context("spawn")  # fork after torch has started threads can hang
     messages, stop = ctx.Queue(), ctx.Event()
