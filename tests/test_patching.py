@@ -608,6 +608,32 @@ def test_remote_local_gives_the_same_numbers(gpt2, tmp_path):
     torch.testing.assert_close(a_served.raw, a_local.raw, atol=1e-5, rtol=1e-5)
 
 
+
+def test_remote_sweeps_patch_within_one_batch_with_the_local_numbers(gpt2, tmp_path):
+    """The dry run takes the remote path (patched rows copy activations from the clean and corrupt rows of the
+    same batch): position groups, noising, several sites and pairs, a metric reading every position, and jobs
+    split by a small batch size all give the local numbers."""
+
+    def mean_entropy(logits, answers):
+        return -(logits.softmax(-1) * logits.log_softmax(-1)).sum(-1).mean(-1)
+
+    gpt2.module.save_pretrained(tmp_path)
+    gpt2.tokenizer.save_pretrained(tmp_path)
+    remote = load_model(str(tmp_path), remote="local")
+    entropy = Metric("entropy", mean_entropy, all_positions=True)
+    for kwargs in [
+        {"site": ["resid_pre", "resid_post", "mlp_out"], "positions": [[3, 4], 9, -1], "direction": "noising"},
+        {"site": "z", "positions": "together", "heads": [0, 2]},
+        {"site": "resid_mid", "layers": [1], "metric": ["logit_diff", entropy]},
+        {"site": "attn_out", "batch_size": 5},
+    ]:
+        local = sweep(gpt2, CLEAN, CORRUPT, ANSWERS, progress=False, **kwargs)
+        served = sweep(remote, CLEAN, CORRUPT, ANSWERS, progress=False, **kwargs)
+        assert served.provenance.options["in_batch"], kwargs
+        torch.testing.assert_close(served.raw, local.raw, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(served.clean, local.clean, atol=1e-5, rtol=1e-5)
+
+
 # -- the result object -----------------------------------------------------------------------------------------
 
 
