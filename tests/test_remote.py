@@ -441,6 +441,14 @@ def test_refused_submission(ndif, remote_model, tokens):
         resid(remote_model, tokens, 0)
 
 
+def test_a_request_refused_as_too_large_is_job_too_large(ndif, remote_model, tokens):
+    from workbench.errors import JobTooLarge
+
+    ndif.scenario(reject=[413, "Payload too large"])
+    with pytest.raises(JobTooLarge, match="too large \\(HTTP 413\\): Payload too large"):
+        resid(remote_model, tokens, 0)
+
+
 @pytest.mark.parametrize("delivery", ["inline", "url"])
 def test_result_too_large(ndif, remote_model, tokens, delivery):
     ndif.scenario(pad_result_mb=1.5, result=delivery)
@@ -778,6 +786,39 @@ def test_a_remote_sweep_is_one_job_unless_the_batch_size_splits_it(
     assert remote_jobs(remote_model, pattern) == 1 + remote_model.cfg.n_layers
     panel = _patching_panel(remote_model)
     assert panel._cost(panel._sweep_kwargs()).endswith("; 1 NDIF job)")
+
+
+def test_a_sweep_splits_a_job_the_server_cannot_hold(ndif, remote_model, local_model, monkeypatch):
+    """Out of memory on the server is `JobTooLarge`; a sweep then sends the job's rows again as two jobs of half
+    as many (down to one patched run, where it gives up and says so)."""
+    import sys
+
+    from workbench.errors import JobTooLarge
+    from workbench.patching import sweep
+
+    kwargs = {"site": "resid_pre", "layers": [1], "positions": [9, -1], "progress": False}
+    ndif.scenario(fail="torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 80.00 GiB")
+    before = ndif.stats()["requests"]
+    with pytest.raises(JobTooLarge, match="out of memory.*One patched run is the smallest job"):
+        with RemoteRunner():
+            sweep(remote_model, CLEAN, CORRUPT, ANSWERS, **kwargs)
+    assert ndif.stats()["requests"] - before == 2  # the two-row job, then its first row alone
+    ndif.scenario()
+    engine = sys.modules["workbench.patching.sweep"]
+    real, sizes = engine.job_logits, []
+
+    def refuse_more_than_one_row(model, s, job, run=None):
+        sizes.append(sum(len(u.cells) for u in job))
+        if sizes[-1] > 1:
+            raise JobTooLarge("the server ran out of memory")
+        return real(model, s, job, run)
+
+    monkeypatch.setattr(engine, "job_logits", refuse_more_than_one_row)
+    with RemoteRunner():
+        got = sweep(remote_model, CLEAN, CORRUPT, ANSWERS, site=["resid_pre", "mlp_out"], progress=False)
+    want = sweep(local_model, CLEAN, CORRUPT, ANSWERS, site=["resid_pre", "mlp_out"], progress=False)
+    torch.testing.assert_close(got.raw, want.raw, atol=1e-5, rtol=1e-5)
+    assert got.provenance.options["jobs"] == sizes.count(1) == got.raw[0].numel() and sizes[0] > 1
 
 
 @pytest.fixture(scope="module")

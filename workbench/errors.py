@@ -34,6 +34,11 @@ class RemoteError(WorkbenchError):
     """Remote execution on NDIF failed: missing key, unreachable host, model not served, job error."""
 
 
+class JobTooLarge(RemoteError):
+    """NDIF refused a job as too large (the request, or the server's memory): the same work may pass in smaller
+    jobs."""
+
+
 class Cancelled(WorkbenchError):
     """A long run was cancelled by the user; partial results are discarded."""
 

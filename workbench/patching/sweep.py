@@ -19,7 +19,7 @@ import nnsight
 import torch
 
 from workbench.core import CancelToken, Run, chunks
-from workbench.errors import InputError
+from workbench.errors import InputError, JobTooLarge
 from workbench.errors import warn as warn_user
 from workbench.models.prefix import bytes_per_row as row_bytes
 from workbench.models.prefix import enter_at, kv_cache, reuses_cache
@@ -539,15 +539,38 @@ def job_logits(model, s: PatchSpec, job: list[Unit], run: Run | None = None):
     return out
 
 
+def split_job(job: list[Unit]) -> tuple[list[Unit], list[Unit]] | None:
+    """A job's patched rows in two halves (None: one row, nothing to split)."""
+    if len(job) > 1:
+        return job[: len(job) // 2], job[len(job) // 2 :]
+    (unit,) = job
+    if len(unit.cells) < 2:
+        return None
+    half = len(unit.cells) // 2
+    return [dataclasses.replace(unit, cells=unit.cells[:half])], [
+        dataclasses.replace(unit, cells=unit.cells[half:])
+    ]
+
+
 def sweep_in_batch(model, s: PatchSpec, chunk: int, run: Run):
-    """raw [metric, pair, site, layer, cell] and the clean and corrupt metric values [metric, pair]."""
+    """raw [metric, pair, site, layer, cell], the clean and corrupt metric values [metric, pair], and how many jobs
+    ran. A job NDIF refuses as too large (`JobTooLarge`) runs again as two jobs of half its rows."""
     n = s.pairs.n_pairs
     raw = torch.full((len(s.metrics), n, len(s.sites), len(s.layers), s.cells), float("nan"))
-    found: dict = {}
+    found: dict = {"jobs": 0}
 
     def run_job(job: list[Unit]) -> None:
-        logits = job_logits(model, s, job, run).cpu()
-        if not found:
+        try:
+            logits = job_logits(model, s, job, run).cpu()
+        except JobTooLarge as err:
+            halves = split_job(job)
+            if halves is None:
+                raise JobTooLarge(f"{err} One patched run is the smallest job a sweep sends.") from err
+            for half in halves:
+                run_job(half)
+            return
+        found["jobs"] += 1
+        if "clean" not in found:
             found["clean"], found["corrupt"], found["clean_lp"] = baselines(s, logits[: 2 * n])
             check_baselines(s, found["clean"], found["corrupt"])
         offset = 2 * n
@@ -559,7 +582,7 @@ def sweep_in_batch(model, s: PatchSpec, chunk: int, run: Run):
             offset += len(rows.pair)
 
     run.map(jobs(s, chunk), run_job, desc=f"patching {'+'.join(s.sites)}")
-    return raw, found["clean"], found["corrupt"]
+    return raw, found["clean"], found["corrupt"], found["jobs"]
 
 
 def in_batch_chunk(model, s: PatchSpec, run: Run) -> int:
@@ -581,7 +604,7 @@ def remote_jobs(model, s: PatchSpec, run: Run | None = None) -> int:
 def remote_sweep(model, s: PatchSpec, run: Run, warn: bool) -> PatchingResult:
     """`sweep` for a model whose runs cannot start from a local cache (NDIF, the dry run): `sweep_in_batch`."""
     chunk = in_batch_chunk(model, s, run)
-    raw, clean_m, corrupt_m = sweep_in_batch(model, s, chunk, run)
+    raw, clean_m, corrupt_m, n_jobs = sweep_in_batch(model, s, chunk, run)
     shape = (len(s.metrics), s.pairs.n_pairs, len(s.sites), len(s.layers), len(s.groups)) + (
         (s.n_heads,) if s.heads else ()
     )
@@ -591,6 +614,7 @@ def remote_sweep(model, s: PatchSpec, run: Run, warn: bool) -> PatchingResult:
         "suffix_reuse": False,
         "suffix_reuse_off": suffix_reuse(model, s),
         "in_batch": True,
+        "jobs": n_jobs,
     }
     result = make_result(model, s, "exact", raw.view(shape), clean_m, corrupt_m, options)
     return warn_baselines(result) if warn else result

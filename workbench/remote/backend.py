@@ -24,6 +24,7 @@ import io
 import json
 import linecache
 import pickle
+import re
 import sys
 import time
 import types
@@ -39,7 +40,7 @@ from nnsight.schema.request import RequestModel
 from nnsight.schema.response import ResponseModel, Status
 from torch._weights_only_unpickler import _get_allowed_globals
 
-from workbench.errors import Cancelled, RemoteError
+from workbench.errors import Cancelled, JobTooLarge, RemoteError
 from workbench.remote.config import KEY_HELP, check_host, configured_key
 from workbench.remote.jobs import JobUpdate, unreachable
 from workbench.remote.runner import RemoteRunner, active_runner
@@ -57,6 +58,7 @@ _ENVELOPE = (
 
 
 _SHIPPED = False
+_OUT_OF_MEMORY = re.compile(r"out of memory|OutOfMemoryError", re.IGNORECASE)  # torch's words for it
 
 
 def ship_workbench_by_value() -> None:
@@ -238,6 +240,8 @@ class NDIFJobBackend(_Tracked, RemoteBackend):
                 f"NDIF at {self.host} could not take the job right now (HTTP {response.status_code}: "
                 f"{_detail(response)}). Try again later; https://discuss.ndif.us announces outages."
             )
+        if response.status_code == 413:
+            raise JobTooLarge(f"NDIF refused the job as too large (HTTP 413): {_detail(response)}.")
         if response.status_code >= 400:
             raise RemoteError(
                 f"NDIF refused the job (HTTP {response.status_code}): {_detail(response)}."
@@ -259,6 +263,8 @@ class NDIFJobBackend(_Tracked, RemoteBackend):
         self._emit(response.status.value, response.description, meta=response.meta)
         if response.status == Status.ERROR:
             message = response.description or "no reason given"
+            if _OUT_OF_MEMORY.search(message):  # smaller jobs may pass (a sweep splits its rows)
+                raise JobTooLarge(f"NDIF job {self.job_id} failed on the server: {message}")
             raise RemoteError(
                 f"NDIF job {self.job_id} failed on the server: {message}"
                 + _served_hint(self.host, self.model_key)
