@@ -9,6 +9,9 @@ How a sweep runs (all numbers equal, within float tolerance, to patching one cel
    they are skipped and the cached base residual is fed to the patched layer (it is what they would compute).
    Only the last position's logits are computed unless a metric needs all of them.
 3. Rows are chunked to a memory budget; progress is reported and a `CancelToken` is honoured between chunks.
+
+On NDIF (and in the dry run) there is no local cache to start from: `remote_sweep` runs the patched rows in one
+batch with the clean and corrupt runs instead, usually as one job (the last section of this module).
 """
 
 from __future__ import annotations
