@@ -490,8 +490,10 @@ def stale_texts(before: list[str], after: list[str], kernel_after: dict) -> list
     """Texts of the new view that were in the old view and that the new view's figure does not contain: a
     title, label or annotation of the old view surviving the change (tick numbers excepted)."""
 
-    def squeeze(text: str) -> str:  # (an SVG text joins the lines of a "<br>" title without a separator)
-        return re.sub(r"\s+|<br>", "", text)
+    def squeeze(text: str) -> str:
+        # an SVG text joins the lines of a "<br>" title without a separator (or with a zero-width space), and
+        # shows "<sub>", "<b>", ... as styles, not as text
+        return re.sub(r"\s+|\u200b|</?(br|sub|sup|b|i|em|span)\b[^>]*>", "", text)
 
     strings = squeeze(kernel_strings(kernel_after))
     numeric = re.compile(r"^[−\-+]?[\d.,]+(e[−\-+]?\d+)?[kMGµmn%]?$")

@@ -134,6 +134,9 @@ class SyntheticActivationProbe(Panel):
             (self.sample_figure, "wb-sae-sample"),
             (self.stable_figure, "wb-sae-stable"),
             (self.tabs, "wb-sae-tabs"),
+            (self.threshold_note, "wb-sae-threshold-note"),
+            (self.pairs_box, "wb-sae-pairs"),
+            (self.stable_steps_box, "wb-sae-alpha-steps"),
         ]:
             w.add_class(cls)
         super().__init__()
