@@ -43,7 +43,7 @@ from workbench.toymodels import (
     transplant,
 )
 from workbench.viz import toymodels as viz
-from workbench.widgets.base import Panel, replace_figure
+from workbench.widgets.base import Panel, add_classes, replace_figure
 
 MIXING_OPTIONS = {
     "M = 0 (clean labels)": ("clean", "I-G"),
@@ -114,6 +114,16 @@ class ToyModelExplorer(Panel):
         self._build_controls(cfg, sweep_sigmas)
         self._build_buttons()
         self._build_figures()
+        add_classes(
+            "wb-toy",
+            steps=self.steps_box,
+            sweep_kinds=self.sweep_kinds,
+            baseline=self.baseline_box,
+            add_baseline=self.baseline_button,
+            sweep=self.sweep_button,
+            transplant=self.transplant_button,
+            mechanism_view=self.mech_box,
+        )
         self.children = self._layout()
         self._sync_controls()
         self.set_status("Set the task and press Train (10k steps take about 15 s of one core).")
@@ -229,7 +239,6 @@ class ToyModelExplorer(Panel):
             fig.add_class(f"wb-toy-{cls}-figure")
 
     def _layout(self) -> list[widgets.Widget]:
-        half = widgets.Layout(width="50%")
         wrap = widgets.Layout(flex_flow="row wrap")
         sizes = widgets.VBox(
             [
@@ -251,14 +260,12 @@ class ToyModelExplorer(Panel):
             self.run_bar,
             self.status,
             self.code_view,
+            # two figures a row where they fit, else one: a figure is drawn 700 px wide, and a half-width box
+            # cut off its right part (the legend, and the densities and inputs up to 1)
+            widgets.HBox([widgets.Box([self.figure]), widgets.Box([self.p_figure])], layout=wrap),
             widgets.HBox(
-                [widgets.Box([self.figure], layout=half), widgets.Box([self.p_figure], layout=half)]
-            ),
-            widgets.HBox(
-                [
-                    widgets.Box([self.sigma_figure], layout=half),
-                    widgets.VBox([self.mech_box, self.mech_figure], layout=half),
-                ]
+                [widgets.Box([self.sigma_figure]), widgets.VBox([self.mech_box, self.mech_figure])],
+                layout=wrap,
             ),
         ]
 
