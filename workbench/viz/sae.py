@@ -21,6 +21,7 @@ from workbench.sae.synthetic import SyntheticTestResult
 from workbench.viz.registry import draws
 
 PALETTE = qualitative.Plotly + qualitative.D3
+_HEADER_PX, _ROW_PX = 28, 30  # summary tables: pixels of the header and of each row
 FAMILY_COLOURS = {
     "real": "#1f77b4",
     "random": "#d62728",
@@ -140,11 +141,13 @@ def histograms(result, metric: str = "l2", cdf: bool = False, threshold: float |
     KS statistic against the real family."""
     stat = result.statistic(metric, threshold).double()
     table = result.summary(metric, threshold)
+    # the table's share of the height fits every family's row (a fixed share scrolled rows out of view)
+    chart_px, table_px = 340, _HEADER_PX + _ROW_PX * len(table) + 8
     fig = make_subplots(
         rows=2,
         cols=1,
-        row_heights=[0.68, 0.32],
-        vertical_spacing=0.12,
+        row_heights=[chart_px, table_px],
+        vertical_spacing=70 / (chart_px + table_px),
         specs=[[{"type": "xy"}], [{"type": "table"}]],
     )
     lo, hi = float(stat.min()), float(stat.max())
@@ -179,8 +182,11 @@ def histograms(result, metric: str = "l2", cdf: bool = False, threshold: float |
     ]
     fig.add_trace(
         go.Table(
-            header=dict(values=["family", "mean", "std", "median", "KS vs real", "KS p", "re-encoding"]),
-            cells=dict(values=cells),
+            header=dict(
+                values=["family", "mean", "std", "median", "KS vs real", "KS p", "re-encoding"], height=_HEADER_PX
+            ),
+            cells=dict(values=cells, height=_ROW_PX),
+            columnwidth=[2.6, 1, 1, 1, 1.3, 1, 1.4],  # family names on one line
         ),
         row=2, col=1,
     )  # fmt: skip
@@ -188,7 +194,8 @@ def histograms(result, metric: str = "l2", cdf: bool = False, threshold: float |
         barmode="overlay",
         title=f"{result.statistic_name} per family ({'CDF' if cdf else 'histogram'}, {metric})",
         template="plotly_white",
-        height=560,
+        height=chart_px + table_px + 70 + 140,  # plus the spacing and the margins
+        margin=dict(t=110, b=30),
         legend=dict(orientation="h", y=1.08),
     )
     fig.update_xaxes(title_text=result.statistic_name, row=1, col=1)

@@ -123,6 +123,7 @@ class InteractionGraph(Panel):
             description="Weight shown",
             readout_format=".1%",
             continuous_update=False,
+            style={"description_width": "initial"},
         )
         self.nodes_box = widgets.IntSlider(
             value=nodes_per_layer, min=3, max=120, description="Nodes/layer", continuous_update=False
