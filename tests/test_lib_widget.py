@@ -165,6 +165,12 @@ def test_figures(model):
     mids = [t for t in fig.data if t.customdata is not None and t.customdata[0][0] == "edge"]
     shown = sum(len(viz.shown_edges(lib, s, 0.9, False, 10)) for s in range(3))
     assert len(mids[0].x) == shown
+    # every edge's dot is its own point, on its edge: a click reaches each edge, n -> o and o -> n alike
+    dots = {(x, y) for x, y in zip(mids[0].x, mids[0].y)}
+    assert len(dots) == shown
+    for x, y, (_, s, o, n) in zip(mids[0].x, mids[0].y, mids[0].customdata):
+        t = x - s
+        assert 0 < t < 1 and y == pytest.approx(-(n + t * (o - n)))
     # the constant node's edges are hidden unless asked for
     for _, s, o, n in mids[0].customdata:
         assert n != 0 and (o != 0 or not lib.has_const(s + 1))

@@ -1,5 +1,5 @@
 """InteractionGraph in real JupyterLab (the LIB authors' mod-add checkpoint, ../shared/data/lib): run, click a node
-for its profile and an edge's midpoint for its scatter, move the weight and nodes sliders, show the constant node
+for its profile and the dot on an edge for its scatter, move the weight and nodes sliders, show the constant node
 and the communities, switch the basis to PCA, show the code. After each change the page shows exactly the
 kernel's graph and profile, and no text of the previous view survives."""
 
@@ -87,7 +87,7 @@ def test_clicking_a_node_then_an_edge_shows_their_profiles(panel, views):
     )
     kernel, _ = views.check(page, "node")
     assert kernel["graph"]["layout"]["title"]["text"] == title(page).text_content()
-    # an edge whose midpoint no other edge or node shares (opposite pairs of nodes share one midpoint)
+    # an edge whose dot no node covers
     taken = [(round(p[0], 6), round(p[1], 6)) for p in points(page, "edge") + points(page, "node")]
     x, y, section, out_node, in_node = next(
         p for p in points(page, "edge") if taken.count((round(p[0], 6), round(p[1], 6))) == 1

@@ -3,7 +3,7 @@ scatters, Fourier labels. Pure functions of `workbench.lib` results; they never 
 
 The graph figure puts node layers in columns and each layer's nodes top-down in basis order (the constant
 direction first, then by Lambda or variance). Each node's customdata is ``["node", layer, node]`` and each edge's
-midpoint marker ``["edge", section, out_node, in_node]``, for click handlers.
+dot (on the edge, apart from the others) ``["edge", section, out_node, in_node]``, for click handlers.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ from workbench.viz.registry import draws
 BASIS_COLOURS = {"lib": "#d62728", "pca": "#1f77b4", "neuron": "#7f7f7f"}
 BASIS_NAMES = {"lib": "LIB", "pca": "PCA", "neuron": "neurons"}
 PALETTE = qualitative.D3 + qualitative.Set2 + qualitative.Pastel1
+EDGE_DOTS = (0.5, 0.4, 0.6, 0.3, 0.7, 0.2, 0.8)  # where along its edge a clickable dot may sit
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -160,8 +161,25 @@ def _shown_nodes(graph, nodes_per_layer: int | None) -> list[int]:
     return ys
 
 
+def _edge_dots(mids: list[tuple[int, int, int, float]]) -> list[tuple[float, float]]:
+    """(x, y) of each edge's clickable dot: the first point along the edge (middle first, `EDGE_DOTS`) clear of
+    the dots placed before it. Middles alone coincide for every pair of edges whose nodes have equal sums (n -> o
+    and o -> n among them), and a click could reach only one of them."""
+    placed: dict[int, list[tuple[float, float]]] = {}
+    dots = []
+    for s, o, n, _ in mids:
+        taken = placed.setdefault(s, [])
+        for t in EDGE_DOTS:
+            x, y = s + t, -(n + t * (o - n))
+            if all(abs(x - a) > 0.05 or abs(y - b) > 0.45 for a, b in taken):
+                break
+        taken.append((x, y))
+        dots.append((x, y))
+    return dots
+
+
 def _graph_edges(graph, threshold: float, show_const: bool, nodes_per_layer: int | None) -> list[go.Scatter]:
-    """The shown edges, bucketed by width so that a few line traces draw them all, then the "edges" midpoints."""
+    """The shown edges, bucketed by width so that a few line traces draw them all, then the "edges" dots."""
     edge_x, edge_y, edge_w, mids = [], [], [], []
     for s in range(len(graph.node_layers) - 1):
         for o, n, w in shown_edges(graph, s, threshold, show_const, nodes_per_layer):
@@ -189,10 +207,11 @@ def _graph_edges(graph, threshold: float, show_const: bool, nodes_per_layer: int
         )
         for b, (xs, yy) in sorted(buckets.items())
     ]
+    dots = _edge_dots(mids)
     traces.append(
         go.Scatter(
-            x=[s + 0.5 for s, _, _, _ in mids],
-            y=[-(n + o) / 2 for s, o, n, _ in mids],
+            x=[x for x, _ in dots],
+            y=[y for _, y in dots],
             mode="markers",
             marker={"size": 7, "color": "rgba(0,0,0,0.05)"},
             customdata=[["edge", s, o, n] for s, o, n, _ in mids],
@@ -293,7 +312,10 @@ def _graph_layout(
 ) -> None:
     """Title with each section's edge `counts`, layer names on the x axis, node numbers every 5 on the y axis."""
     L = len(graph.node_layers)
-    title = f"{BASIS_NAMES.get(graph.basis, graph.basis)} interaction graph: edges holding {threshold:.0%} of each section's weight ({', '.join(map(str, counts))})"
+    title = (
+        f"{BASIS_NAMES.get(graph.basis, graph.basis)} interaction graph: edges holding {threshold:.0%} of each "
+        f"section's weight among the nodes shown ({', '.join(map(str, counts))})"
+    )
     fig.update_layout(
         title={"text": title, "font": {"size": 13}},
         height=height,

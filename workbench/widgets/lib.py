@@ -8,7 +8,7 @@ Node layers are columns, each layer's nodes run top-down in basis order (the con
 Lambda or variance). The threshold slider shows, per section, the fewest edges that hold that share of its weight
 and prints how many that is (for every basis built so far). Click a node for its profile (mod-add: its
 activation over all 113 x 113 inputs and its Fourier terms; MNIST: its top images and input-space direction;
-language models: its top tokens), click an edge's midpoint for the scatter of its two features. The panel holds
+language models: its top tokens), click the dot on an edge for the scatter of its two features. The panel holds
 no science: Run calls `workbench.lib.build_graph` (shown by "Show code"), figures come from `workbench.viz.lib`.
 """
 
@@ -173,7 +173,7 @@ class InteractionGraph(Panel):
             self.profile_figure,
             self.code_view,
         ]
-        self.set_status("Press Run to build the graph. Then click a node or an edge's midpoint.")
+        self.set_status("Press Run to build the graph. Then click a node or the dot on an edge.")
         for graph in graphs:
             self.add_graph(graph)
         if graphs:
@@ -184,7 +184,7 @@ class InteractionGraph(Panel):
             self.truncation_box.value = graphs[0].truncation
             self._quiet = False
             self._show_graph(graphs[0])
-            self.set_status("Click a node or an edge's midpoint; toggle the basis to compare.", "ok")
+            self.set_status("Click a node or the dot on an edge; toggle the basis to compare.", "ok")
 
     def add_graph(self, graph: LibGraph) -> None:
         """Keep a graph built elsewhere (on this panel's model and data) for the basis toggle and the counts."""
@@ -230,7 +230,7 @@ class InteractionGraph(Panel):
         self.counts.value = ""
         # the previous model's graph goes: nothing on the page belongs to another model
         replace_figure(self.figure, message_figure(f"{SETUPS[self.setup_box.value]}: press Run.", height=200))
-        replace_figure(self.profile_figure, _empty("Click a node or an edge's midpoint."))
+        replace_figure(self.profile_figure, _empty("Click a node or the dot on an edge."))
         self.refresh_code()
         self.set_status(f"{SETUPS[self.setup_box.value]}: press Run.")
 
@@ -265,7 +265,7 @@ class InteractionGraph(Panel):
         self.features = self._features.get(id(graph))
         self.clusters = self._clusters(graph) if self.clusters_box.value else None
         self.redraw()
-        replace_figure(self.profile_figure, _empty("Click a node or an edge's midpoint."))
+        replace_figure(self.profile_figure, _empty("Click a node or the dot on an edge."))
 
     def _clusters(self, graph: LibGraph):
         resolution = float(self.resolution_box.value)
@@ -342,7 +342,7 @@ class InteractionGraph(Panel):
             rows.append(f"<tr><td>{html.escape(sec)}</td>{cells}</tr>")
         return (
             f"<div class='wb-lib-count-table' style='font-size:12px'><b>Edges holding {view['threshold']:.1%} of "
-            f"each section's weight</b> (constant edges included):<table><tr><th></th>{head}</tr>"
+            f"each section's weight</b> (all nodes, constant edges included, as the authors count):<table><tr><th></th>{head}</tr>"
             f"{''.join(rows)}</table></div>"
         )
 
