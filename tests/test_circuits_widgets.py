@@ -100,6 +100,26 @@ def test_circuit_explorer_runs_redraws_and_patches_a_clicked_edge(model):
     torch.testing.assert_close(ns["edge"].raw, panel.edge.raw)
 
 
+def test_every_drawn_edge_has_its_own_marker_on_its_line(model):
+    """A head's q, k and v edges from one sender share both ends: their markers still sit apart, each on the
+    line drawn for it, so a click can reach each edge."""
+    from workbench.viz import circuits as viz
+
+    scores = edge_attribution(model, CLEAN, CORRUPT, ANSWERS, progress=False, warn=False)
+    fig = viz.edge_graph(scores, top_k=scores.n_edges)
+    edges = next(t for t in fig.data if t.name == "edges")
+    points = list(zip(edges.x, edges.y))
+    assert len(points) == scores.n_edges and len(set(points)) == len(points)
+    pos = viz.node_positions(model.cfg.n_layers, model.cfg.n_heads)
+    for (x, y), (r, s) in zip(points, edges.customdata):
+        node, _ = viz._drawn_receiver(scores.receivers[r])
+        (x0, y0), (x1, y1) = pos[scores.senders[s]], pos[node]
+        t = (x - x0) / (x1 - x0)
+        assert 0 < t < 1
+        if y0 != y1:
+            assert y == pytest.approx(y0 + t * (y1 - y0))
+
+
 def test_circuit_explorer_keeps_its_last_result_on_bad_input(model):
     panel = CircuitExplorer(model, CLEAN, CORRUPT, ANSWERS, method="eap-ig", steps=2)
     panel.background = False

@@ -15,6 +15,7 @@ import torch
 from plotly.subplots import make_subplots
 
 from workbench.circuits import results
+from workbench.viz.common import edge_dots
 from workbench.viz.registry import draws
 
 COLORSCALE = "RdBu"
@@ -126,7 +127,7 @@ def edge_graph(
     """The component graph drawn as layers of nodes; edges above `threshold` (|score|, normalised by the
     clean - corrupt gap when `normalize`) or else the `top_k` strongest. Blue edges raise the metric when patched,
     red ones lower it; width grows with |score|; a query input is a solid line, a key dashed, a value dotted.
-    Hovering or clicking an edge's midpoint marker shows its score (customdata: receiver, sender index)."""
+    Hovering or clicking an edge's marker shows its score (customdata: receiver, sender index)."""
     n_layers, n_heads = _model_shape(scores)
     pos = node_positions(n_layers, n_heads)
     shown = _drawn_edges(scores, threshold, top_k, normalize)
@@ -187,19 +188,26 @@ def _edge_lines(scores: results.EdgeScores, shown: list, pos: dict) -> list[go.S
     return traces
 
 
+def _along(a: tuple[float, float], b: tuple[float, float]):
+    """The edge from a to b as drawn by `_curve`, as t -> (x, y)."""
+    (x0, y0), (x1, y1) = a, b
+    depth = 0.0 if y0 != y1 else 0.35 * (abs(x1 - x0) - 1)
+    return lambda t: (x0 + (x1 - x0) * t, y0 + (y1 - y0) * t - depth * 4 * t * (1 - t))
+
+
 def _edge_midpoints(scores: results.EdgeScores, shown: list, pos: dict) -> go.Scatter:
-    """The "edges" trace: a faint marker at each shown edge's midpoint carrying its score and (receiver, sender)."""
-    mids_x, mids_y, text, custom = [], [], [], []
+    """The "edges" trace: a faint marker on each shown edge carrying its score and (receiver, sender); at the
+    middle unless another edge's marker is there (a head's q, k and v edges from one sender share both ends)."""
+    text, custom, paths = [], [], []
     for r, s, v in shown:
         node, _ = _drawn_receiver(scores.receivers[r])
-        cx, cy = _curve(pos[scores.senders[s]], pos[node], n=3)
-        mids_x.append(cx[1])
-        mids_y.append(cy[1])
+        paths.append(_along(pos[scores.senders[s]], pos[node]))
         text.append(f"{scores.senders[s]} -> {scores.receivers[r]}<br>score {v:+.4g}")
         custom.append([r, s])
+    dots = edge_dots(paths, gap=(0.15, 0.3))
     return go.Scatter(
-        x=mids_x,
-        y=mids_y,
+        x=[x for x, _ in dots],
+        y=[y for _, y in dots],
         mode="markers",
         marker={"size": 9, "color": "rgba(0,0,0,0.15)"},
         text=text,

@@ -57,3 +57,44 @@ def log_ticks(low: float, high: float) -> dict:
     if len(values) > 12:  # a long range: decades only
         values = [v for v in values if f"{v:.6g}".lstrip("0.").startswith("1")]
     return {"tickvals": values, "ticktext": [f"{v:g}" for v in values]}
+
+
+ALONG = (
+    0.5,
+    0.45,
+    0.55,
+    0.4,
+    0.6,
+    0.35,
+    0.65,
+    0.3,
+    0.7,
+    0.25,
+    0.75,
+    0.2,
+    0.8,
+)  # where a dot may sit, middle first
+
+
+def edge_dots(edges, gap: tuple[float, float]) -> list[tuple[float, float]]:
+    """(x, y) of one clickable dot per edge: the first point along it (`ALONG`) at least `gap` = (dx, dy) away,
+    in x or in y, from the dots placed before it, else the point farthest from them. `edges`: functions
+    t -> (x, y) tracing each edge from t = 0 to 1, most important first. Middles alone coincide for edges that
+    share both ends or cross at their middles, and a click would then reach only one of them."""
+    dx, dy = gap
+    taken: list[tuple[float, float]] = []
+    grid: dict[tuple[int, int], list[tuple[float, float]]] = {}  # placed dots by cell of one gap
+
+    def room(point) -> float:
+        """How far, in gaps, the nearest placed dot is (inf beyond one gap: only neighbouring cells are read)."""
+        x, y = point
+        cx, cy = int(x // dx), int(y // dy)
+        near = [d for i in (cx - 1, cx, cx + 1) for j in (cy - 1, cy, cy + 1) for d in grid.get((i, j), ())]
+        return min((max(abs(x - a) / dx, abs(y - b) / dy) for a, b in near), default=float("inf"))
+
+    for at in edges:
+        points = [at(t) for t in ALONG]
+        dot = next((p for p in points if room(p) >= 1), None) or max(points, key=room)
+        taken.append(dot)
+        grid.setdefault((int(dot[0] // dx), int(dot[1] // dy)), []).append(dot)
+    return taken

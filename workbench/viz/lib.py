@@ -28,12 +28,12 @@ from workbench.lib import (
 )
 from workbench.lib.data import MODULUS
 from workbench.lib.fourier import term_shares, top_terms
+from workbench.viz.common import edge_dots
 from workbench.viz.registry import draws
 
 BASIS_COLOURS = {"lib": "#d62728", "pca": "#1f77b4", "neuron": "#7f7f7f"}
 BASIS_NAMES = {"lib": "LIB", "pca": "PCA", "neuron": "neurons"}
 PALETTE = qualitative.D3 + qualitative.Set2 + qualitative.Pastel1
-EDGE_DOTS = (0.5, 0.4, 0.6, 0.3, 0.7, 0.2, 0.8)  # where along its edge a clickable dot may sit
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -161,21 +161,9 @@ def _shown_nodes(graph, nodes_per_layer: int | None) -> list[int]:
     return ys
 
 
-def _edge_dots(mids: list[tuple[int, int, int, float]]) -> list[tuple[float, float]]:
-    """(x, y) of each edge's clickable dot: the first point along the edge (middle first, `EDGE_DOTS`) clear of
-    the dots placed before it. Middles alone coincide for every pair of edges whose nodes have equal sums (n -> o
-    and o -> n among them), and a click could reach only one of them."""
-    placed: dict[int, list[tuple[float, float]]] = {}
-    dots = []
-    for s, o, n, _ in mids:
-        taken = placed.setdefault(s, [])
-        for t in EDGE_DOTS:
-            x, y = s + t, -(n + t * (o - n))
-            if all(abs(x - a) > 0.05 or abs(y - b) > 0.45 for a, b in taken):
-                break
-        taken.append((x, y))
-        dots.append((x, y))
-    return dots
+def _along(s: int, n: int, o: int):
+    """The edge from node n of column s to node o of column s + 1, as t -> (x, y) (nodes are drawn at y = -node)."""
+    return lambda t: (s + t, -(n + t * (o - n)))
 
 
 def _graph_edges(graph, threshold: float, show_const: bool, nodes_per_layer: int | None) -> list[go.Scatter]:
@@ -207,7 +195,7 @@ def _graph_edges(graph, threshold: float, show_const: bool, nodes_per_layer: int
         )
         for b, (xs, yy) in sorted(buckets.items())
     ]
-    dots = _edge_dots(mids)
+    dots = edge_dots([_along(s, n, o) for s, o, n, _ in mids], gap=(0.05, 0.45))
     traces.append(
         go.Scatter(
             x=[x for x, _ in dots],
