@@ -808,7 +808,7 @@ def test_a_sweep_splits_a_job_the_server_cannot_hold(ndif, remote_model, local_m
     real, sizes = engine.job_logits, []
 
     def refuse_more_than_one_row(model, s, job, run=None):
-        sizes.append(sum(len(u.cells) for u in job))
+        sizes.append(sum(len(unit.cells) for unit, _ in job))
         if sizes[-1] > 1:
             raise JobTooLarge("the server ran out of memory")
         return real(model, s, job, run)

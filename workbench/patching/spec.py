@@ -139,6 +139,26 @@ class PatchSpec(PairedSpec):
         """Patched runs per pair and (site, layer): position groups x heads."""
         return len(self.groups) * self.n_heads
 
+    @property
+    def grid_shape(self) -> tuple[int, ...]:
+        """The result's raw axes: [metric, pair, site, layer, position group(, head)]."""
+        heads = (self.n_heads,) if self.heads else ()
+        return (
+            len(self.metrics),
+            self.pairs.n_pairs,
+            len(self.sites),
+            len(self.layers),
+            len(self.groups),
+            *heads,
+        )
+
+    def empty_raw(self) -> torch.Tensor:
+        """NaN [metric, pair, site, layer, cell] for a sweep to fill; ``.view(grid_shape)`` gives the result's axes."""
+        return torch.full(
+            (len(self.metrics), self.pairs.n_pairs, len(self.sites), len(self.layers), self.cells),
+            float("nan"),
+        )
+
     # -- what it records -----------------------------------------------------------------------------
     def arguments(self) -> dict[str, Any]:
         """The engine call's arguments as plain data: prompts as text where given as text."""

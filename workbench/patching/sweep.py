@@ -286,6 +286,12 @@ def bytes_per_row(model, s: PatchSpec) -> int:
     return row_bytes(model, t, logit_pos=t if s.all_positions else 1)
 
 
+def rows_per_chunk(model, s: PatchSpec, run: Run, *, suffix: bool) -> int:
+    """Patched runs per forward pass (with `suffix`: each also holds the base run's keys and values)."""
+    per_row = bytes_per_row(model, s) + (row_bytes(model, 0, kv_pos=s.pairs.n_pos) if suffix else 0)
+    return run.rows_per_chunk(per_row, model, _DEFAULT_MAX_ROWS.get(torch.device(model.device).type, 128))
+
+
 def make_result(
     model, s: PatchSpec, method: str, raw, clean, corrupt, options: dict, *, complete: bool = True
 ) -> PatchingResult:
@@ -411,13 +417,10 @@ def sweep(
     if not reuses_cache(model) and in_batch_off(s) is None:
         return remote_sweep(model, s, run, warn)
     no_suffix = suffix_reuse(model, s)
-    default_max = _DEFAULT_MAX_ROWS.get(torch.device(model.device).type, 128)
-    per_row = bytes_per_row(model, s) + (0 if no_suffix else row_bytes(model, 0, kv_pos=s.pairs.n_pos))
-    chunk = run.rows_per_chunk(per_row, model, default_max)
+    chunk = rows_per_chunk(model, s, run, suffix=no_suffix is None)
     cache = read_caches(model, s, chunk=chunk, kv=no_suffix is None, run=run)
     clean_m, corrupt_m, clean_lp = baselines(s, cache["logits"])
     check_baselines(s, clean_m, corrupt_m)
-    n = s.pairs.n_pairs
     base_half, source_half = s.halves()
     kv = (
         [(k[base_half], v[base_half]) for k, v in (cache[("kv", i)] for i in range(model.cfg.n_layers))]
@@ -425,10 +428,7 @@ def sweep(
         else None
     )
     units = plan(s, chunk, suffix=no_suffix is None)
-    raw = torch.full((len(s.metrics), n, len(s.sites), len(s.layers), s.cells), float("nan"))
-    shape = (len(s.metrics), n, len(s.sites), len(s.layers), len(s.groups)) + (
-        (s.n_heads,) if s.heads else ()
-    )
+    raw = s.empty_raw()
     options = {
         "memory_budget": run.memory_budget,
         "batch_size": chunk,
@@ -453,12 +453,14 @@ def sweep(
             raw[:, rows.pair.cpu(), s.sites.index(site), s.layers.index(layer), rows.cell.cpu()] = values
         done[0] += 1
         if run.on_partial is not None and done[0] < len(by_layer):
-            partial = make_partial(model, s, raw.view(shape).clone(), clean_m, corrupt_m, options, done[0])
+            partial = make_partial(
+                model, s, raw.view(s.grid_shape).clone(), clean_m, corrupt_m, options, done[0]
+            )
             run.partial(partial)
 
     # one progress step (and one partial picture) per (site, layer)
     run.map(list(by_layer), run_layer, desc=f"patching {'+'.join(s.sites)}")
-    result = make_result(model, s, "exact", raw.view(shape), clean_m, corrupt_m, options)
+    result = make_result(model, s, "exact", raw.view(s.grid_shape), clean_m, corrupt_m, options)
     return warn_baselines(result) if warn else result
 
 
@@ -516,14 +518,13 @@ def jobs(s: PatchSpec, chunk: int) -> list[list[Unit]]:
     return packed
 
 
-def job_logits(model, s: PatchSpec, job: list[Unit], run: Run | None = None):
+def job_logits(model, s: PatchSpec, job: list[tuple[Unit, Rows]], run: Run | None = None):
     """Logits [2 * pair + row, pos, d_vocab] (pos 1 unless a metric reads every position) of one job: the clean
-    rows, the corrupt rows, then each unit's patched rows in order."""
+    rows, the corrupt rows, then each unit's patched `Rows` in order."""
     n = s.pairs.n_pairs
     source = s.halves()[1].start  # the source run's first row in [clean; corrupt]
     tokens, writes, offset = [s.pairs.clean, s.pairs.corrupt], {}, 2 * n
-    for unit in job:
-        rows = _rows(s, list(unit.cells), torch.device("cpu"))
+    for unit, rows in job:
         tokens.append(s.base_tokens[rows.pair])
         dst, t, src, h = writes.setdefault((unit.site, unit.layer), ([], [], [], []))
         dst.append(offset + rows.r), t.append(rows.t), src.append(source + rows.p), h.append(rows.h)
@@ -559,12 +560,13 @@ def sweep_in_batch(model, s: PatchSpec, chunk: int, run: Run):
     """raw [metric, pair, site, layer, cell], the clean and corrupt metric values [metric, pair], and how many jobs
     ran. A job NDIF refuses as too large (`JobTooLarge`) runs again as two jobs of half its rows."""
     n = s.pairs.n_pairs
-    raw = torch.full((len(s.metrics), n, len(s.sites), len(s.layers), s.cells), float("nan"))
+    raw = s.empty_raw()
     found: dict = {"jobs": 0}
 
     def run_job(job: list[Unit]) -> None:
+        job_rows = [(unit, _rows(s, list(unit.cells), torch.device("cpu"))) for unit in job]
         try:
-            logits = job_logits(model, s, job, run).cpu()
+            logits = job_logits(model, s, job_rows, run).cpu()
         except JobTooLarge as err:
             halves = split_job(job)
             if halves is None:
@@ -577,8 +579,7 @@ def sweep_in_batch(model, s: PatchSpec, chunk: int, run: Run):
             found["clean"], found["corrupt"], found["clean_lp"] = baselines(s, logits[: 2 * n])
             check_baselines(s, found["clean"], found["corrupt"])
         offset = 2 * n
-        for unit in job:
-            rows = _rows(s, list(unit.cells), torch.device("cpu"))
+        for unit, rows in job_rows:
             part = logits[offset : offset + len(rows.pair)]
             values = s.evaluate(part, rows.pair, found["clean_lp"]).cpu()
             raw[:, rows.pair, s.sites.index(unit.site), s.layers.index(unit.layer), rows.cell] = values
@@ -588,16 +589,10 @@ def sweep_in_batch(model, s: PatchSpec, chunk: int, run: Run):
     return raw, found["clean"], found["corrupt"], found["jobs"]
 
 
-def in_batch_chunk(model, s: PatchSpec, run: Run) -> int:
-    """Rows per job of a remote sweep (the clean and corrupt rows included)."""
-    default_max = _DEFAULT_MAX_ROWS.get(torch.device(model.device).type, 128)
-    return run.rows_per_chunk(bytes_per_row(model, s), model, default_max)
-
-
 def remote_jobs(model, s: PatchSpec, run: Run | None = None) -> int:
     """How many NDIF jobs `sweep` sends for `s` on a remote `model` (with `run`'s memory budget and batch size)."""
     run = run or Run(progress=False)
-    chunk = in_batch_chunk(model, s, run)
+    chunk = rows_per_chunk(model, s, run, suffix=False)
     if in_batch_off(s) is None:
         return len(jobs(s, chunk))
     cache_jobs = -(-2 * s.pairs.n_pairs // chunk)
@@ -606,11 +601,8 @@ def remote_jobs(model, s: PatchSpec, run: Run | None = None) -> int:
 
 def remote_sweep(model, s: PatchSpec, run: Run, warn: bool) -> PatchingResult:
     """`sweep` for a model whose runs cannot start from a local cache (NDIF, the dry run): `sweep_in_batch`."""
-    chunk = in_batch_chunk(model, s, run)
+    chunk = rows_per_chunk(model, s, run, suffix=False)  # (the clean and corrupt rows included)
     raw, clean_m, corrupt_m, n_jobs = sweep_in_batch(model, s, chunk, run)
-    shape = (len(s.metrics), s.pairs.n_pairs, len(s.sites), len(s.layers), len(s.groups)) + (
-        (s.n_heads,) if s.heads else ()
-    )
     options = {
         "memory_budget": run.memory_budget,
         "batch_size": chunk,
@@ -619,5 +611,5 @@ def remote_sweep(model, s: PatchSpec, run: Run, warn: bool) -> PatchingResult:
         "in_batch": True,
         "jobs": n_jobs,
     }
-    result = make_result(model, s, "exact", raw.view(shape), clean_m, corrupt_m, options)
+    result = make_result(model, s, "exact", raw.view(s.grid_shape), clean_m, corrupt_m, options)
     return warn_baselines(result) if warn else result
