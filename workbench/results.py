@@ -209,9 +209,8 @@ class Result:
 
     def plot(self, **kwargs):
         """The default figure for this result (plotly): the builder `workbench.viz` registered for its type."""
-        from workbench import (
-            viz,  # plotly and every figure builder load on the first figure, not with the engines
-        )
+        # plotly and every figure builder load on the first figure, not with the engines
+        from workbench import viz
 
         return viz.default_figure(self, **kwargs)
 
