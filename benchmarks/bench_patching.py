@@ -1,17 +1,20 @@
 """Activation patching: a full resid_pre layer x position denoising sweep.
 
 Cases: GPT-2-small shapes (12 layers, d_model 768, vocab 50257, random weights, float32), 8 clean/corrupt pairs of
-16 tokens, and of 64 tokens (the corrupt prompt differs at 2 positions), metric = logit difference at the last
-position averaged over pairs: 12 x 16 = 192 (12 x 64 = 768) patched runs of 8 pairs.
+16 tokens, and of 64 tokens (the corrupt prompt differs at 2 random positions after the first), metric = logit
+difference at the last position averaged over pairs: 12 x 16 = 192 (12 x 64 = 768) patched runs of 8 pairs.
 
 Columns:
-- workbench: `workbench.patching.sweep(..., site="resid_pre")` (also computes logprob, prob and KL per pair); a
-  row patched at position p runs only positions >= p, on the base run's keys and values (causal-suffix reuse).
-- lower bound: hand-written plain PyTorch on the same module doing the same work: per layer and bucket of start
-  positions, the corrupt run's cached keys and values for the earlier positions (the model's own KV cache), the
-  blocks below the patched layer replaced by their cached output, logits at the last position.
-- prefix bound (notes): the bound without suffix reuse (all positions run; batch 128 per layer), and the
-  workbench with suffix reuse switched off ("full path"): the ratio workbench / full path is what reuse saves.
+- workbench: `workbench.patching.sweep(..., site="resid_pre")` (also computes logprob, prob and KL per pair), with
+  causal reuse: a run patched at a position inside the prefix its two prompts share is the corrupt run (its
+  values are copied), and a run patched at position p runs only positions >= p, on the base run's keys and values.
+- lower bound: hand-written plain PyTorch on the same module doing the same work: the same runs copied, then per
+  layer and bucket of start positions, the corrupt run's cached keys and values for the earlier positions (the
+  model's own KV cache), the blocks below the patched layer replaced by their cached output, logits at the last
+  position.
+- notes: the prefix bound (the bound without causal reuse: all runs, all positions; batch 128 per layer), the
+  workbench without causal reuse ("full path", how sweeps ran before it: the ratio workbench / full path is what
+  reuse saves) and, on the short case, with suffix reuse alone (no runs copied).
 - TransformerLens: `get_act_patch_resid_pre` on a `TransformerBridge` over a copy of the same weights (skipped
   when transformer_lens is not installed; 16 tokens only).
 
@@ -20,8 +23,10 @@ Run: ``python -m benchmarks.bench_patching [cpu|gpu|smoke]`` (smoke: a tiny mode
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import importlib
+import io
 import os
 import sys
 import warnings
@@ -135,19 +140,51 @@ def lower_bound(hf_model, clean, corrupt, answers) -> torch.Tensor:
     return out
 
 
+def shared_prefix(clean, corrupt) -> torch.Tensor:
+    """[pair] how many leading tokens a pair's prompts share: a patch at an earlier position writes the value the
+    corrupt run already has, so its run is the corrupt run."""
+    return (clean == corrupt).int().cumprod(1).sum(1)
+
+
 def workbench_full_path(model, clean, corrupt, answers) -> torch.Tensor:
-    """The workbench sweep with causal-suffix reuse switched off (every patched run computes every position)."""
+    """The workbench sweep as it ran before causal reuse: every patched run computes every position, none is
+    left out (no suffix reuse, no copying of runs the shared prefix leaves unchanged)."""
+    return workbench_suffix_only(model, clean, corrupt, answers, reuse=False)
+
+
+def workbench_suffix_only(model, clean, corrupt, answers, reuse: bool = True) -> torch.Tensor:
+    """The workbench sweep without copying unchanged runs (with `reuse`: suffix reuse on)."""
+    from workbench.patching.spec import PatchSpec
+
     module = importlib.import_module("workbench.patching.sweep")
-    with mock.patch.object(module, "suffix_reuse", lambda model, s: "switched off"):
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(mock.patch.object(PatchSpec, "unchanged", lambda self: frozenset()))
+        if not reuse:
+            stack.enter_context(mock.patch.object(module, "suffix_reuse", lambda model, s: "switched off"))
         return workbench_sweep(model, clean, corrupt, answers)
+
+
+def _buckets(shared: torch.Tensor, n_pos: int, bucket_rows: int) -> list[tuple[int, list[tuple[int, int]]]]:
+    """[(first position, [(pair, position)])]: the patched runs left after the shared prefix, position by position,
+    about `bucket_rows` a bucket (the workbench's rule)."""
+    out: list[tuple[int, list[tuple[int, int]]]] = []
+    for pos in range(n_pos):
+        runs = [(pair, pos) for pair in range(len(shared)) if pos >= shared[pair]]
+        if not runs:
+            continue
+        if not out or len(out[-1][1]) >= bucket_rows:
+            out.append((pos, []))
+        out[-1][1].extend(runs)
+    return out
 
 
 @torch.no_grad()
 def suffix_lower_bound(hf_model, clean, corrupt, answers, bucket_rows: int = 32) -> torch.Tensor:
-    """Plain PyTorch with causal-suffix reuse: [layer, pos] mean logit difference. Per layer and bucket of
-    patched positions (about `bucket_rows` rows), the rows run positions s.. (s: the bucket's first position)
-    on the corrupt run's keys and values of positions < s (the model's own DynamicCache), blocks below the
-    layer replaced by the patched residual, logits at the last position."""
+    """Plain PyTorch with causal reuse: [layer, pos] mean logit difference. Patched runs at a position inside the
+    prompts' shared prefix are the corrupt run (its logit difference is copied). The others, per layer and bucket
+    of patched positions (about `bucket_rows` runs), run positions s.. (s: the bucket's first position) on the
+    corrupt run's keys and values of positions < s (the model's own DynamicCache), blocks below the layer replaced
+    by the patched residual, logits at the last position."""
     from transformers import DynamicCache
 
     blocks = hf_model.transformer.h
@@ -162,18 +199,27 @@ def suffix_lower_bound(hf_model, clean, corrupt, answers, bucket_rows: int = 32)
         for layer in range(n_layers)
     ]
     try:
-        past = hf_model(torch.cat([clean, corrupt]), use_cache=True, logits_to_keep=1).past_key_values
+        base = hf_model(torch.cat([clean, corrupt]), use_cache=True, logits_to_keep=1)
     finally:
         for h in hooks:
             h.remove()
-    kv = [(layer.keys[n_pairs:], layer.values[n_pairs:]) for layer in past.layers]
-    width = max(1, -(-bucket_rows // n_pairs))
-    out = torch.zeros(n_layers, n_pos)
+
+    def logit_diff(logits, pair):
+        a = answers[pair]
+        return logits.gather(-1, a[:, :1])[:, 0] - logits.gather(-1, a[:, 1:])[:, 0]
+
+    kv = [(layer.keys[n_pairs:], layer.values[n_pairs:]) for layer in base.past_key_values.layers]
+    shared = shared_prefix(clean, corrupt).cpu()
+    corrupt_diff = logit_diff(base.logits[n_pairs:, -1], torch.arange(n_pairs, device=device)).cpu()
+    copied = torch.zeros(n_pos)
+    for pair, n in enumerate(shared.tolist()):
+        copied[:n] += corrupt_diff[pair] / n_pairs
+    out = copied.repeat(n_layers, 1)
+    buckets = _buckets(shared, n_pos, bucket_rows)
     for layer in range(n_layers):
-        for s in range(0, n_pos, width):
-            positions = torch.arange(s, min(n_pos, s + width), device=device)
-            pair = torch.arange(n_pairs, device=device).repeat(len(positions))
-            pos = positions.repeat_interleave(n_pairs)
+        for s, runs in buckets:
+            pair = torch.tensor([r[0] for r in runs], device=device)
+            pos = torch.tensor([r[1] for r in runs], device=device)
             rows = torch.arange(len(pair), device=device)
             x = resid[layer][n_pairs:][pair, s:].clone()
             x[rows, pos - s] = resid[layer][:n_pairs][pair, pos]
@@ -199,9 +245,7 @@ def suffix_lower_bound(hf_model, clean, corrupt, answers, bucket_rows: int = 32)
                     blocks[i] = block
                 if hook is not None:
                     hook.remove()
-            a = answers[pair]
-            diff = logits.gather(-1, a[:, :1])[:, 0] - logits.gather(-1, a[:, 1:])[:, 0]
-            out[layer].index_add_(0, pos.cpu(), diff.cpu() / n_pairs)
+            out[layer].index_add_(0, pos.cpu(), logit_diff(logits, pair).cpu() / n_pairs)
     return out
 
 
@@ -231,9 +275,6 @@ def transformer_lens_sweep(bridge, clean, corrupt, answers) -> torch.Tensor:
         last = logits[:, -1]
         return (last.gather(-1, answers[:, :1])[:, 0] - last.gather(-1, answers[:, 1:])[:, 0]).mean()
 
-    import contextlib
-    import io
-
     with contextlib.redirect_stderr(io.StringIO()):  # its tqdm bar
         return patching.get_act_patch_resid_pre(bridge, corrupt, clean_cache, logit_diff).cpu()
 
@@ -254,6 +295,8 @@ def _case(size: str, device: str, n_pos: int, repeats: int, peers: bool) -> dict
         "full path": lambda: workbench_full_path(model, clean, corrupt, answers),
         "prefix bound": lambda: lower_bound(model.module, clean, corrupt, answers),
     }
+    if peers:  # what each part of the reuse saves, on the short case only (the long one is slow without it)
+        fns["suffix reuse only"] = lambda: workbench_suffix_only(model, clean, corrupt, answers)
     tl_note = ""
     if peers:
         try:
@@ -268,7 +311,7 @@ def _case(size: str, device: str, n_pos: int, repeats: int, peers: bool) -> dict
     diffs = {name: float((g - grids["workbench"]).abs().max()) for name, g in grids.items()}
     # the targets are tight: time the workbench, its bounds and its own full path alternately; TransformerLens
     # (several times slower) once, to keep the case near a few minutes on 2 cores
-    timed = ("workbench", "lower bound", "full path", "prefix bound")
+    timed = [k for k in fns if k != "TransformerLens"]
     times = interleaved_medians({k: fns[k] for k in timed}, repeats=repeats, warmup=0)
     if "TransformerLens" in fns:
         times["TransformerLens"] = median_time(fns["TransformerLens"], repeats=1, warmup=0)
@@ -283,9 +326,19 @@ def _case(size: str, device: str, n_pos: int, repeats: int, peers: bool) -> dict
         and max(diffs.values()) <= 1e-4
         and (tl_speedup is None or tl_speedup >= 5)
     )
+    shared = shared_prefix(clean, corrupt)
+    copied = int(shared.clamp(max=n_pos).sum()) * model.cfg.n_layers
+    only = times.get("suffix reuse only")
     notes = (
         tl_note
-        + f"workbench / its full path (no suffix reuse) = {saved:.2f}x (target <= {saved_target}); "
+        + f"workbench / its full path (no causal reuse) = {saved:.2f}x (target <= {saved_target}); "
+        + f"{copied} of {clean.numel() * model.cfg.n_layers} patched runs copied from the corrupt run (positions "
+        + f"inside the prompts' shared prefix, {shared.tolist()} tokens per pair)"
+        + (
+            f", suffix reuse alone {only:.2f} s ({only / times['full path']:.2f}x the full path); "
+            if only
+            else "; "
+        )
         + f"full path {times['full path']:.2f} s; prefix-skipping bound {times['prefix bound']:.2f} s "
         + f"(workbench = {times['workbench'] / times['prefix bound']:.2f}x it); "
         + "; ".join(f"max |{k} - workbench| = {v:.2g}" for k, v in diffs.items() if k != "workbench")

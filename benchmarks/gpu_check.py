@@ -5,8 +5,9 @@
 
 On the chosen device, for the demo model's IOI task (one template, so all prompts share a token length):
 
-- `patching.sweep` over resid_pre, attn_out, mlp_out and resid_post, and over every head's z, with causal-suffix
-  reuse on and switched off: the grids must agree to 1e-4 (float32);
+- `patching.sweep` over resid_pre, attn_out, mlp_out and resid_post, and over every head's z, with causal reuse
+  (suffix reuse where the device uses it, runs inside the shared prefix copied) on and switched off: the grids must
+  agree to 1e-4 (float32);
 - `patching.attribute` over the same block grid against the exact sweep: Pearson correlation (all cells and per
   site), Spearman, top-10 agreement; reported, not judged (it is the model's property);
 - `lnfree.preview` on the demo corpus and `plateau.probe` on IOI prompts (with reference statistics of the
@@ -97,9 +98,15 @@ def _timed(out: dict, key: str):
 
 
 @contextlib.contextmanager
-def _no_suffix_reuse():
+def _no_causal_reuse():
+    """Sweeps that run every patched run on every position (no suffix reuse, no runs copied from the base run)."""
+    from workbench.patching.spec import PatchSpec
+
     module = importlib.import_module("workbench.patching.sweep")
-    with mock.patch.object(module, "suffix_reuse", lambda model, s: "switched off by the check"):
+    with (
+        mock.patch.object(module, "suffix_reuse", lambda model, s: "switched off by the check"),
+        mock.patch.object(PatchSpec, "unchanged", lambda self: frozenset()),
+    ):
         yield
 
 
@@ -111,7 +118,7 @@ def _sweeps(model, pairs, seconds: dict, tag: str) -> dict:
         blocks = sweep(model, pairs, site=BLOCK_SITES, **kw)
     with _timed(seconds, f"sweep_heads_{tag}"):
         heads = sweep(model, pairs, site="z", **kw)
-    with _no_suffix_reuse():
+    with _no_causal_reuse():
         with _timed(seconds, f"sweep_blocks_full_path_{tag}"):
             blocks_full = sweep(model, pairs, site=BLOCK_SITES, **kw)
         heads_full = sweep(model, pairs, site="z", **kw)

@@ -773,7 +773,7 @@ def test_a_remote_sweep_is_one_job_unless_the_batch_size_splits_it(
         remote_model, CLEAN, CORRUPT, ANSWERS, site=sites, direction="denoising", layers=None, positions="each",
         heads=None, metric="logit_diff",
     )  # fmt: skip
-    rows = 2 + len(spec.groups) * remote_model.cfg.n_layers * len(sites)
+    rows = 2 + (len(spec.groups) - len(spec.unchanged())) * remote_model.cfg.n_layers * len(sites)
     assert counts[0] == 1 and results[0].provenance.options["in_batch"], counts
     assert counts[1] == remote_jobs(remote_model, spec, Run(batch_size=24)) >= -(-rows // 24), counts
     for got in results:
@@ -796,10 +796,11 @@ def test_a_sweep_splits_a_job_the_server_cannot_hold(ndif, remote_model, local_m
     from workbench.errors import JobTooLarge
     from workbench.patching import sweep
 
-    kwargs = {"site": "resid_pre", "layers": [1], "positions": [9, -1], "progress": False}
+    # (positions after the prompts' shared prefix: a patch inside it is copied from the corrupt run, never sent)
+    kwargs = {"site": "resid_pre", "layers": [1], "positions": [10, -1], "progress": False}
     ndif.scenario(fail="torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 80.00 GiB")
     before = ndif.stats()["requests"]
-    with pytest.raises(JobTooLarge, match="out of memory.*One patched run is the smallest job"):
+    with pytest.raises(JobTooLarge, match="out of memory.*with one patched run are the smallest job"):
         with RemoteRunner():
             sweep(remote_model, CLEAN, CORRUPT, ANSWERS, **kwargs)
     assert ndif.stats()["requests"] - before == 2  # the two-row job, then its first row alone
@@ -818,7 +819,10 @@ def test_a_sweep_splits_a_job_the_server_cannot_hold(ndif, remote_model, local_m
         got = sweep(remote_model, CLEAN, CORRUPT, ANSWERS, site=["resid_pre", "mlp_out"], progress=False)
     want = sweep(local_model, CLEAN, CORRUPT, ANSWERS, site=["resid_pre", "mlp_out"], progress=False)
     torch.testing.assert_close(got.raw, want.raw, atol=1e-5, rtol=1e-5)
-    assert got.provenance.options["jobs"] == sizes.count(1) == got.raw[0].numel() and sizes[0] > 1
+    # runs patched inside the prompts' shared prefix are the corrupt run: copied, never sent
+    copied = got.provenance.options["unchanged_cells"] * 2 * remote_model.cfg.n_layers
+    assert copied > 0 and sizes[0] > 1
+    assert got.provenance.options["jobs"] == sizes.count(1) == got.raw[0].numel() - copied
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,6 @@
-"""Causal-suffix reuse: a sweep's rows patched at position p run only positions >= p on top of the base run's
-keys and values. Its numbers must equal the full recomputation's, on every family, site and direction."""
+"""Causal reuse: a sweep's rows patched at position p run only positions >= p on top of the base run's keys and
+values, and rows patched inside the prefix both prompts share are the base run (copied, not run). Their numbers
+must equal the full recomputation's, on every family, site and direction."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from workbench.core import Run
 from workbench.models import load_model
 from workbench.models.toy import random_model
 from workbench.patching import sweep
+from workbench.patching.spec import PatchSpec
 
 sweep_module = importlib.import_module("workbench.patching.sweep")
 
@@ -83,3 +85,79 @@ def test_a_gpu_model_runs_full_batches_and_says_why():
     # (measured on an H200: the position buckets' smaller batches were slower there; see benchmarks/README.md)
     gpu_model = types.SimpleNamespace(remote=False, device="cuda:0")
     assert sweep_module.suffix_reuse(gpu_model, None) == "on a GPU the full batches are faster"
+
+
+# the second pair's prompts differ from the third token on, the first pair's from the eleventh
+TWO_CLEAN = [CLEAN[0], CLEAN[0]]
+TWO_CORRUPT = [CORRUPT[0], "When Anna and John went to the store , John gave a drink to"]
+
+
+def _spec(model, clean=TWO_CLEAN, corrupt=TWO_CORRUPT, **kwargs) -> PatchSpec:
+    options = {
+        "site": "resid_pre",
+        "direction": "denoising",
+        "layers": None,
+        "positions": "each",
+        "heads": None,
+    }
+    return PatchSpec.resolve(model, clean, corrupt, ANSWERS * 2, metric="logit_diff", **{**options, **kwargs})
+
+
+def test_unchanged_cells_are_the_position_groups_inside_the_shared_prefix():
+    model = random_model("gpt2", seed=1)
+    assert model.to_tokens(TWO_CLEAN[0]).shape[-1] == 15  # BOS + 14 words: "John" / "Mary" at 10, "Anna" at 2
+    s = _spec(model, positions=[[0, 1], [1, 2], 9, [3, 10], 10])
+    assert s.unchanged() == {(0, 0), (0, 1), (0, 2), (1, 0)}
+    assert _spec(model, positions="together").unchanged() == frozenset()
+    same = _spec(model, corrupt=[CLEAN[0], TWO_CORRUPT[1]], positions="together", site="z")
+    assert same.unchanged() == {(0, 0)}  # a pair of identical prompts: every patch is a no-op
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_runs_inside_the_shared_prefix_are_copied_and_equal_running_them(family, monkeypatch):
+    model = random_model(family, seed=5)
+    for direction, kwargs in [
+        ("denoising", {"site": ["resid_pre", "attn_out", "mlp_out"]}),
+        ("noising", {"site": ["resid_post", "mlp_out"]}),
+        ("denoising", {"site": ["z", "pattern"], "layers": [1]}),
+        ("noising", {"site": "z", "layers": [0], "positions": [[1, 2], 9, -1]}),
+    ]:
+        copied = sweep(
+            model, TWO_CLEAN, TWO_CORRUPT, ANSWERS * 2, direction=direction, **kwargs, progress=False
+        )
+        with monkeypatch.context() as m:
+            m.setattr(PatchSpec, "unchanged", lambda self: frozenset())
+            ran = sweep(
+                model, TWO_CLEAN, TWO_CORRUPT, ANSWERS * 2, direction=direction, **kwargs, progress=False
+            )
+        n = copied.provenance.options["unchanged_cells"]
+        assert n == (2 if "positions" in kwargs else 12) and ran.provenance.options["unchanged_cells"] == 0
+        torch.testing.assert_close(copied.raw, ran.raw, atol=1e-5, rtol=0)
+        base = copied.corrupt if direction == "denoising" else copied.clean  # [metric, pair]
+        first = copied.raw[:, 0, ..., 0, :] if copied.heads else copied.raw[:, 0, ..., 0]  # pair 0, group 0
+        assert (first == base[:, 0].view(-1, *[1] * (first.dim() - 1))).all()
+
+
+def test_a_pair_of_identical_prompts_runs_no_patched_run(monkeypatch):
+    model = random_model("gpt2", seed=2)
+    pairs = []
+    real = sweep_module.patched_logits
+
+    def record(model, s, site, layer, rows, *args, **kwargs):
+        pairs.extend(rows.pair.tolist())
+        return real(model, s, site, layer, rows, *args, **kwargs)
+
+    monkeypatch.setattr(sweep_module, "patched_logits", record)
+    clean, corrupt = TWO_CLEAN, [CLEAN[0], TWO_CORRUPT[1]]
+    result = sweep(model, clean, corrupt, ANSWERS * 2, site=["resid_pre", "mlp_out"], progress=False, warn=False)
+    assert 0 not in pairs and 1 in pairs and result.provenance.options["unchanged_cells"] == 15 + 2
+    assert (result.raw[:, 0] == result.corrupt[:, 0].view(-1, 1, 1, 1)).all()
+
+
+def test_partial_results_show_the_copied_runs_with_their_layer():
+    """A layer's row of the heatmap appears whole: its copied runs are not drawn before its other runs."""
+    model = random_model("gpt2", seed=1)
+    seen = []
+    sweep(model, CLEAN, CORRUPT, ANSWERS, run=Run(progress=False, on_partial=seen.append), warn=False)
+    (partial,) = seen
+    assert torch.isfinite(partial.raw[:, :, :, 0]).all() and torch.isnan(partial.raw[:, :, :, 1]).all()

@@ -152,6 +152,15 @@ class PatchSpec(PairedSpec):
             *heads,
         )
 
+    def unchanged(self) -> frozenset[tuple[int, int]]:
+        """(pair, position group) whose patch writes the value the base run already holds: every position of the
+        group lies in the prefix the pair's prompts share, where a causal model computes the same activations in
+        both runs. Their patched runs are the base run: a sweep copies its metric values instead of running them."""
+        shared = (self.pairs.clean == self.pairs.corrupt).int().cumprod(1).sum(1).tolist()  # [pair]
+        return frozenset(
+            (pi, g) for pi, n in enumerate(shared) for g, group in enumerate(self.groups) if max(group) < n
+        )
+
     def empty_raw(self) -> torch.Tensor:
         """NaN [metric, pair, site, layer, cell] for a sweep to fill; ``.view(grid_shape)`` gives the result's axes."""
         return torch.full(

@@ -187,23 +187,29 @@ def suffix_reuse(model, s: PatchSpec) -> str | None:
     return None
 
 
-def plan(s: PatchSpec, chunk: int, suffix: bool) -> list[Unit]:
-    """The forward passes of a sweep. Without `suffix`: per (site, layer), rows pair-major in chunks of `chunk`.
-    With it: per (site, layer), position groups are bucketed by their first position (about
-    `SUFFIX_BUCKET_ROWS` rows a bucket) and each bucket runs from its smallest first position."""
-    n = s.pairs.n_pairs
+def plan(
+    s: PatchSpec, chunk: int, suffix: bool, skip: frozenset[tuple[int, int]] = frozenset()
+) -> list[Unit]:
+    """The forward passes of a sweep, leaving out the (pair, group) cells in `skip`. Without `suffix`: per (site,
+    layer), rows pair-major in chunks of `chunk`. With it: per (site, layer), position groups in order of their
+    first position are bucketed (about `SUFFIX_BUCKET_ROWS` rows a bucket) and each bucket runs from its
+    smallest first position."""
+    n, heads = s.pairs.n_pairs, range(s.n_heads)
+
+    def kept(pairs, g):
+        return [(pi, g * s.n_heads + h) for pi in pairs if (pi, g) not in skip for h in heads]
+
     if not suffix:
-        cells = [(pi, c) for pi in range(n) for c in range(s.cells)]
-        buckets = [(0, cells)]
+        buckets = [(0, [cell for pi in range(n) for g in range(len(s.groups)) for cell in kept([pi], g)])]
     else:
-        order = sorted(range(len(s.groups)), key=lambda g: min(s.groups[g]))
-        per_group = n * s.n_heads
-        size = max(1, -(-SUFFIX_BUCKET_ROWS // per_group))
         buckets = []
-        for b in range(0, len(order), size):
-            groups = order[b : b + size]
-            cells = [(pi, g * s.n_heads + h) for g in groups for pi in range(n) for h in range(s.n_heads)]
-            buckets.append((min(min(s.groups[g]) for g in groups), cells))
+        for g in sorted(range(len(s.groups)), key=lambda g: min(s.groups[g])):
+            cells = kept(range(n), g)
+            if not cells:
+                continue
+            if not buckets or len(buckets[-1][1]) >= SUFFIX_BUCKET_ROWS:
+                buckets.append((min(s.groups[g]), []))
+            buckets[-1][1].extend(cells)
     return [
         Unit(site, layer, tuple(cells[a:b]), start)
         for site in s.sites
@@ -211,6 +217,17 @@ def plan(s: PatchSpec, chunk: int, suffix: bool) -> list[Unit]:
         for start, cells in buckets
         for a, b in chunks(len(cells), chunk)
     ]
+
+
+def fill_unchanged(
+    s: PatchSpec, raw: torch.Tensor, skip, clean, corrupt, site=slice(None), layer=slice(None)
+):
+    """Write the base run's metric values (from `clean` / `corrupt` [metric, pair]) into raw [metric, pair, site,
+    layer, cell] at the `skip` cells (`PatchSpec.unchanged`), whose patched runs are the base run (at the indices
+    `site` and `layer`, default all)."""
+    base = s.base_run(clean, corrupt)
+    for pi, g in skip:
+        raw[:, pi, site, layer, g * s.n_heads : (g + 1) * s.n_heads] = base[:, pi, None, None, None]
 
 
 def patched_logits(
@@ -421,36 +438,42 @@ def sweep(
     cache = read_caches(model, s, chunk=chunk, kv=no_suffix is None, run=run)
     clean_m, corrupt_m, clean_lp = baselines(s, cache["logits"])
     check_baselines(s, clean_m, corrupt_m)
+    skip = s.unchanged()
     base_half, source_half = s.halves()
     kv = (
         [(k[base_half], v[base_half]) for k, v in (cache[("kv", i)] for i in range(model.cfg.n_layers))]
         if (no_suffix is None)
         else None
     )
-    units = plan(s, chunk, suffix=no_suffix is None)
+    units = plan(s, chunk, suffix=no_suffix is None, skip=skip)
     raw = s.empty_raw()
     options = {
         "memory_budget": run.memory_budget,
         "batch_size": chunk,
         "suffix_reuse": no_suffix is None,
         **({"suffix_reuse_off": no_suffix} if no_suffix else {}),
+        "unchanged_cells": len(skip),
     }
-    by_layer: dict[tuple[str, int], list[Unit]] = {}
+    by_layer: dict[tuple[str, int], list[Unit]] = {
+        (site, layer): [] for site in s.sites for layer in s.layers
+    }
     for unit in units:
-        by_layer.setdefault((unit.site, unit.layer), []).append(unit)
+        by_layer[(unit.site, unit.layer)].append(unit)
     done = [0]
 
     def run_layer(key: tuple[str, int]) -> None:
         site, layer = key
         base_resid = cache[("resid_pre", layer)][base_half]
         source = cache[(site, layer)][source_half]
+        si, li = s.sites.index(site), s.layers.index(layer)
+        fill_unchanged(s, raw, skip, clean_m, corrupt_m, slice(si, si + 1), slice(li, li + 1))
         for unit in by_layer[key]:
             rows = _rows(s, list(unit.cells), base_resid.device)
             logits = patched_logits(
                 model, s, site, layer, rows, base_resid, source, start=unit.start, kv=kv, run=run
             )
             values = s.evaluate(logits, rows.pair, clean_lp).cpu()
-            raw[:, rows.pair.cpu(), s.sites.index(site), s.layers.index(layer), rows.cell.cpu()] = values
+            raw[:, rows.pair.cpu(), si, li, rows.cell.cpu()] = values
         done[0] += 1
         if run.on_partial is not None and done[0] < len(by_layer):
             partial = make_partial(
@@ -509,7 +532,7 @@ def jobs(s: PatchSpec, chunk: int) -> list[list[Unit]]:
     room = max(1, chunk - 2 * s.pairs.n_pairs)
     packed: list[list[Unit]] = [[]]
     used = 0
-    for unit in plan(s, room, suffix=False):
+    for unit in plan(s, room, suffix=False, skip=s.unchanged()):
         if used + len(unit.cells) > room:
             packed.append([])
             used = 0
@@ -547,6 +570,8 @@ def split_job(job: list[Unit]) -> tuple[list[Unit], list[Unit]] | None:
     """A job's patched rows in two halves (None: one row, nothing to split)."""
     if len(job) > 1:
         return job[: len(job) // 2], job[len(job) // 2 :]
+    if not job:  # only the clean and corrupt runs: every patched run is the base run (`PatchSpec.unchanged`)
+        return None
     (unit,) = job
     if len(unit.cells) < 2:
         return None
@@ -570,7 +595,9 @@ def sweep_in_batch(model, s: PatchSpec, chunk: int, run: Run):
         except JobTooLarge as err:
             halves = split_job(job)
             if halves is None:
-                raise JobTooLarge(f"{err} One patched run is the smallest job a sweep sends.") from err
+                raise JobTooLarge(
+                    f"{err} The clean and corrupt runs with one patched run are the smallest job a sweep sends."
+                ) from err
             for half in halves:
                 run_job(half)
             return
@@ -578,6 +605,7 @@ def sweep_in_batch(model, s: PatchSpec, chunk: int, run: Run):
         if "clean" not in found:
             found["clean"], found["corrupt"], found["clean_lp"] = baselines(s, logits[: 2 * n])
             check_baselines(s, found["clean"], found["corrupt"])
+            fill_unchanged(s, raw, s.unchanged(), found["clean"], found["corrupt"])
         offset = 2 * n
         for unit, rows in job_rows:
             part = logits[offset : offset + len(rows.pair)]
@@ -596,7 +624,7 @@ def remote_jobs(model, s: PatchSpec, run: Run | None = None) -> int:
     if in_batch_off(s) is None:
         return len(jobs(s, chunk))
     cache_jobs = -(-2 * s.pairs.n_pairs // chunk)
-    return cache_jobs + len(plan(s, chunk, suffix=False))
+    return cache_jobs + len(plan(s, chunk, suffix=False, skip=s.unchanged()))
 
 
 def remote_sweep(model, s: PatchSpec, run: Run, warn: bool) -> PatchingResult:
@@ -610,6 +638,7 @@ def remote_sweep(model, s: PatchSpec, run: Run, warn: bool) -> PatchingResult:
         "suffix_reuse_off": suffix_reuse(model, s),
         "in_batch": True,
         "jobs": n_jobs,
+        "unchanged_cells": len(s.unchanged()),
     }
     result = make_result(model, s, "exact", raw.view(s.grid_shape), clean_m, corrupt_m, options)
     return warn_baselines(result) if warn else result
