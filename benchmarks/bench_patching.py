@@ -25,17 +25,23 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import importlib
 import io
 import os
 import sys
 import warnings
 from functools import partial
-from unittest import mock
 
 import torch
 
-from benchmarks.common import interleaved_medians, median_time, peak_memory_mb, prepare, row
+from benchmarks.common import (
+    causal_reuse_off,
+    interleaved_medians,
+    median_time,
+    peak_memory_mb,
+    prepare,
+    row,
+    shared_prefix,
+)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -140,27 +146,16 @@ def lower_bound(hf_model, clean, corrupt, answers) -> torch.Tensor:
     return out
 
 
-def shared_prefix(clean, corrupt) -> torch.Tensor:
-    """[pair] how many leading tokens a pair's prompts share: a patch at an earlier position writes the value the
-    corrupt run already has, so its run is the corrupt run."""
-    return (clean == corrupt).int().cumprod(1).sum(1)
-
-
 def workbench_full_path(model, clean, corrupt, answers) -> torch.Tensor:
     """The workbench sweep as it ran before causal reuse: every patched run computes every position, none is
     left out (no suffix reuse, no copying of runs the shared prefix leaves unchanged)."""
-    return workbench_suffix_only(model, clean, corrupt, answers, reuse=False)
+    with causal_reuse_off():
+        return workbench_sweep(model, clean, corrupt, answers)
 
 
-def workbench_suffix_only(model, clean, corrupt, answers, reuse: bool = True) -> torch.Tensor:
-    """The workbench sweep without copying unchanged runs (with `reuse`: suffix reuse on)."""
-    from workbench.patching.spec import PatchSpec
-
-    module = importlib.import_module("workbench.patching.sweep")
-    with contextlib.ExitStack() as stack:
-        stack.enter_context(mock.patch.object(PatchSpec, "unchanged", lambda self: frozenset()))
-        if not reuse:
-            stack.enter_context(mock.patch.object(module, "suffix_reuse", lambda model, s: "switched off"))
+def workbench_suffix_only(model, clean, corrupt, answers) -> torch.Tensor:
+    """The workbench sweep with suffix reuse but without copying unchanged runs."""
+    with causal_reuse_off(suffix=False):
         return workbench_sweep(model, clean, corrupt, answers)
 
 
@@ -327,7 +322,7 @@ def _case(size: str, device: str, n_pos: int, repeats: int, peers: bool) -> dict
         and (tl_speedup is None or tl_speedup >= 5)
     )
     shared = shared_prefix(clean, corrupt)
-    copied = int(shared.clamp(max=n_pos).sum()) * model.cfg.n_layers
+    copied = int(shared.sum()) * model.cfg.n_layers
     only = times.get("suffix reuse only")
     notes = (
         tl_note

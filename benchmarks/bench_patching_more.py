@@ -33,7 +33,15 @@ import sys
 
 import torch
 
-from benchmarks.common import interleaved_medians, median_time, peak_memory_mb, prepare, row
+from benchmarks.common import (
+    causal_reuse_off,
+    interleaved_medians,
+    median_time,
+    peak_memory_mb,
+    prepare,
+    row,
+    shared_prefix,
+)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -183,18 +191,20 @@ def lower_bound_sweep(case: Case, sites=SITES) -> torch.Tensor:
     clean, corrupt, answers = case.clean.to(dev), case.corrupt.to(dev), case.answers.to(dev)
     n_pairs, n_pos = clean.shape
     acts, base = plain_cache(hf, torch.cat([clean, corrupt]))
-    shared = (clean == corrupt).int().cumprod(1).sum(1)  # [pair]
+    shared = shared_prefix(clean, corrupt)
     pair, pos = (
         torch.arange(n_pairs, device=dev).repeat_interleave(n_pos),
         torch.arange(n_pos, device=dev).repeat(n_pairs),
     )
     copied = pos < shared[pair]
     base_diff = logit_diff(base[n_pairs:][pair[copied]], answers[pair[copied]])
-    kept = torch.zeros(n_pairs, n_pos).index_put_((pair[copied].cpu(), pos[copied].cpu()), base_diff.cpu())
+    copied_diff = torch.zeros(n_pairs, n_pos).index_put_(
+        (pair[copied].cpu(), pos[copied].cpu()), base_diff.cpu()
+    )
     pair, pos = pair[~copied], pos[~copied]
     rows = torch.arange(len(pair), device=dev)
     tokens = corrupt[pair]
-    out = kept.mean(0).repeat(len(sites), case.n_layers, 1)
+    out = copied_diff.mean(0).repeat(len(sites), case.n_layers, 1)
     for si, site in enumerate(sites):
         for layer in range(case.n_layers):
             x = acts[("resid_pre", layer)][n_pairs:][pair].clone()
@@ -591,23 +601,14 @@ def attribution_case(case: Case, shape: str, repeats: int) -> dict:
 def reuse_case(case: Case, shape: str, repeats: int, site) -> dict:
     """Causal reuse on a per-position sweep of `site`: the workbench against its own full path (every patched run
     run, computing every position), same process, alternating."""
-    import importlib
-    from unittest import mock
-
     from workbench.patching import sweep
-    from workbench.patching.spec import PatchSpec
-
-    module = importlib.import_module("workbench.patching.sweep")
 
     def wb():
         r = sweep(case.model, case.clean, case.corrupt, case.answers, site=site, progress=False, warn=False)
         return r.values("logit_diff", normalize=False)
 
     def full():
-        with (
-            mock.patch.object(module, "suffix_reuse", lambda model, s: "switched off"),
-            mock.patch.object(PatchSpec, "unchanged", lambda self: frozenset()),
-        ):
+        with causal_reuse_off():
             return wb()
 
     times, outputs, peak = _measure("workbench", {"workbench": wb, "lower bound": full}, {}, repeats)

@@ -8,12 +8,15 @@ plain-PyTorch lower bound and the peers in one process, alternating, and report 
 
 from __future__ import annotations
 
+import contextlib
 import gc
+import importlib
 import os
 import statistics
 import threading
 import time
 from collections.abc import Callable
+from unittest import mock
 
 import torch
 
@@ -27,6 +30,26 @@ def prepare(size: str, sizes) -> str:
     if size != "gpu":
         torch.set_num_threads(min(2, torch.get_num_threads()))
     return "cuda" if size == "gpu" and torch.cuda.is_available() else "cpu"
+
+
+def shared_prefix(clean: torch.Tensor, corrupt: torch.Tensor) -> torch.Tensor:
+    """[pair] how many leading tokens each pair's prompts [pair, pos] share: a patch at an earlier position writes
+    the value the patched run already has, so the workbench copies that run instead of running it."""
+    return (clean == corrupt).int().cumprod(1).sum(1)
+
+
+@contextlib.contextmanager
+def causal_reuse_off(suffix: bool = True):
+    """Sweeps inside run every patched run (no runs copied from the base run) and, with `suffix`, on every position
+    (no suffix reuse): how sweeps ran before causal reuse."""
+    from workbench.patching.spec import PatchSpec
+
+    module = importlib.import_module("workbench.patching.sweep")
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(mock.patch.object(PatchSpec, "unchanged", lambda self: frozenset()))
+        if suffix:
+            stack.enter_context(mock.patch.object(module, "suffix_reuse", lambda model, s: "switched off"))
+        yield
 
 
 def median_time(fn: Callable[[], object], repeats: int = 3, warmup: int = 1) -> float:

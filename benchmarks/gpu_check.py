@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import importlib
 import json
 import os
 import sys
@@ -35,9 +34,10 @@ import time
 import traceback
 import warnings
 from pathlib import Path
-from unittest import mock
 
 import torch
+
+from benchmarks.common import causal_reuse_off
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -97,19 +97,6 @@ def _timed(out: dict, key: str):
     out[key] = round(time.perf_counter() - t0, 3)
 
 
-@contextlib.contextmanager
-def _no_causal_reuse():
-    """Sweeps that run every patched run on every position (no suffix reuse, no runs copied from the base run)."""
-    from workbench.patching.spec import PatchSpec
-
-    module = importlib.import_module("workbench.patching.sweep")
-    with (
-        mock.patch.object(module, "suffix_reuse", lambda model, s: "switched off by the check"),
-        mock.patch.object(PatchSpec, "unchanged", lambda self: frozenset()),
-    ):
-        yield
-
-
 def _sweeps(model, pairs, seconds: dict, tag: str) -> dict:
     from workbench.patching import sweep
 
@@ -118,7 +105,7 @@ def _sweeps(model, pairs, seconds: dict, tag: str) -> dict:
         blocks = sweep(model, pairs, site=BLOCK_SITES, **kw)
     with _timed(seconds, f"sweep_heads_{tag}"):
         heads = sweep(model, pairs, site="z", **kw)
-    with _no_causal_reuse():
+    with causal_reuse_off():
         with _timed(seconds, f"sweep_blocks_full_path_{tag}"):
             blocks_full = sweep(model, pairs, site=BLOCK_SITES, **kw)
         heads_full = sweep(model, pairs, site="z", **kw)

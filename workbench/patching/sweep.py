@@ -527,12 +527,13 @@ def in_batch_off(s: PatchSpec) -> str | None:
     return None
 
 
-def jobs(s: PatchSpec, chunk: int) -> list[list[Unit]]:
-    """The sweep's patched rows packed into jobs of at most `chunk` rows, the clean and corrupt rows included."""
+def jobs(s: PatchSpec, chunk: int, skip: frozenset[tuple[int, int]]) -> list[list[Unit]]:
+    """The sweep's patched rows, but for the `skip` cells (`PatchSpec.unchanged`), packed into jobs of at most
+    `chunk` rows, the clean and corrupt rows included."""
     room = max(1, chunk - 2 * s.pairs.n_pairs)
     packed: list[list[Unit]] = [[]]
     used = 0
-    for unit in plan(s, room, suffix=False, skip=s.unchanged()):
+    for unit in plan(s, room, suffix=False, skip=skip):
         if used + len(unit.cells) > room:
             packed.append([])
             used = 0
@@ -581,9 +582,10 @@ def split_job(job: list[Unit]) -> tuple[list[Unit], list[Unit]] | None:
     ]
 
 
-def sweep_in_batch(model, s: PatchSpec, chunk: int, run: Run):
+def sweep_in_batch(model, s: PatchSpec, chunk: int, run: Run, skip: frozenset[tuple[int, int]]):
     """raw [metric, pair, site, layer, cell], the clean and corrupt metric values [metric, pair], and how many jobs
-    ran. A job NDIF refuses as too large (`JobTooLarge`) runs again as two jobs of half its rows."""
+    ran; the `skip` cells (`PatchSpec.unchanged`) hold the base run's values. A job NDIF refuses as too large
+    (`JobTooLarge`) runs again as two jobs of half its rows."""
     n = s.pairs.n_pairs
     raw = s.empty_raw()
     found: dict = {"jobs": 0}
@@ -605,7 +607,7 @@ def sweep_in_batch(model, s: PatchSpec, chunk: int, run: Run):
         if "clean" not in found:
             found["clean"], found["corrupt"], found["clean_lp"] = baselines(s, logits[: 2 * n])
             check_baselines(s, found["clean"], found["corrupt"])
-            fill_unchanged(s, raw, s.unchanged(), found["clean"], found["corrupt"])
+            fill_unchanged(s, raw, skip, found["clean"], found["corrupt"])
         offset = 2 * n
         for unit, rows in job_rows:
             part = logits[offset : offset + len(rows.pair)]
@@ -613,24 +615,25 @@ def sweep_in_batch(model, s: PatchSpec, chunk: int, run: Run):
             raw[:, rows.pair, s.sites.index(unit.site), s.layers.index(unit.layer), rows.cell] = values
             offset += len(rows.pair)
 
-    run.map(jobs(s, chunk), run_job, desc=f"patching {'+'.join(s.sites)}")
+    run.map(jobs(s, chunk, skip), run_job, desc=f"patching {'+'.join(s.sites)}")
     return raw, found["clean"], found["corrupt"], found["jobs"]
 
 
 def remote_jobs(model, s: PatchSpec, run: Run | None = None) -> int:
     """How many NDIF jobs `sweep` sends for `s` on a remote `model` (with `run`'s memory budget and batch size)."""
     run = run or Run(progress=False)
-    chunk = rows_per_chunk(model, s, run, suffix=False)
+    chunk, skip = rows_per_chunk(model, s, run, suffix=False), s.unchanged()
     if in_batch_off(s) is None:
-        return len(jobs(s, chunk))
+        return len(jobs(s, chunk, skip))
     cache_jobs = -(-2 * s.pairs.n_pairs // chunk)
-    return cache_jobs + len(plan(s, chunk, suffix=False, skip=s.unchanged()))
+    return cache_jobs + len(plan(s, chunk, suffix=False, skip=skip))
 
 
 def remote_sweep(model, s: PatchSpec, run: Run, warn: bool) -> PatchingResult:
     """`sweep` for a model whose runs cannot start from a local cache (NDIF, the dry run): `sweep_in_batch`."""
     chunk = rows_per_chunk(model, s, run, suffix=False)  # (the clean and corrupt rows included)
-    raw, clean_m, corrupt_m, n_jobs = sweep_in_batch(model, s, chunk, run)
+    skip = s.unchanged()
+    raw, clean_m, corrupt_m, n_jobs = sweep_in_batch(model, s, chunk, run, skip)
     options = {
         "memory_budget": run.memory_budget,
         "batch_size": chunk,
@@ -638,7 +641,7 @@ def remote_sweep(model, s: PatchSpec, run: Run, warn: bool) -> PatchingResult:
         "suffix_reuse_off": suffix_reuse(model, s),
         "in_batch": True,
         "jobs": n_jobs,
-        "unchanged_cells": len(s.unchanged()),
+        "unchanged_cells": len(skip),
     }
     result = make_result(model, s, "exact", raw.view(s.grid_shape), clean_m, corrupt_m, options)
     return warn_baselines(result) if warn else result

@@ -134,7 +134,7 @@ def edge_graph(
     fig = go.Figure()
     for trace in _edge_lines(scores, shown, pos):
         fig.add_trace(trace)
-    fig.add_trace(_edge_midpoints(scores, shown, pos))
+    fig.add_trace(_edge_markers(scores, shown, pos))
     fig.add_trace(_graph_nodes(scores, shown, pos))
     if highlight is not None:
         fig.add_trace(_highlighted_edge(highlight, pos))
@@ -195,7 +195,7 @@ def _along(a: tuple[float, float], b: tuple[float, float]):
     return lambda t: (x0 + (x1 - x0) * t, y0 + (y1 - y0) * t - depth * 4 * t * (1 - t))
 
 
-def _edge_midpoints(scores: results.EdgeScores, shown: list, pos: dict) -> go.Scatter:
+def _edge_markers(scores: results.EdgeScores, shown: list, pos: dict) -> go.Scatter:
     """The "edges" trace: a faint marker on each shown edge carrying its score and (receiver, sender); at the
     middle unless another edge's marker is there (a head's q, k and v edges from one sender share both ends)."""
     text, custom, paths = [], [], []

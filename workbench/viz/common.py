@@ -59,21 +59,8 @@ def log_ticks(low: float, high: float) -> dict:
     return {"tickvals": values, "ticktext": [f"{v:g}" for v in values]}
 
 
-ALONG = (
-    0.5,
-    0.45,
-    0.55,
-    0.4,
-    0.6,
-    0.35,
-    0.65,
-    0.3,
-    0.7,
-    0.25,
-    0.75,
-    0.2,
-    0.8,
-)  # where a dot may sit, middle first
+# where a dot may sit along an edge, middle first
+ALONG = (0.5, 0.45, 0.55, 0.4, 0.6, 0.35, 0.65, 0.3, 0.7, 0.25, 0.75, 0.2, 0.8)
 
 
 def edge_dots(edges, gap: tuple[float, float]) -> list[tuple[float, float]]:
